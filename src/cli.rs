@@ -1,0 +1,52 @@
+//! The command line: one binary, `pushoccurrence`, with a subcommand per job.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{DEFAULT_CONFIG_PATH, ENV_CONFIG_PATH, ENV_LOG_FORMAT};
+
+/// Relays events from a PostgreSQL transactional outbox to RabbitMQ.
+///
+/// A row is marked transferred only after RabbitMQ confirms its message, so
+/// nothing is lost through crashes, restarts or outages. Exit codes: 0 done,
+/// 2 usage error, 69 a service is unavailable, 78 configuration or schema
+/// error, 1 anything else.
+#[derive(Debug, Parser)]
+#[command(name = "pushoccurrence", version, about, long_about)]
+pub struct Cli {
+    /// The seed's JSON config file. Every key can be overridden by an
+    /// environment variable PUSHOCCURRENCE_<KEY> (see the README).
+    #[arg(long, global = true, env = ENV_CONFIG_PATH, default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Log format on stderr; the level comes from RUST_LOG (default info).
+    #[arg(long, global = true, env = ENV_LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Relay events until SIGINT or SIGTERM. Applies the migrations first
+    /// unless postgres.auto_migrate is false; waits for the services when
+    /// they are down; on a signal finishes in-flight batches (bounded by
+    /// relay.shutdown_grace_ms) and exits 0. A second signal exits at once.
+    Run,
+    /// Create the outbox schema, tables, indexes and the producer function
+    /// push_occurrence() if absent; safe to run any number of times.
+    Migrate,
+    /// Validate the config, connect to both services, check the outbox
+    /// schema and the queue declaration; one line per check, non-zero exit
+    /// on the first failure.
+    Check,
+}

@@ -1,0 +1,159 @@
+//! The subcommands' implementations: load the config, call the library,
+//! and report in words an operator can act on.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::db::outbox::{Outbox, PENDING_INDEX};
+use crate::db::{self, SessionKind, describe, migrate};
+use crate::{mq, service, shutdown};
+
+/// A service could not be reached; exit code 69.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+/// `run`: relays until a signal; a second signal exits at once.
+///
+/// # Errors
+/// A config or start-up error.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let stop = async {
+        match shutdown::signal().await {
+            Ok(signal) => {
+                info!(signal, "stop requested");
+                tokio::spawn(async {
+                    if let Ok(signal) = shutdown::signal().await {
+                        warn!(
+                            signal,
+                            "second stop request; exiting now (in-flight rows stay pending)"
+                        );
+                        std::process::exit(130);
+                    }
+                });
+            }
+            Err(e) => {
+                error!(error = %e, "cannot install signal handlers; stop the relay with SIGKILL");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    service::run(config, stop).await?;
+    Ok(())
+}
+
+/// `migrate`: brings the outbox schema up to date.
+///
+/// # Errors
+/// Unreachable database, or a failing migration step.
+pub async fn migrate(config: Config) -> anyhow::Result<()> {
+    let client = db::connect(&config.postgres, SessionKind::Plain)
+        .await
+        .map_err(|e| Unavailable(format!("connect to postgres: {}", describe(&e))))?;
+    let (report, outbox) =
+        migrate::run(&client, &config.postgres.schema, &config.channels[0]).await?;
+    println!(
+        "outbox {}: tables {}, indexes created: {}, message_id {}, message_body {}",
+        outbox.schema,
+        if report.created_tables {
+            "created"
+        } else {
+            "already present"
+        },
+        if report.created_indexes.is_empty() {
+            "none".to_owned()
+        } else {
+            report.created_indexes.join(", ")
+        },
+        outbox.id_type,
+        outbox.body_type_sql,
+    );
+    Ok(())
+}
+
+/// `check`: one line per check, stopping at the first failure.
+///
+/// # Errors
+/// The first failed check, classified for the exit code.
+pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
+    println!("ok    config: {config_origin}");
+    let pg = &config.postgres;
+    let client = match db::connect(pg, SessionKind::Plain).await {
+        Ok(client) => client,
+        Err(e) => {
+            let msg = format!(
+                "postgres: cannot connect to {}:{} database {} as {}: {}; check postgres.* and that the server is up",
+                pg.host,
+                pg.port,
+                pg.database,
+                pg.user,
+                describe(&e)
+            );
+            println!("FAIL  {msg}");
+            return Err(Unavailable(msg).into());
+        }
+    };
+    let version: String = client
+        .query_one("SHOW server_version", &[])
+        .await
+        .context("read the server version")?
+        .get(0);
+    println!(
+        "ok    postgres: {}:{} database {} (server {version})",
+        pg.host, pg.port, pg.database
+    );
+
+    let outbox = match Outbox::inspect(&client, &pg.schema).await {
+        Ok(outbox) => outbox,
+        Err(e) => {
+            println!("FAIL  outbox schema {}: {e}", pg.schema);
+            return Err(e.into());
+        }
+    };
+    let indexed: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              JOIN pg_index i ON i.indexrelid = c.oid
+             WHERE n.nspname = $1 AND c.relname = $2 AND i.indisvalid)",
+            &[&pg.schema, &PENDING_INDEX],
+        )
+        .await
+        .context("look for the pending-rows index")?
+        .get(0);
+    println!(
+        "ok    outbox schema {}: message_id {}, message_body {}{}",
+        outbox.schema,
+        outbox.id_type,
+        outbox.body_type_sql,
+        if indexed {
+            ""
+        } else {
+            " (no pending-rows index: claims will scan; run `pushoccurrence migrate`)"
+        }
+    );
+
+    let mq = &config.rabbitmq;
+    let connection = match tokio::time::timeout(Duration::from_secs(30), mq::connect(mq)).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(reason)) => {
+            let msg = format!("rabbitmq: {reason}");
+            println!("FAIL  {msg}");
+            return Err(Unavailable(msg).into());
+        }
+        Err(_) => {
+            let msg = format!("rabbitmq: no answer from {} within 30s", mq.url_redacted);
+            println!("FAIL  {msg}");
+            return Err(Unavailable(msg).into());
+        }
+    };
+    println!("ok    rabbitmq: {}", mq.url_redacted);
+    println!(
+        "ok    queue {}: declared (durable {}, exclusive {}, auto_delete {})",
+        mq.queue.name, mq.queue.durable, mq.queue.exclusive, mq.queue.auto_delete
+    );
+    let _closed = connection.close(200, "check done".into()).await;
+    Ok(())
+}

@@ -1,0 +1,902 @@
+//! Configuration: the seed's `config/config.json`, optional extensions with
+//! defaults, environment overrides, and validation into typed settings.
+//!
+//! Loading has two phases. The file is read into JSON, environment variables
+//! from [`ENV_KEYS`] are laid over it, and the result is deserialized into
+//! `Raw*` structs that reject unknown keys. [`Config::from_raw`] then checks
+//! every value and produces the typed [`Config`] the rest of the relay uses.
+//! Every error names the key (and the environment variable when one was
+//! involved); passwords are held in [`Secret`] and never printed.
+//!
+//! This is the only module that reads the process environment.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Prefix of every environment variable the relay reads.
+pub const ENV_PREFIX: &str = "PUSHOCCURRENCE_";
+/// Environment variable naming the config file (read by the CLI).
+pub const ENV_CONFIG_PATH: &str = "PUSHOCCURRENCE_CONFIG";
+/// Environment variable choosing the log format (read by the CLI).
+pub const ENV_LOG_FORMAT: &str = "PUSHOCCURRENCE_LOG_FORMAT";
+/// Default config file path, as in the seed.
+pub const DEFAULT_CONFIG_PATH: &str = "config/config.json";
+
+/// The longest identifier PostgreSQL keeps (NAMEDATALEN - 1).
+const PG_MAX_IDENTIFIER: usize = 63;
+/// The longest AMQP short string (queue names, message ids).
+pub const AMQP_MAX_SHORT_STRING: usize = 255;
+
+/// How an environment value is turned into JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvKind {
+    /// Taken as it is.
+    Text,
+    /// Taken as it is, and may also come from a file named by `<VAR>_FILE`.
+    Secret,
+    /// A JSON number.
+    Number,
+    /// `true` or `false`.
+    Bool,
+    /// A comma-separated list of strings.
+    List,
+}
+
+/// Every config key that can be set from the environment, with its kind.
+/// The variable name is `PUSHOCCURRENCE_` + the key in upper case with `.`
+/// replaced by `_` (see [`env_name`]).
+pub const ENV_KEYS: &[(&str, EnvKind)] = &[
+    ("postgres.host", EnvKind::Text),
+    ("postgres.port", EnvKind::Number),
+    ("postgres.database", EnvKind::Text),
+    ("postgres.user", EnvKind::Text),
+    ("postgres.password", EnvKind::Secret),
+    ("postgres.ssl_mode", EnvKind::Text),
+    ("postgres.schema", EnvKind::Text),
+    ("postgres.auto_migrate", EnvKind::Bool),
+    ("postgres.application_name", EnvKind::Text),
+    ("postgres.connect_timeout_sec", EnvKind::Number),
+    ("rabbitmq.url", EnvKind::Secret),
+    ("rabbitmq.connection_name", EnvKind::Text),
+    ("rabbitmq.queue.name", EnvKind::Text),
+    ("rabbitmq.queue.durable", EnvKind::Bool),
+    ("rabbitmq.queue.auto_delete", EnvKind::Bool),
+    ("rabbitmq.queue.exclusive", EnvKind::Bool),
+    ("rabbitmq.queue.no_wait", EnvKind::Bool),
+    ("rabbitmq.queue.allow_unsafe", EnvKind::Bool),
+    ("rabbitmq.retry.buffer_size", EnvKind::Number),
+    ("rabbitmq.retry.retry_delay_sec", EnvKind::Number),
+    ("rabbitmq.retry.idle_sleep_ms", EnvKind::Number),
+    ("listener.channels", EnvKind::List),
+    ("relay.batch_size", EnvKind::Number),
+    ("relay.confirm_timeout_ms", EnvKind::Number),
+    ("relay.shutdown_grace_ms", EnvKind::Number),
+    ("relay.max_retry_delay_sec", EnvKind::Number),
+];
+
+/// The environment variable that overrides `key`.
+pub fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.replace('.', "_").to_uppercase())
+}
+
+/// A configuration problem; the message names the key and what is expected.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}
+
+/// A string that must never be printed: `Debug` and `Display` show `***`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret value, for the one place that hands it to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// PostgreSQL side.
+    pub postgres: PostgresConfig,
+    /// RabbitMQ side.
+    pub rabbitmq: RabbitConfig,
+    /// NOTIFY channels to LISTEN on.
+    pub channels: Vec<String>,
+    /// Batching, timeouts and the in-flight window.
+    pub relay: RelayConfig,
+}
+
+/// How to reach PostgreSQL and where the outbox lives.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Database name.
+    pub database: String,
+    /// Login role.
+    pub user: String,
+    /// Password, if the server asks for one.
+    pub password: Option<Secret>,
+    /// TLS mode.
+    pub ssl_mode: SslMode,
+    /// Schema holding the two outbox tables.
+    pub schema: String,
+    /// Whether `run` applies the migrations at start.
+    pub auto_migrate: bool,
+    /// `application_name` of every session the relay opens.
+    pub application_name: String,
+    /// Limit on establishing one connection.
+    pub connect_timeout: Duration,
+}
+
+/// The libpq `sslmode` words the seed's `ssl_mode` key takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS if the server offers it. This build connects in plain TCP.
+    Prefer,
+}
+
+/// How to reach RabbitMQ and what to declare there.
+#[derive(Debug, Clone)]
+pub struct RabbitConfig {
+    /// The AMQP URL; it may hold a password.
+    pub url: Secret,
+    /// The URL with its password replaced by `***`, for logs.
+    pub url_redacted: String,
+    /// Connection name shown in the management UI.
+    pub connection_name: String,
+    /// The queue every message is routed to.
+    pub queue: QueueConfig,
+    /// Base delay of reconnection back-off.
+    pub retry_delay: Duration,
+}
+
+/// The seed's `rabbitmq.queue` block.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// Queue name, also the routing key on the default exchange.
+    pub name: String,
+    /// Survives a broker restart; messages are then published persistent.
+    pub durable: bool,
+    /// Deleted when its last consumer leaves.
+    pub auto_delete: bool,
+    /// Owned by the declaring connection.
+    pub exclusive: bool,
+    /// Declare without waiting for the broker's reply.
+    pub no_wait: bool,
+}
+
+/// Relay tuning.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The most messages in flight (claimed, not yet confirmed).
+    pub buffer_size: usize,
+    /// Rows claimed per batch.
+    pub batch_size: usize,
+    /// Batches in flight at once; each holds one database connection and
+    /// one AMQP channel. `buffer_size / batch_size`, at least 1.
+    pub workers: usize,
+    /// How often pending rows are swept when no notification arrives.
+    pub idle_sleep: Duration,
+    /// How long to wait for the broker to confirm a batch.
+    pub confirm_timeout: Duration,
+    /// How long a stop may take to finish in-flight batches.
+    pub shutdown_grace: Duration,
+    /// The cap of every reconnection back-off.
+    pub max_retry_delay: Duration,
+}
+
+impl Config {
+    /// Reads `path`, applies the process environment and validates.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file, key or variable at fault.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(format!(
+                "cannot read config file {}: {e} (pass --config PATH or set {ENV_CONFIG_PATH})",
+                path.display()
+            ))
+        })?;
+        let env: BTreeMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        Self::parse(&text, &env, &path.display().to_string())
+    }
+
+    /// Parses config text with the given `PUSHOCCURRENCE_*` variables.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the key or variable at fault.
+    pub fn parse(
+        text: &str,
+        env: &BTreeMap<String, String>,
+        origin: &str,
+    ) -> Result<Self, ConfigError> {
+        let mut json: Value = serde_json::from_str(text)
+            .map_err(|e| ConfigError::new(format!("{origin} is not valid JSON: {e}")))?;
+        apply_env(&mut json, env)?;
+        let raw: RawConfig = serde_path_to_error::deserialize(json).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." {
+                ConfigError::new(format!("{origin}: {inner}"))
+            } else {
+                ConfigError::new(format!("{origin}: key {path}: {inner}"))
+            }
+        })?;
+        Self::from_raw(raw)
+    }
+
+    /// Validates the raw values into typed settings.
+    fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        let RawConfig {
+            postgres: pg,
+            rabbitmq: mq,
+            listener,
+            relay,
+        } = raw;
+
+        let ssl_mode = match pg.ssl_mode.as_str() {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" | "verify-ca" | "verify-full" => {
+                return Err(ConfigError::new(format!(
+                    "key postgres.ssl_mode: '{}' needs TLS, which this build does not support yet; use 'disable' or 'prefer'",
+                    pg.ssl_mode
+                )));
+            }
+            other => {
+                return Err(ConfigError::new(format!(
+                    "key postgres.ssl_mode: unknown mode '{other}'; expected one of disable, prefer, require, verify-ca, verify-full"
+                )));
+            }
+        };
+        check_identifier("postgres.schema", &pg.schema)?;
+        non_empty("postgres.host", &pg.host)?;
+        non_empty("postgres.database", &pg.database)?;
+        non_empty("postgres.user", &pg.user)?;
+        non_empty("postgres.application_name", &pg.application_name)?;
+        if pg.port == 0 {
+            return Err(ConfigError::new("key postgres.port: must be 1-65535"));
+        }
+        let connect_timeout =
+            positive_secs("postgres.connect_timeout_sec", pg.connect_timeout_sec)?;
+
+        let url_redacted = redact_url(&mq.url);
+        mq.url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+            ConfigError::new(format!(
+                "key rabbitmq.url: '{url_redacted}' is not an AMQP URL ({e}); expected amqp://user:password@host:port/vhost"
+            ))
+        })?;
+        if mq.url.starts_with("amqps://") {
+            return Err(ConfigError::new(
+                "key rabbitmq.url: amqps:// needs TLS, which this build does not support yet; use amqp://",
+            ));
+        }
+        let queue = mq.queue;
+        non_empty("rabbitmq.queue.name", &queue.name)?;
+        if queue.name.len() > AMQP_MAX_SHORT_STRING {
+            return Err(ConfigError::new(format!(
+                "key rabbitmq.queue.name: {} bytes long; AMQP allows at most {AMQP_MAX_SHORT_STRING}",
+                queue.name.len()
+            )));
+        }
+        if queue.name.starts_with("amq.") {
+            return Err(ConfigError::new(
+                "key rabbitmq.queue.name: names starting with 'amq.' are reserved by the broker",
+            ));
+        }
+        if !queue.allow_unsafe {
+            let unsafe_reason = if !queue.durable {
+                Some("durable is false: a broker restart would lose confirmed messages")
+            } else if queue.exclusive {
+                Some("exclusive is true: the queue dies with the relay's own connection")
+            } else if queue.auto_delete {
+                Some(
+                    "auto_delete is true: the queue and its messages vanish when the last consumer leaves",
+                )
+            } else {
+                None
+            };
+            if let Some(reason) = unsafe_reason {
+                return Err(ConfigError::new(format!(
+                    "key rabbitmq.queue: {reason}, so a publisher confirm would not mean the message is safe; \
+                     fix the queue settings, or set rabbitmq.queue.allow_unsafe to true to accept the risk"
+                )));
+            }
+        }
+        let retry = mq.retry;
+        if retry.buffer_size == 0 {
+            return Err(ConfigError::new(
+                "key rabbitmq.retry.buffer_size: must be at least 1 (the most messages in flight)",
+            ));
+        }
+        let retry_delay = positive_secs("rabbitmq.retry.retry_delay_sec", retry.retry_delay_sec)?;
+        if retry.idle_sleep_ms == 0 {
+            return Err(ConfigError::new(
+                "key rabbitmq.retry.idle_sleep_ms: must be at least 1 (the sweep interval in milliseconds)",
+            ));
+        }
+
+        if listener.channels.is_empty() {
+            return Err(ConfigError::new(
+                "key listener.channels: list at least one NOTIFY channel",
+            ));
+        }
+        for (i, channel) in listener.channels.iter().enumerate() {
+            check_identifier(&format!("listener.channels[{i}]"), channel)?;
+        }
+
+        if relay.batch_size == 0 {
+            return Err(ConfigError::new("key relay.batch_size: must be at least 1"));
+        }
+        let batch_size = relay.batch_size.min(retry.buffer_size);
+        let workers = (retry.buffer_size / batch_size).clamp(1, MAX_WORKERS);
+        let confirm_timeout = positive_ms("relay.confirm_timeout_ms", relay.confirm_timeout_ms)?;
+        let shutdown_grace = positive_ms("relay.shutdown_grace_ms", relay.shutdown_grace_ms)?;
+        let max_retry_delay =
+            positive_secs("relay.max_retry_delay_sec", relay.max_retry_delay_sec)?;
+        if max_retry_delay < retry_delay {
+            return Err(ConfigError::new(
+                "key relay.max_retry_delay_sec: must not be below rabbitmq.retry.retry_delay_sec",
+            ));
+        }
+
+        Ok(Config {
+            postgres: PostgresConfig {
+                host: pg.host,
+                port: pg.port,
+                database: pg.database,
+                user: pg.user,
+                password: pg.password.map(Secret),
+                ssl_mode,
+                schema: pg.schema,
+                auto_migrate: pg.auto_migrate,
+                application_name: pg.application_name,
+                connect_timeout,
+            },
+            rabbitmq: RabbitConfig {
+                url: Secret(mq.url),
+                url_redacted,
+                connection_name: mq.connection_name,
+                queue: QueueConfig {
+                    name: queue.name,
+                    durable: queue.durable,
+                    auto_delete: queue.auto_delete,
+                    exclusive: queue.exclusive,
+                    no_wait: queue.no_wait,
+                },
+                retry_delay,
+            },
+            channels: listener.channels,
+            relay: RelayConfig {
+                buffer_size: retry.buffer_size,
+                batch_size,
+                workers,
+                idle_sleep: Duration::from_millis(retry.idle_sleep_ms),
+                confirm_timeout,
+                shutdown_grace,
+                max_retry_delay,
+            },
+        })
+    }
+}
+
+/// The most batches in flight at once, whatever `buffer_size` says: each
+/// holds a database connection.
+const MAX_WORKERS: usize = 16;
+
+/// Replaces the password of a URL's user info with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end + 3],
+            &userinfo[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+fn non_empty(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.trim().is_empty() {
+        return Err(ConfigError::new(format!("key {key}: must not be empty")));
+    }
+    Ok(())
+}
+
+fn check_identifier(key: &str, value: &str) -> Result<(), ConfigError> {
+    non_empty(key, value)?;
+    if value.len() > PG_MAX_IDENTIFIER {
+        return Err(ConfigError::new(format!(
+            "key {key}: '{value}' is {} bytes long; PostgreSQL identifiers hold at most {PG_MAX_IDENTIFIER}",
+            value.len()
+        )));
+    }
+    if value.contains('\0') {
+        return Err(ConfigError::new(format!(
+            "key {key}: must not contain a NUL character"
+        )));
+    }
+    Ok(())
+}
+
+fn positive_secs(key: &str, secs: f64) -> Result<Duration, ConfigError> {
+    if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
+        return Err(ConfigError::new(format!(
+            "key {key}: {secs} is out of range; expected seconds above 0 and at most 86400"
+        )));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn positive_ms(key: &str, ms: u64) -> Result<Duration, ConfigError> {
+    if ms == 0 {
+        return Err(ConfigError::new(format!(
+            "key {key}: must be at least 1 millisecond"
+        )));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+/// Lays the `PUSHOCCURRENCE_*` variables over the file's JSON.
+fn apply_env(json: &mut Value, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    let mut known: Vec<String> = vec![ENV_CONFIG_PATH.to_owned(), ENV_LOG_FORMAT.to_owned()];
+    for &(key, kind) in ENV_KEYS {
+        let var = env_name(key);
+        let file_var = format!("{var}_FILE");
+        known.push(var.clone());
+        let raw = if kind == EnvKind::Secret {
+            known.push(file_var.clone());
+            match (env.get(&var), env.get(&file_var)) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::new(format!(
+                        "environment: set either {var} or {file_var}, not both"
+                    )));
+                }
+                (Some(v), None) => Some(v.clone()),
+                (None, Some(file)) => Some(read_secret_file(&file_var, file)?),
+                (None, None) => None,
+            }
+        } else {
+            env.get(&var).cloned()
+        };
+        let Some(raw) = raw else { continue };
+        let value = match kind {
+            EnvKind::Text | EnvKind::Secret => Value::String(raw),
+            EnvKind::Number => {
+                let n: serde_json::Number = raw.trim().parse().map_err(|_| {
+                    ConfigError::new(format!(
+                        "environment variable {var} (key {key}): expected a number, got '{raw}'"
+                    ))
+                })?;
+                Value::Number(n)
+            }
+            EnvKind::Bool => match raw.trim() {
+                "true" | "1" => Value::Bool(true),
+                "false" | "0" => Value::Bool(false),
+                _ => {
+                    return Err(ConfigError::new(format!(
+                        "environment variable {var} (key {key}): expected true or false, got '{raw}'"
+                    )));
+                }
+            },
+            EnvKind::List => Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| Value::String(s.to_owned()))
+                    .collect(),
+            ),
+        };
+        set_path(json, key, value)
+            .map_err(|msg| ConfigError::new(format!("environment variable {var}: {msg}")))?;
+    }
+    if let Some(unknown) = env.keys().find(|k| !known.contains(k)) {
+        return Err(ConfigError::new(format!(
+            "environment variable {unknown} is not a setting of this relay; the settings are {}",
+            ENV_KEYS
+                .iter()
+                .map(|(k, _)| env_name(k))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(())
+}
+
+fn read_secret_file(var: &str, path: &str) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(format!(
+            "environment variable {var}: cannot read {path}: {e}"
+        ))
+    })?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+fn set_path(json: &mut Value, key: &str, value: Value) -> Result<(), String> {
+    let mut node = json;
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let Value::Object(map) = node else {
+            return Err(format!(
+                "cannot set {key}: its parent in the file is not an object"
+            ));
+        };
+        if parts.peek().is_none() {
+            map.insert(part.to_owned(), value);
+            return Ok(());
+        }
+        node = map
+            .entry(part.to_owned())
+            .or_insert_with(|| Value::Object(serde_json::Map::new()));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    postgres: RawPostgres,
+    rabbitmq: RawRabbit,
+    listener: RawListener,
+    #[serde(default)]
+    relay: RawRelay,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    #[serde(default = "default_host")]
+    host: String,
+    #[serde(default = "default_pg_port")]
+    port: u16,
+    database: String,
+    user: String,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default = "default_ssl_mode")]
+    ssl_mode: String,
+    #[serde(default = "default_schema")]
+    schema: String,
+    #[serde(default = "default_true")]
+    auto_migrate: bool,
+    #[serde(default = "default_name")]
+    application_name: String,
+    #[serde(default = "default_connect_timeout")]
+    connect_timeout_sec: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRabbit {
+    url: String,
+    #[serde(default = "default_name")]
+    connection_name: String,
+    queue: RawQueue,
+    #[serde(default)]
+    retry: RawRetry,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    name: String,
+    #[serde(default = "default_true")]
+    durable: bool,
+    #[serde(default)]
+    auto_delete: bool,
+    #[serde(default)]
+    exclusive: bool,
+    #[serde(default)]
+    no_wait: bool,
+    #[serde(default)]
+    allow_unsafe: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRetry {
+    buffer_size: usize,
+    retry_delay_sec: f64,
+    idle_sleep_ms: u64,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        Self {
+            buffer_size: 100,
+            retry_delay_sec: 5.0,
+            idle_sleep_ms: 100,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    channels: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRelay {
+    batch_size: usize,
+    confirm_timeout_ms: u64,
+    shutdown_grace_ms: u64,
+    max_retry_delay_sec: f64,
+}
+
+impl Default for RawRelay {
+    fn default() -> Self {
+        Self {
+            batch_size: 50,
+            confirm_timeout_ms: 30_000,
+            shutdown_grace_ms: 10_000,
+            max_retry_delay_sec: 60.0,
+        }
+    }
+}
+
+fn default_host() -> String {
+    "localhost".to_owned()
+}
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_ssl_mode() -> String {
+    "disable".to_owned()
+}
+fn default_schema() -> String {
+    "data_exchange".to_owned()
+}
+fn default_name() -> String {
+    "pushoccurrence".to_owned()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_connect_timeout() -> f64 {
+    10.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"{
+      "postgres": {"host": "localhost", "port": 5432, "database": "your_db_name",
+                   "user": "your_db_user", "password": "your_db_password", "ssl_mode": "disable"},
+      "rabbitmq": {"url": "amqp://guest:guest@localhost:5672/",
+                   "queue": {"name": "your_queue_name", "durable": true, "auto_delete": false,
+                             "exclusive": false, "no_wait": false},
+                   "retry": {"buffer_size": 100, "retry_delay_sec": 5, "idle_sleep_ms": 100}},
+      "listener": {"channels": ["your_notify_channel"]}
+    }"#;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::parse(text, &env, "config.json")
+    }
+
+    fn edit(f: impl FnOnce(&mut Value)) -> String {
+        let mut v: Value = serde_json::from_str(SEED).unwrap();
+        f(&mut v);
+        v.to_string()
+    }
+
+    fn err(text: &str, env: &[(&str, &str)]) -> String {
+        parse(text, env).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_seed_config_loads_with_its_values_and_defaults() {
+        let c = parse(SEED, &[]).unwrap();
+        assert_eq!(c.postgres.database, "your_db_name");
+        assert_eq!(c.postgres.schema, "data_exchange");
+        assert_eq!(c.postgres.application_name, "pushoccurrence");
+        assert!(c.postgres.auto_migrate);
+        assert_eq!(c.rabbitmq.queue.name, "your_queue_name");
+        assert_eq!(c.rabbitmq.retry_delay, Duration::from_secs(5));
+        assert_eq!(c.relay.buffer_size, 100);
+        assert_eq!(c.relay.batch_size, 50);
+        assert_eq!(c.relay.workers, 2);
+        assert_eq!(c.relay.idle_sleep, Duration::from_millis(100));
+        assert_eq!(c.channels, vec!["your_notify_channel"]);
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = parse(SEED, &[]).unwrap();
+        let dump = format!("{c:?}");
+        assert!(!dump.contains("your_db_password"), "{dump}");
+        assert!(!dump.contains("guest:guest"), "{dump}");
+        assert_eq!(c.rabbitmq.url_redacted, "amqp://guest:***@localhost:5672/");
+    }
+
+    #[test]
+    fn redact_url_hides_only_the_password() {
+        assert_eq!(redact_url("amqp://u:p%40ss@h:1/v"), "amqp://u:***@h:1/v");
+        assert_eq!(redact_url("amqp://h:5672/%2f"), "amqp://h:5672/%2f");
+        assert_eq!(redact_url("amqp://user@h/"), "amqp://user@h/");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_with_their_place() {
+        let text = edit(|v| v["rabbitmq"]["queue"]["durabel"] = Value::Bool(true));
+        let e = err(&text, &[]);
+        assert!(e.contains("key rabbitmq.queue"), "{e}");
+        assert!(e.contains("unknown field `durabel`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let text = edit(|v| v["postgres"]["port"] = Value::String("5432x".into()));
+        let e = err(&text, &[]);
+        assert!(e.contains("key postgres.port"), "{e}");
+    }
+
+    #[test]
+    fn missing_keys_name_the_block_and_field() {
+        let text = edit(|v| {
+            v["rabbitmq"].as_object_mut().unwrap().remove("url");
+        });
+        let e = err(&text, &[]);
+        assert!(
+            e.contains("key rabbitmq") && e.contains("missing field `url`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn environment_overrides_every_kind() {
+        let c = parse(
+            SEED,
+            &[
+                ("PUSHOCCURRENCE_POSTGRES_PASSWORD", "12345"),
+                ("PUSHOCCURRENCE_POSTGRES_PORT", "6543"),
+                ("PUSHOCCURRENCE_RABBITMQ_QUEUE_DURABLE", "true"),
+                ("PUSHOCCURRENCE_LISTENER_CHANNELS", "a, b"),
+                ("PUSHOCCURRENCE_RELAY_BATCH_SIZE", "10"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.postgres.password.unwrap().expose(), "12345");
+        assert_eq!(c.postgres.port, 6543);
+        assert_eq!(c.channels, vec!["a", "b"]);
+        assert_eq!(c.relay.batch_size, 10);
+        assert_eq!(c.relay.workers, 10);
+    }
+
+    #[test]
+    fn secrets_can_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let c = parse(
+            SEED,
+            &[(
+                "PUSHOCCURRENCE_POSTGRES_PASSWORD_FILE",
+                file.to_str().unwrap(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.postgres.password.unwrap().expose(), "s3cret");
+    }
+
+    #[test]
+    fn bad_environment_values_name_the_variable_and_key() {
+        let e = err(SEED, &[("PUSHOCCURRENCE_POSTGRES_PORT", "many")]);
+        assert!(
+            e.contains("PUSHOCCURRENCE_POSTGRES_PORT") && e.contains("postgres.port"),
+            "{e}"
+        );
+        let e = err(SEED, &[("PUSHOCCURRENCE_POSTGRES_PROT", "1")]);
+        assert!(
+            e.contains("PUSHOCCURRENCE_POSTGRES_PROT is not a setting"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unsafe_queues_are_refused_unless_allowed() {
+        let text = edit(|v| v["rabbitmq"]["queue"]["durable"] = Value::Bool(false));
+        let e = err(&text, &[]);
+        assert!(
+            e.contains("durable is false") && e.contains("allow_unsafe"),
+            "{e}"
+        );
+        let text = edit(|v| {
+            v["rabbitmq"]["queue"]["exclusive"] = Value::Bool(true);
+            v["rabbitmq"]["queue"]["allow_unsafe"] = Value::Bool(true);
+        });
+        assert!(parse(&text, &[]).is_ok());
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (
+                Box::new(|v| v["rabbitmq"]["retry"]["buffer_size"] = 0.into()),
+                "rabbitmq.retry.buffer_size",
+            ),
+            (
+                Box::new(|v| v["rabbitmq"]["retry"]["retry_delay_sec"] = (-1).into()),
+                "rabbitmq.retry.retry_delay_sec",
+            ),
+            (
+                Box::new(|v| v["listener"]["channels"] = Value::Array(vec![])),
+                "listener.channels",
+            ),
+            (
+                Box::new(|v| v["postgres"]["ssl_mode"] = "sometimes".into()),
+                "postgres.ssl_mode",
+            ),
+            (
+                Box::new(|v| v["postgres"]["schema"] = "x".repeat(64).into()),
+                "postgres.schema",
+            ),
+            (
+                Box::new(|v| v["rabbitmq"]["url"] = "http://x".into()),
+                "rabbitmq.url",
+            ),
+            (
+                Box::new(|v| v["rabbitmq"]["queue"]["name"] = "q".repeat(256).into()),
+                "rabbitmq.queue.name",
+            ),
+        ];
+        for (f, key) in cases {
+            let e = err(&edit(f), &[]);
+            assert!(e.contains(key), "expected {key} in: {e}");
+        }
+    }
+
+    #[test]
+    fn batch_size_never_exceeds_the_in_flight_window() {
+        let text = edit(|v| {
+            v["rabbitmq"]["retry"]["buffer_size"] = 30.into();
+            v["relay"] = serde_json::json!({"batch_size": 500});
+        });
+        let c = parse(&text, &[]).unwrap();
+        assert_eq!((c.relay.batch_size, c.relay.workers), (30, 1));
+    }
+}

@@ -1,0 +1,113 @@
+//! PostgreSQL: connections, the outbox's SQL, migrations and the listener.
+//!
+//! Every session carries the configured `application_name` (default
+//! `pushoccurrence`) and TCP keepalives, so operators can find the relay's
+//! sessions and a dead peer is noticed in seconds, not hours.
+
+pub mod listener;
+pub mod migrate;
+pub mod outbox;
+
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+use tracing::debug;
+
+use crate::config::{PostgresConfig, SslMode};
+
+/// What a session is for; claim sessions get server-side timeouts that
+/// release their row locks if the relay freezes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionKind {
+    /// One-off commands, migrations and the listener.
+    Plain,
+    /// A worker's claim-publish-mark transactions.
+    Claim {
+        /// Upper bound of one claim transaction (confirm timeout plus margin).
+        idle_in_transaction: Duration,
+    },
+}
+
+/// Opens a session and spawns the task that drives it.
+///
+/// # Errors
+/// The connection error, which never contains the password.
+pub async fn connect(
+    pg: &PostgresConfig,
+    kind: SessionKind,
+) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = session_config(pg, kind).connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            debug!(%error, "postgres session ended");
+        }
+    });
+    Ok(client)
+}
+
+/// The driver configuration for one session.
+pub fn session_config(pg: &PostgresConfig, kind: SessionKind) -> tokio_postgres::Config {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(&pg.host)
+        .port(pg.port)
+        .dbname(&pg.database)
+        .user(&pg.user)
+        .application_name(&pg.application_name)
+        .connect_timeout(pg.connect_timeout)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(30));
+    if let Some(password) = &pg.password {
+        cfg.password(password.expose());
+    }
+    // This build has no TLS connector: `prefer` connects in plain TCP, as libpq
+    // does when the server offers no TLS.
+    match pg.ssl_mode {
+        SslMode::Disable | SslMode::Prefer => {
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Disable)
+        }
+    };
+    if let SessionKind::Claim {
+        idle_in_transaction,
+    } = kind
+    {
+        cfg.options(format!(
+            "-c idle_in_transaction_session_timeout={} -c lock_timeout=5000",
+            idle_in_transaction.as_millis()
+        ));
+    }
+    cfg
+}
+
+/// `name` as a quoted SQL identifier: case is kept and nothing is interpreted.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `text` as a SQL string literal (standard_conforming_strings is on since 9.1).
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// A one-line description of a driver error: its SQLSTATE and server text
+/// when the server sent one.
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_and_literals_are_quoted() {
+        assert_eq!(quote_ident("MyChan"), "\"MyChan\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

@@ -1,0 +1,214 @@
+//! `migrate`: creates the seed's schema and tables when absent and adds
+//! what the relay needs, all of it additive and idempotent.
+//!
+//! * The seed's two tables, exactly as the seed defines them (a `uuid` id and
+//!   a `bytea` body), only if the status table does not exist yet.
+//! * A partial index on pending rows and an index on the body table's
+//!   `message_id`. On a fresh table they are built in the creating
+//!   transaction; on an existing one `CONCURRENTLY`, so producers keep
+//!   writing, and an index left invalid by an interrupted build is rebuilt.
+//! * The producer helper `push_occurrence(body, id, channel)`, typed after the
+//!   real columns.
+//!
+//! A session advisory lock serialises concurrent migrations of one schema
+//! (several relays starting together).
+
+use tokio_postgres::Client;
+use tracing::info;
+
+use super::outbox::{
+    DATA_INDEX, DATA_TABLE, LOG_TABLE, Outbox, PENDING_INDEX, PRODUCER_FUNCTION, SchemaError,
+};
+use super::{quote_ident, quote_literal};
+
+/// What one migration run did, for the operator.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// The tables were created by this run.
+    pub created_tables: bool,
+    /// Indexes created (or rebuilt) by this run.
+    pub created_indexes: Vec<&'static str>,
+}
+
+/// Errors of a migration run.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// A statement failed; the text says which step.
+    #[error("{step}: {source}", source = super::describe(.source))]
+    Statement {
+        /// What the failing statement was for.
+        step: &'static str,
+        /// The driver error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The existing tables cannot be used.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+}
+
+fn step(step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> MigrateError {
+    move |source| MigrateError::Statement { step, source }
+}
+
+/// Brings `schema` up to date; `default_channel` becomes the producer
+/// helper's default NOTIFY channel.
+///
+/// # Errors
+/// [`MigrateError`] naming the step that failed (often a missing privilege).
+pub async fn run(
+    client: &Client,
+    schema: &str,
+    default_channel: &str,
+) -> Result<(Report, Outbox), MigrateError> {
+    let lock_key = format!("pushoccurrence:migrate:{schema}");
+    client
+        .execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_key])
+        .await
+        .map_err(step("take the migration lock"))?;
+    let result = migrate_locked(client, schema, default_channel).await;
+    // The lock also ends with the session, so a failed unlock loses nothing.
+    let _unlocked = client
+        .execute("SELECT pg_advisory_unlock(hashtext($1))", &[&lock_key])
+        .await;
+    result
+}
+
+async fn migrate_locked(
+    client: &Client,
+    schema: &str,
+    default_channel: &str,
+) -> Result<(Report, Outbox), MigrateError> {
+    let s = quote_ident(schema);
+    let log = format!("{s}.{}", quote_ident(LOG_TABLE));
+    let data = format!("{s}.{}", quote_ident(DATA_TABLE));
+    let pending_index = format!(
+        "{} ON {log} (message_id) WHERE transferred IS NOT TRUE",
+        quote_ident(PENDING_INDEX)
+    );
+    let data_index = format!("{} ON {data} (message_id)", quote_ident(DATA_INDEX));
+    let mut report = Report::default();
+
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&log])
+        .await
+        .map_err(step("look for the outbox tables"))?
+        .get(0);
+    if exists {
+        let data_exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&data])
+            .await
+            .map_err(step("look for the body table"))?
+            .get(0);
+        if !data_exists {
+            return Err(SchemaError::Missing(format!(
+                "{schema}.{LOG_TABLE} exists but {schema}.{DATA_TABLE} does not; create it with the same message_id type"
+            ))
+            .into());
+        }
+        // Existing tables may be large and busy: build without blocking writers.
+        for (name, definition) in [(PENDING_INDEX, &pending_index), (DATA_INDEX, &data_index)] {
+            let invalid: bool = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                      JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = $1 AND c.relname = $2 AND NOT i.indisvalid)",
+                    &[&schema, &name],
+                )
+                .await
+                .map_err(step("check the outbox indexes"))?
+                .get(0);
+            if invalid {
+                client
+                    .batch_execute(&format!(
+                        "DROP INDEX CONCURRENTLY IF EXISTS {s}.{}",
+                        quote_ident(name)
+                    ))
+                    .await
+                    .map_err(step("drop an index left invalid by an interrupted build"))?;
+            }
+            let present: bool = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = $1 AND c.relname = $2)",
+                    &[&schema, &name],
+                )
+                .await
+                .map_err(step("check the outbox indexes"))?
+                .get(0);
+            if !present {
+                client
+                    .batch_execute(&format!(
+                        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {definition}"
+                    ))
+                    .await
+                    .map_err(step("create an outbox index"))?;
+                report.created_indexes.push(name);
+            }
+        }
+    } else {
+        client
+            .batch_execute(&format!(
+                "BEGIN;
+                 CREATE SCHEMA IF NOT EXISTS {s};
+                 CREATE TABLE IF NOT EXISTS {log} (
+                     message_id UUID PRIMARY KEY,
+                     transferred BOOLEAN DEFAULT FALSE,
+                     transfer_time TIMESTAMP);
+                 CREATE TABLE IF NOT EXISTS {data} (
+                     message_id UUID REFERENCES {log}(message_id),
+                     message_body BYTEA);
+                 CREATE INDEX IF NOT EXISTS {pending_index};
+                 CREATE INDEX IF NOT EXISTS {data_index};
+                 COMMIT;"
+            ))
+            .await
+            .map_err(step("create the outbox schema and tables"))?;
+        report.created_tables = true;
+        report.created_indexes = vec![PENDING_INDEX, DATA_INDEX];
+    }
+
+    let outbox = Outbox::inspect(client, schema).await?;
+    client
+        .batch_execute(&producer_function_sql(&outbox, default_channel))
+        .await
+        .map_err(step("install the producer function"))?;
+    info!(
+        schema,
+        created_tables = report.created_tables,
+        created_indexes = ?report.created_indexes,
+        "outbox schema is up to date"
+    );
+    Ok((report, outbox))
+}
+
+/// `schema.push_occurrence(body, id DEFAULT NULL, channel DEFAULT <first channel>)`:
+/// inserts both rows and sends the NOTIFY in the caller's transaction, and
+/// returns the id (a new UUID when none is given).
+fn producer_function_sql(outbox: &Outbox, default_channel: &str) -> String {
+    let id = &outbox.id_type;
+    format!(
+        "CREATE OR REPLACE FUNCTION {s}.{f}(
+             p_message_body {body},
+             p_message_id {id} DEFAULT NULL,
+             p_channel text DEFAULT {channel})
+         RETURNS {id} LANGUAGE plpgsql AS $fn$
+         DECLARE
+             v_id {id} := coalesce(p_message_id, gen_random_uuid()::text::{id});
+         BEGIN
+             INSERT INTO {log} (message_id) VALUES (v_id);
+             INSERT INTO {data} (message_id, message_body) VALUES (v_id, p_message_body);
+             PERFORM pg_notify(p_channel, v_id::text);
+             RETURN v_id;
+         END
+         $fn$;
+         COMMENT ON FUNCTION {s}.{f}({body}, {id}, text) IS
+             'Writes one outbox event (status row + body row) and notifies the relay; call it inside the business transaction.';",
+        s = quote_ident(&outbox.schema),
+        f = quote_ident(PRODUCER_FUNCTION),
+        body = outbox.body_type_sql,
+        channel = quote_literal(default_channel),
+        log = outbox.table(LOG_TABLE),
+        data = outbox.table(DATA_TABLE),
+    )
+}

@@ -1,0 +1,286 @@
+//! The outbox tables as the relay sees them: their column types, read from
+//! the catalog, and every statement that claims or marks rows.
+//!
+//! The seed lets `message_id` be `uuid` or text and `message_body` be
+//! `bytea`, `jsonb` or text, so the statements are built once per start from
+//! the real column types. Text-like bodies become bytes with
+//! `convert_to(..::text, 'UTF8')`, never `::bytea`, which would decode
+//! backslash escapes.
+
+use tokio_postgres::{Client, Row, Statement};
+
+use super::quote_ident;
+
+/// The status table of the seed.
+pub const LOG_TABLE: &str = "message_queue_log";
+/// The body table of the seed.
+pub const DATA_TABLE: &str = "message_queue_log_data";
+/// Partial index that makes a claim an index lookup instead of a scan of
+/// the whole transferred history.
+pub const PENDING_INDEX: &str = "message_queue_log_pending_idx";
+/// Index on the body table's `message_id`: the seed declares none, and
+/// every claim joins on it.
+pub const DATA_INDEX: &str = "message_queue_log_data_message_id_idx";
+/// The producer helper function `migrate` installs.
+pub const PRODUCER_FUNCTION: &str = "push_occurrence";
+
+/// How a body column turns into message bytes, and the content type it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyType {
+    /// Raw bytes, published as they are.
+    Bytea,
+    /// `text`, `varchar` or `char`: UTF-8 text.
+    Text,
+    /// `json`: the stored text.
+    Json,
+    /// `jsonb`: PostgreSQL's canonical text of the document.
+    Jsonb,
+}
+
+impl BodyType {
+    fn from_type_name(name: &str) -> Option<Self> {
+        match name {
+            "bytea" => Some(Self::Bytea),
+            "text" | "varchar" | "bpchar" => Some(Self::Text),
+            "json" => Some(Self::Json),
+            "jsonb" => Some(Self::Jsonb),
+            _ => None,
+        }
+    }
+
+    /// The AMQP `content_type` of messages with this body type.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Bytea => "application/octet-stream",
+            Self::Text => "text/plain; charset=utf-8",
+            Self::Json | Self::Jsonb => "application/json",
+        }
+    }
+
+    /// The expression that yields the body of data row `d` as `bytea`.
+    fn bytes_expr(self) -> &'static str {
+        match self {
+            Self::Bytea => "d.message_body",
+            Self::Text | Self::Json | Self::Jsonb => "convert_to(d.message_body::text, 'UTF8')",
+        }
+    }
+}
+
+/// The outbox of one schema, with the types found in the catalog.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    /// The schema, unquoted.
+    pub schema: String,
+    /// `message_id`'s type as SQL spells it (`uuid`, `text`, `character varying(64)`).
+    pub id_type: String,
+    /// `message_body`'s type.
+    pub body_type: BodyType,
+    /// `message_body`'s type as SQL spells it.
+    pub body_type_sql: String,
+}
+
+/// Why the outbox cannot be used as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// A table or column is missing.
+    #[error(
+        "{0}; run `pushoccurrence migrate` (or enable postgres.auto_migrate) to create the outbox"
+    )]
+    Missing(String),
+    /// Columns exist with types the relay cannot use.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The catalog could not be read.
+    #[error("cannot read the outbox's columns: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+impl Outbox {
+    /// Reads the outbox's column types from the catalog and checks them.
+    ///
+    /// # Errors
+    /// [`SchemaError`] saying what is missing or wrong and how to fix it.
+    pub async fn inspect(client: &Client, schema: &str) -> Result<Self, SchemaError> {
+        let rows = client
+            .query(
+                "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), t.typname::text
+                   FROM pg_attribute a
+                   JOIN pg_class c ON c.oid = a.attrelid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                   JOIN pg_type t ON t.oid = a.atttypid
+                  WHERE n.nspname = $1 AND c.relname IN ($2, $3) AND c.relkind IN ('r', 'p')
+                    AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&schema, &LOG_TABLE, &DATA_TABLE],
+            )
+            .await?;
+        for table in [LOG_TABLE, DATA_TABLE] {
+            if !rows.iter().any(|r| r.get::<_, String>(0) == table) {
+                return Err(SchemaError::Missing(format!(
+                    "table {schema}.{table} does not exist"
+                )));
+            }
+        }
+        let column = |table: &str, name: &str| -> Result<(String, String), SchemaError> {
+            rows.iter()
+                .find(|r| r.get::<_, String>(0) == table && r.get::<_, String>(1) == name)
+                .map(|r| (r.get(2), r.get(3)))
+                .ok_or_else(|| {
+                    SchemaError::Missing(format!("column {schema}.{table}.{name} does not exist"))
+                })
+        };
+        let (id_type, _) = column(LOG_TABLE, "message_id")?;
+        column(LOG_TABLE, "transferred")?;
+        column(LOG_TABLE, "transfer_time")?;
+        let (data_id_type, _) = column(DATA_TABLE, "message_id")?;
+        let (body_type_sql, body_type_name) = column(DATA_TABLE, "message_body")?;
+        if id_type != data_id_type {
+            return Err(SchemaError::Unsupported(format!(
+                "{schema}.{LOG_TABLE}.message_id is {id_type} but {schema}.{DATA_TABLE}.message_id is {data_id_type}; \
+                 the seed requires the same type in both tables"
+            )));
+        }
+        let body_type = BodyType::from_type_name(&body_type_name).ok_or_else(|| {
+            SchemaError::Unsupported(format!(
+                "{schema}.{DATA_TABLE}.message_body is {body_type_sql}; supported types are bytea, jsonb, json and text"
+            ))
+        })?;
+        Ok(Self {
+            schema: schema.to_owned(),
+            id_type,
+            body_type,
+            body_type_sql,
+        })
+    }
+
+    /// `schema.table`, quoted.
+    pub fn table(&self, table: &str) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(table))
+    }
+
+    /// Locks up to `$1` pending rows (skipping rows other sessions hold) and
+    /// returns each with its data rows: `(id text, body bytea, has_data bool)`.
+    /// A row without a data row comes back once with `has_data = false`.
+    pub fn claim_sql(&self) -> String {
+        format!(
+            "WITH claimed AS MATERIALIZED (
+                 SELECT l.message_id FROM {log} l
+                  WHERE l.transferred IS NOT TRUE
+                  LIMIT $1
+                    FOR UPDATE SKIP LOCKED)
+             SELECT c.message_id::text, {body}, d.message_id IS NOT NULL
+               FROM claimed c LEFT JOIN {data} d ON d.message_id = c.message_id",
+            log = self.table(LOG_TABLE),
+            data = self.table(DATA_TABLE),
+            body = self.body_type.bytes_expr(),
+        )
+    }
+
+    /// Marks the rows whose ids (as text) are in `$1` transferred, with the
+    /// database clock.
+    pub fn mark_sql(&self) -> String {
+        format!(
+            "UPDATE {log} SET transferred = true, transfer_time = now()
+              WHERE message_id = ANY($1::text[]::{id}[])",
+            log = self.table(LOG_TABLE),
+            id = self.id_type,
+        )
+    }
+
+    /// Prepares the claim and mark statements on a worker's session.
+    ///
+    /// # Errors
+    /// The server's error, e.g. when the tables were dropped.
+    pub async fn prepare(&self, client: &Client) -> Result<Statements, tokio_postgres::Error> {
+        Ok(Statements {
+            claim: client.prepare(&self.claim_sql()).await?,
+            mark: client.prepare(&self.mark_sql()).await?,
+        })
+    }
+}
+
+/// The prepared statements of one session.
+#[derive(Debug, Clone)]
+pub struct Statements {
+    /// See [`Outbox::claim_sql`].
+    pub claim: Statement,
+    /// See [`Outbox::mark_sql`].
+    pub mark: Statement,
+}
+
+/// One row of the claim query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedRow {
+    /// `message_id` as text.
+    pub id: String,
+    /// The body bytes; `None` for a NULL body or a missing data row.
+    pub body: Option<Vec<u8>>,
+    /// Whether a data row exists for this id.
+    pub has_data: bool,
+}
+
+impl ClaimedRow {
+    /// Decodes one row of the claim query.
+    ///
+    /// # Errors
+    /// A type mismatch, which would mean the claim query changed.
+    pub fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error> {
+        Ok(Self {
+            id: row.try_get(0)?,
+            body: row.try_get(1)?,
+            has_data: row.try_get(2)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox(body_type: BodyType) -> Outbox {
+        Outbox {
+            schema: "Data".into(),
+            id_type: "uuid".into(),
+            body_type,
+            body_type_sql: "jsonb".into(),
+        }
+    }
+
+    #[test]
+    fn statements_quote_the_schema_and_follow_the_types() {
+        let o = outbox(BodyType::Jsonb);
+        let claim = o.claim_sql();
+        assert!(
+            claim.contains("\"Data\".\"message_queue_log\" l"),
+            "{claim}"
+        );
+        assert!(
+            claim.contains("convert_to(d.message_body::text, 'UTF8')"),
+            "{claim}"
+        );
+        assert!(claim.contains("transferred IS NOT TRUE"), "{claim}");
+        assert!(claim.contains("FOR UPDATE SKIP LOCKED"), "{claim}");
+        assert!(o.mark_sql().contains("ANY($1::text[]::uuid[])"));
+        assert!(
+            outbox(BodyType::Bytea)
+                .claim_sql()
+                .contains(", d.message_body,")
+        );
+    }
+
+    #[test]
+    fn content_types_follow_the_column() {
+        assert_eq!(
+            BodyType::from_type_name("bytea").unwrap().content_type(),
+            "application/octet-stream"
+        );
+        assert_eq!(
+            BodyType::from_type_name("jsonb").unwrap().content_type(),
+            "application/json"
+        );
+        assert_eq!(
+            BodyType::from_type_name("varchar").unwrap().content_type(),
+            "text/plain; charset=utf-8"
+        );
+        assert!(BodyType::from_type_name("int4").is_none());
+    }
+}

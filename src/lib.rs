@@ -1,0 +1,27 @@
+//! PushOccurrence relays events from a PostgreSQL transactional outbox to
+//! RabbitMQ and marks a row transferred only after the broker confirmed it.
+//!
+//! # Layout
+//!
+//! In reading order, following an event from the table to the queue:
+//!
+//! * [`config`]: the seed's JSON config, environment overrides, validation.
+//! * [`db`]: PostgreSQL sessions; [`db::outbox`] the claim and mark
+//!   statements, [`db::migrate`] the schema, [`db::listener`] LISTEN.
+//! * [`relay`]: pure per-row decisions (which claimed rows become messages).
+//! * [`mq`]: the AMQP connection owner; [`mq::publisher`] confirm-mode publishing.
+//! * [`worker`]: claim, publish, confirm, mark, commit.
+//! * [`service`]: wiring, start-up and the ordered shutdown.
+//! * [`backoff`], [`shutdown`]: reconnection delays and the stop signal.
+//! * [`cli`], [`cmd`]: the `pushoccurrence` command line.
+
+pub mod backoff;
+pub mod cli;
+pub mod cmd;
+pub mod config;
+pub mod db;
+pub mod mq;
+pub mod relay;
+pub mod service;
+pub mod shutdown;
+pub mod worker;

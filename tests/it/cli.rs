@@ -1,0 +1,198 @@
+//! The command line: config errors name the key and exit 78, unreachable
+//! services exit 69, `check` reports one line per check, secrets never print.
+
+use serde_json::Value;
+
+use crate::support::*;
+
+async fn run_with(env: &TestEnv, args: &[&str], vars: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = pushoccurrence(&env.write_config(), args);
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(PATIENCE, cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+#[tokio::test]
+async fn each_bad_config_gives_exit_78_and_names_the_key() {
+    type Edit = fn(&mut Value);
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "unknown key",
+            |c| c["rabbitmq"]["queue"]["durabel"] = true.into(),
+            "unknown field `durabel`",
+        ),
+        (
+            "wrong type",
+            |c| c["postgres"]["port"] = "five".into(),
+            "key postgres.port",
+        ),
+        (
+            "missing key",
+            |c| {
+                c["listener"].as_object_mut().unwrap().remove("channels");
+            },
+            "missing field `channels`",
+        ),
+        (
+            "zero buffer",
+            |c| c["rabbitmq"]["retry"]["buffer_size"] = 0.into(),
+            "rabbitmq.retry.buffer_size",
+        ),
+        (
+            "unsafe queue",
+            |c| c["rabbitmq"]["queue"]["durable"] = false.into(),
+            "rabbitmq.queue.allow_unsafe",
+        ),
+        (
+            "bad url",
+            |c| c["rabbitmq"]["url"] = "localhost:5672".into(),
+            "key rabbitmq.url",
+        ),
+        (
+            "bad ssl mode",
+            |c| c["postgres"]["ssl_mode"] = "on".into(),
+            "key postgres.ssl_mode",
+        ),
+        (
+            "long channel",
+            |c| c["listener"]["channels"] = vec!["c".repeat(64)].into(),
+            "listener.channels[0]",
+        ),
+    ];
+    for (case, edit, expected) in cases {
+        let mut env = TestEnv::new("badcfg").await;
+        edit(&mut env.config);
+        for command in ["run", "check"] {
+            let (code, text) = run_with(&env, &[command], &[]).await;
+            assert_eq!(code, Some(78), "{case} ({command}): {text}");
+            assert!(
+                text.contains(expected),
+                "{case} ({command}): expected '{expected}' in: {text}"
+            );
+        }
+    }
+
+    let env = TestEnv::new("badenv").await;
+    let (code, text) = run_with(
+        &env,
+        &["run"],
+        &[("PUSHOCCURRENCE_RABBITMQ_RETRY_BUFFER_SIZE", "lots")],
+    )
+    .await;
+    assert_eq!(code, Some(78), "{text}");
+    assert!(
+        text.contains("PUSHOCCURRENCE_RABBITMQ_RETRY_BUFFER_SIZE")
+            && text.contains("expected a number"),
+        "{text}"
+    );
+    let (code, text) = run_with(&env, &["run"], &[("PUSHOCCURRENCE_QUEUE_NAME", "x")]).await;
+    assert_eq!(code, Some(78), "{text}");
+    assert!(
+        text.contains("PUSHOCCURRENCE_QUEUE_NAME is not a setting"),
+        "{text}"
+    );
+
+    let missing = env.dir.path().join("nowhere.json");
+    let out = pushoccurrence(&missing, &["run"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
+}
+
+#[tokio::test]
+async fn check_reports_each_step_and_tells_missing_schema_from_unreachable_services() {
+    let mut env = TestEnv::new("check").await;
+    let (code, text) = run_with(&env, &["check"], &[]).await;
+    assert_eq!(code, Some(78), "{text}");
+    assert!(
+        text.contains("ok    postgres") && text.contains("run `pushoccurrence migrate`"),
+        "{text}"
+    );
+
+    let (code, text) = run_with(&env, &["migrate"], &[]).await;
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = run_with(&env, &["check"], &[]).await;
+    assert_eq!(code, Some(0), "{text}");
+    for line in [
+        "ok    config",
+        "ok    postgres",
+        "ok    outbox schema",
+        "ok    rabbitmq",
+        "ok    queue",
+    ] {
+        assert!(text.contains(line), "missing '{line}' in: {text}");
+    }
+
+    // A queue that exists with other settings is a clear failure.
+    env.cleanup_queue_only().await;
+    declare_transient_queue(&env.name).await;
+    let (code, text) = run_with(&env, &["check"], &[]).await;
+    assert_eq!(code, Some(69), "{text}");
+    assert!(
+        text.contains("already exists with other settings"),
+        "{text}"
+    );
+    env.cleanup_queue_only().await;
+
+    // Nothing listens on port 1; the password must not leak into the error.
+    env.config["postgres"]["port"] = 1.into();
+    env.config["postgres"]["password"] = "sentinel-pg-secret".into();
+    env.config["rabbitmq"]["url"] = "amqp://guest:sentinel-mq-secret@127.0.0.1:1/%2f".into();
+    let (code, text) = run_with(&env, &["check"], &[]).await;
+    assert_eq!(code, Some(69), "{text}");
+    assert!(text.contains("FAIL  postgres"), "{text}");
+    env.config["postgres"]["port"] = pg_port().into();
+    let (code, text) = run_with(&env, &["check"], &[("RUST_LOG", "trace")]).await;
+    assert_eq!(code, Some(69), "{text}");
+    assert!(
+        text.contains("FAIL  rabbitmq") && text.contains("guest:***@127.0.0.1:1"),
+        "{text}"
+    );
+    assert!(!text.contains("sentinel"), "a secret leaked: {text}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn help_explains_each_subcommand() {
+    let out = tokio::process::Command::new(BIN)
+        .arg("--help")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "run",
+        "migrate",
+        "check",
+        "--config",
+        "PUSHOCCURRENCE_CONFIG",
+    ] {
+        assert!(help.contains(word), "--help lacks {word}: {help}");
+    }
+}
+
+async fn declare_transient_queue(name: &str) {
+    use lapin::options::QueueDeclareOptions;
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    conn.close(200, "bye".into()).await.unwrap();
+}

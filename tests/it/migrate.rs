@@ -1,0 +1,98 @@
+//! `migrate`: creates the seed's schema, or adds the relay's indexes and the
+//! producer function to an existing one, and can run any number of times.
+
+use crate::support::*;
+
+async fn index_names(env: &TestEnv) -> Vec<String> {
+    env.pg
+        .query(
+            "SELECT indexname::text FROM pg_indexes WHERE schemaname = $1 ORDER BY 1",
+            &[&env.name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn migrate_creates_the_seed_schema_and_is_idempotent() {
+    let env = TestEnv::new("migrate").await;
+    let config = env.write_config();
+    for _ in 0..2 {
+        let out = pushoccurrence(&config, &["migrate"])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        index_names(&env).await,
+        [
+            "message_queue_log_data_message_id_idx",
+            "message_queue_log_pending_idx",
+            "message_queue_log_pkey"
+        ]
+    );
+    // The producer helper writes both rows and returns the new id.
+    let id: String = env
+        .pg
+        .query_one(
+            &format!(
+                "SELECT \"{}\".push_occurrence('\\x01'::bytea)::text",
+                env.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(id.len(), 36);
+    assert_eq!(env.pending().await, 1);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn migrate_adds_to_an_existing_seed_schema_without_changing_its_types() {
+    let env = TestEnv::new("existing").await;
+    env.create_seed_tables("text", "jsonb").await;
+    env.insert_event("before-migrate", "'{\"k\": 1}'", false)
+        .await;
+    let out = pushoccurrence(&env.write_config(), &["migrate"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("message_id text") && stdout.contains("message_body jsonb"),
+        "{stdout}"
+    );
+    assert!(
+        index_names(&env)
+            .await
+            .contains(&"message_queue_log_pending_idx".to_owned())
+    );
+    // The helper follows the table's types: a text id and a jsonb body.
+    env.pg
+        .execute(
+            &format!(
+                "SELECT \"{}\".push_occurrence('{{\"k\": 2}}'::jsonb, 'my-id')",
+                env.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(env.pending().await, 2);
+    env.cleanup().await;
+}

@@ -1,0 +1,399 @@
+//! Shared test plumbing: a private outbox, queue and channel per test, the
+//! real `pushoccurrence` binary as a child process, a consumer that records
+//! every delivery, and `wait_until` instead of sleeps.
+//!
+//! Services are the local PostgreSQL and RabbitMQ; `PO_TEST_PG_PORT` and
+//! `PO_TEST_AMQP_URL` point elsewhere if needed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+use tokio_postgres::{Client, NoTls};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_pushoccurrence");
+
+/// How long any wait in a test may take before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+pub fn pg_port() -> u16 {
+    std::env::var("PO_TEST_PG_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(5432)
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("PO_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Connects to the test database as `postgres`.
+pub async fn pg() -> Client {
+    let (client, connection) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=test application_name=po-test",
+            pg_port()
+        ),
+        NoTls,
+    )
+    .await
+    .expect("connect to the local PostgreSQL (is it running?)");
+    tokio::spawn(connection);
+    client
+}
+
+/// Polls `check` every 20 ms until it returns true; panics with `what` after [`PATIENCE`].
+pub async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One test's private world: schema, NOTIFY channel, queue, config file.
+pub struct TestEnv {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    pub pg: Client,
+    pub config: Value,
+}
+
+impl TestEnv {
+    /// A fresh name and a config pointing at it; nothing is created yet.
+    pub async fn new(tag: &str) -> Self {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "po_{tag}_{}_{}_{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed),
+            fastrand::u32(..)
+        );
+        let config = json!({
+            "postgres": {"host": "127.0.0.1", "port": pg_port(), "database": "test", "user": "postgres",
+                         "password": "", "ssl_mode": "disable", "schema": name, "application_name": name},
+            "rabbitmq": {"url": amqp_url(), "connection_name": name,
+                         "queue": {"name": name, "durable": true, "auto_delete": false, "exclusive": false, "no_wait": false},
+                         "retry": {"buffer_size": 100, "retry_delay_sec": 0.2, "idle_sleep_ms": 100}},
+            "listener": {"channels": [name]},
+            "relay": {"batch_size": 50, "max_retry_delay_sec": 2}
+        });
+        Self {
+            name,
+            dir: tempfile::tempdir().expect("temp dir"),
+            pg: pg().await,
+            config,
+        }
+    }
+
+    /// Writes the current config and returns its path.
+    pub fn write_config(&self) -> PathBuf {
+        let path = self.dir.path().join("config.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&self.config).unwrap()).unwrap();
+        path
+    }
+
+    /// Creates the seed's tables with the given column types (the seed
+    /// allows uuid or text ids and bytea, jsonb or text bodies), without the
+    /// relay's additions.
+    pub async fn create_seed_tables(&self, id_type: &str, body_type: &str) {
+        let s = &self.name;
+        self.pg
+            .batch_execute(&format!(
+                "CREATE SCHEMA \"{s}\";
+                 CREATE TABLE \"{s}\".message_queue_log (message_id {id_type} PRIMARY KEY,
+                     transferred BOOLEAN DEFAULT FALSE, transfer_time TIMESTAMP);
+                 CREATE TABLE \"{s}\".message_queue_log_data (
+                     message_id {id_type} REFERENCES \"{s}\".message_queue_log(message_id),
+                     message_body {body_type});"
+            ))
+            .await
+            .unwrap();
+    }
+
+    /// Inserts one event the seed's way, in one transaction: both rows, then
+    /// `NOTIFY channel 'id'` when `notify` is set. `body` is a SQL expression.
+    pub async fn insert_event(&self, id: &str, body_sql: &str, notify: bool) {
+        let s = &self.name;
+        let notify = if notify {
+            format!("NOTIFY \"{s}\", '{id}';")
+        } else {
+            String::new()
+        };
+        self.pg
+            .batch_execute(&format!(
+                "BEGIN;
+                 INSERT INTO \"{s}\".message_queue_log (message_id) VALUES ('{id}');
+                 INSERT INTO \"{s}\".message_queue_log_data (message_id, message_body) VALUES ('{id}', {body_sql});
+                 {notify}
+                 COMMIT;"
+            ))
+            .await
+            .unwrap();
+    }
+
+    /// Inserts `n` events with bytea bodies `body-<i>` through the producer
+    /// helper, `per_tx` per transaction; returns their ids.
+    pub async fn insert_many(&self, n: usize, per_tx: usize) -> Vec<String> {
+        let mut ids = Vec::with_capacity(n);
+        let mut start = 0;
+        while start < n {
+            let end = (start + per_tx).min(n);
+            let rows = self
+                .pg
+                .query(
+                    &format!(
+                        "SELECT \"{}\".push_occurrence(convert_to('body-' || i, 'UTF8'))::text
+                           FROM generate_series($1::int, $2::int) AS i",
+                        self.name
+                    ),
+                    &[&(start as i32), &(end as i32 - 1)],
+                )
+                .await
+                .unwrap();
+            ids.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+            start = end;
+        }
+        ids
+    }
+
+    /// Rows not yet transferred.
+    pub async fn pending(&self) -> i64 {
+        self.pg
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM \"{}\".message_queue_log WHERE transferred IS NOT TRUE",
+                    self.name
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Declares the test queue as the relay will and starts a consumer on it.
+    pub async fn consumer(&self) -> Consumer {
+        Consumer::start(&self.name).await
+    }
+
+    /// Starts the relay binary with the current config.
+    pub async fn relay(&self) -> Relay {
+        Relay::start(&self.write_config(), self.dir.path()).await
+    }
+
+    /// Drops the test's schema and queue.
+    pub async fn cleanup(self) {
+        let _ = self
+            .pg
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name))
+            .await;
+        self.cleanup_queue_only().await;
+    }
+
+    /// Deletes the test's queue.
+    pub async fn cleanup_queue_only(&self) {
+        if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+            if let Ok(ch) = conn.create_channel().await {
+                let _ = ch
+                    .queue_delete(self.name.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            let _ = conn.close(200, "bye".into()).await;
+        }
+    }
+}
+
+/// One message as the consumer saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub id: String,
+    pub body: Vec<u8>,
+    pub content_type: Option<String>,
+    pub delivery_mode: Option<u8>,
+    pub timestamp: Option<u64>,
+}
+
+/// Records every delivery on a queue, acking each after recording it.
+pub struct Consumer {
+    pub received: Arc<Mutex<Vec<Received>>>,
+    _connection: Connection,
+}
+
+impl Consumer {
+    pub async fn start(queue: &str) -> Self {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("connect to the local RabbitMQ (is it running?)");
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                "po-test".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = received.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let p = &delivery.properties;
+                sink.lock().unwrap().push(Received {
+                    id: p
+                        .message_id()
+                        .as_ref()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
+                    body: delivery.data.clone(),
+                    content_type: p.content_type().as_ref().map(|s| s.to_string()),
+                    delivery_mode: *p.delivery_mode(),
+                    timestamp: *p.timestamp(),
+                });
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+        });
+        Self {
+            received,
+            _connection: connection,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    /// How often each id arrived.
+    pub fn counts(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for r in self.received.lock().unwrap().iter() {
+            *counts.entry(r.id.clone()).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Waits until every id in `ids` arrived at least once.
+    pub async fn wait_for_all(&self, ids: &[String]) {
+        wait_until(&format!("{} messages arrived", ids.len()), || async {
+            let counts = self.counts();
+            ids.iter().all(|id| counts.contains_key(id))
+        })
+        .await;
+    }
+
+    pub fn get(&self, id: &str) -> Received {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|r| r.id == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} was not received"))
+    }
+}
+
+/// Asserts that `ids` arrived exactly once each and nothing else arrived.
+pub fn assert_exactly_once(consumer: &Consumer, ids: &[String]) {
+    let counts = consumer.counts();
+    let lost: Vec<_> = ids.iter().filter(|id| !counts.contains_key(*id)).collect();
+    let duplicated: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    let unexpected: Vec<_> = counts.keys().filter(|id| !ids.contains(id)).collect();
+    assert!(
+        lost.is_empty() && duplicated.is_empty() && unexpected.is_empty(),
+        "sent {}, received {} distinct; lost {lost:?}, duplicated {duplicated:?}, unexpected {unexpected:?}",
+        ids.len(),
+        counts.len()
+    );
+}
+
+/// A running `pushoccurrence run` process.
+pub struct Relay {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Relay {
+    pub async fn start(config: &Path, dir: &Path) -> Self {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let log = dir.join(format!("relay-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
+        let child = pushoccurrence(config, &["run"])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn pushoccurrence");
+        let relay = Self { child, log };
+        relay.wait_ready().await;
+        relay
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the relay is listening and connected to the broker.
+    pub async fn wait_ready(&self) {
+        wait_until("the relay is listening and connected", || async {
+            let log = self.log_text();
+            log.contains("listening") && log.contains("connected to rabbitmq")
+        })
+        .await;
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub async fn terminate(mut self) -> ExitStatus {
+        let pid = self.child.id().expect("still running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("relay exits after SIGTERM")
+            .unwrap()
+    }
+}
+
+/// `pushoccurrence --config <config> <args>` with a quiet, test-friendly environment.
+pub fn pushoccurrence(config: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("PUSHOCCURRENCE_")) {
+        cmd.env_remove(key);
+    }
+    cmd.kill_on_drop(true);
+    cmd
+}
