@@ -891,6 +891,22 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_documents_every_key_and_variable() {
+        let readme = include_str!("../README.md");
+        for (key, _) in ENV_KEYS {
+            assert!(
+                readme.contains(&format!("| `{key}` |")),
+                "README lacks key {key}"
+            );
+            assert!(
+                readme.contains(&env_name(key)),
+                "README lacks {}",
+                env_name(key)
+            );
+        }
+    }
+
+    #[test]
     fn batch_size_never_exceeds_the_in_flight_window() {
         let text = edit(|v| {
             v["rabbitmq"]["retry"]["buffer_size"] = 30.into();

@@ -119,11 +119,8 @@ async fn sessions_and_the_amqp_connection_carry_the_relay_name() {
         .output()
         .unwrap();
     let listing = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        listing.contains(&format!("\"connection_name\",longstr,\"{}\"", env.name))
-            || listing.contains(&env.name),
-        "{listing}"
-    );
+    let expected = format!("{{\"connection_name\",\"{}\"}}", env.name);
+    assert!(listing.contains(&expected), "{expected} not in: {listing}");
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
