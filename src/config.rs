@@ -61,6 +61,7 @@ pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("postgres.auto_migrate", EnvKind::Bool),
     ("postgres.application_name", EnvKind::Text),
     ("postgres.connect_timeout_sec", EnvKind::Number),
+    ("postgres.query_timeout_ms", EnvKind::Number),
     ("rabbitmq.url", EnvKind::Secret),
     ("rabbitmq.connection_name", EnvKind::Text),
     ("rabbitmq.queue.name", EnvKind::Text),
@@ -77,6 +78,10 @@ pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("relay.confirm_timeout_ms", EnvKind::Number),
     ("relay.shutdown_grace_ms", EnvKind::Number),
     ("relay.max_retry_delay_sec", EnvKind::Number),
+    ("relay.max_attempts", EnvKind::Number),
+    ("relay.attempt_delay_ms", EnvKind::Number),
+    ("relay.max_message_bytes", EnvKind::Number),
+    ("relay.max_batch_bytes", EnvKind::Number),
 ];
 
 /// The environment variable that overrides `key`.
@@ -148,6 +153,9 @@ pub struct PostgresConfig {
     pub application_name: String,
     /// Limit on establishing one connection.
     pub connect_timeout: Duration,
+    /// Limit on any one statement's round trip; a stalled link is dropped
+    /// and replaced after it.
+    pub query_timeout: Duration,
 }
 
 /// The libpq `sslmode` words the seed's `ssl_mode` key takes.
@@ -207,6 +215,17 @@ pub struct RelayConfig {
     pub shutdown_grace: Duration,
     /// The cap of every reconnection back-off.
     pub max_retry_delay: Duration,
+    /// Failed attempts (bad input, unroutable) after which a row is parked.
+    pub max_attempts: u32,
+    /// Delay after a row's first failed attempt; it doubles with every
+    /// further failure, up to `max_retry_delay`.
+    pub attempt_delay: Duration,
+    /// Bodies larger than this are parked, never published (the broker's
+    /// `max_message_size`: 128 MiB on RabbitMQ 3.x, 16 MiB on 4.x).
+    pub max_message_bytes: u64,
+    /// Body bytes one batch may hold in memory; rows past it wait for the
+    /// next batch (a batch always takes at least one row).
+    pub max_batch_bytes: u64,
 }
 
 impl Config {
@@ -285,6 +304,7 @@ impl Config {
         }
         let connect_timeout =
             positive_secs("postgres.connect_timeout_sec", pg.connect_timeout_sec)?;
+        let query_timeout = positive_ms("postgres.query_timeout_ms", pg.query_timeout_ms)?;
 
         let url_redacted = redact_url(&mq.url);
         mq.url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
@@ -360,6 +380,17 @@ impl Config {
         let shutdown_grace = positive_ms("relay.shutdown_grace_ms", relay.shutdown_grace_ms)?;
         let max_retry_delay =
             positive_secs("relay.max_retry_delay_sec", relay.max_retry_delay_sec)?;
+        if relay.max_attempts == 0 {
+            return Err(ConfigError::new(
+                "key relay.max_attempts: must be at least 1 (failed attempts before a row is parked)",
+            ));
+        }
+        let attempt_delay = positive_ms("relay.attempt_delay_ms", relay.attempt_delay_ms)?;
+        if relay.max_message_bytes == 0 || relay.max_batch_bytes == 0 {
+            return Err(ConfigError::new(
+                "keys relay.max_message_bytes and relay.max_batch_bytes: must be at least 1",
+            ));
+        }
         if max_retry_delay < retry_delay {
             return Err(ConfigError::new(
                 "key relay.max_retry_delay_sec: must not be below rabbitmq.retry.retry_delay_sec",
@@ -378,6 +409,7 @@ impl Config {
                 auto_migrate: pg.auto_migrate,
                 application_name: pg.application_name,
                 connect_timeout,
+                query_timeout,
             },
             rabbitmq: RabbitConfig {
                 url: Secret(mq.url),
@@ -401,6 +433,10 @@ impl Config {
                 confirm_timeout,
                 shutdown_grace,
                 max_retry_delay,
+                max_attempts: relay.max_attempts,
+                attempt_delay,
+                max_message_bytes: relay.max_message_bytes,
+                max_batch_bytes: relay.max_batch_bytes,
             },
         })
     }
@@ -599,6 +635,8 @@ struct RawPostgres {
     application_name: String,
     #[serde(default = "default_connect_timeout")]
     connect_timeout_sec: f64,
+    #[serde(default = "default_query_timeout")]
+    query_timeout_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -659,6 +697,10 @@ struct RawRelay {
     confirm_timeout_ms: u64,
     shutdown_grace_ms: u64,
     max_retry_delay_sec: f64,
+    max_attempts: u32,
+    attempt_delay_ms: u64,
+    max_message_bytes: u64,
+    max_batch_bytes: u64,
 }
 
 impl Default for RawRelay {
@@ -668,6 +710,10 @@ impl Default for RawRelay {
             confirm_timeout_ms: 30_000,
             shutdown_grace_ms: 10_000,
             max_retry_delay_sec: 60.0,
+            max_attempts: 10,
+            attempt_delay_ms: 1000,
+            max_message_bytes: 128 * 1024 * 1024,
+            max_batch_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -692,6 +738,9 @@ fn default_true() -> bool {
 }
 fn default_connect_timeout() -> f64 {
     10.0
+}
+fn default_query_timeout() -> u64 {
+    30_000
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties, Event};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{QueueConfig, RabbitConfig};
@@ -161,6 +161,7 @@ impl BrokerLink {
 
     /// Keeps a connection up until `token` is cancelled, then closes it.
     pub async fn run(mut self, token: CancellationToken) {
+        let mut last_failure: Option<String> = None;
         loop {
             let outcome = tokio::select! {
                 () = token.cancelled() => return,
@@ -169,6 +170,7 @@ impl BrokerLink {
             match outcome {
                 Ok(connection) => {
                     self.backoff.reset();
+                    last_failure = None;
                     let stop = self.serve(Arc::new(connection), &token).await;
                     self.state.send_replace(BrokerState::default());
                     if stop {
@@ -176,11 +178,13 @@ impl BrokerLink {
                     }
                 }
                 Err(reason) => {
+                    // Say it loudly once; repeats of the same reason are debug.
                     let attempt = self.backoff.attempts();
-                    if attempt == 0 {
-                        error!(%reason, "cannot connect to rabbitmq");
+                    if last_failure.as_ref() == Some(&reason) {
+                        debug!(%reason, attempt, "cannot connect to rabbitmq");
                     } else {
-                        warn!(%reason, attempt, "cannot connect to rabbitmq");
+                        error!(%reason, attempt, "cannot connect to rabbitmq");
+                        last_failure = Some(reason);
                     }
                 }
             }

@@ -1,36 +1,44 @@
 //! A worker: claim a batch, publish it, wait for the confirms, mark what was
-//! confirmed, commit. Several workers run at once, so database round trips
-//! and broker confirms overlap.
+//! confirmed, record what failed, commit. Several workers run at once, so
+//! database round trips and broker confirms overlap.
 //!
 //! Each worker owns one PostgreSQL session and one AMQP channel. The claim
 //! transaction's row locks are the lease: other sessions skip the rows, and
 //! a crashed worker's locks vanish with its session. A row is marked
 //! transferred only in the transaction that claimed it, and only after a
-//! bare `basic.ack`; anything else (nack, return, timeout, lost connection)
-//! leaves it pending for a later claim. The worker never claims while the
-//! broker is down or blocked, so no transaction spans an outage.
+//! bare `basic.ack`. Bad input (no data row, NULL or ambiguous body, an
+//! oversized body, an id too long for AMQP, an unroutable message) is
+//! recorded on the row in the same transaction: the row waits out a
+//! doubling delay and is parked after `relay.max_attempts`, so it never
+//! blocks the stream. Faults that are not the row's (nack, timeout, lost
+//! connection) leave rows pending untouched and back the worker off. The
+//! worker never claims while the broker is down or blocked, so no
+//! transaction spans an outage.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::db::outbox::{ClaimedRow, Outbox, Statements};
 use crate::db::{self, SessionKind, describe};
-use crate::mq::BrokerState;
 use crate::mq::publisher::{Delivery, Publisher};
-use crate::relay::assemble;
+use crate::mq::{self, BrokerState};
+use crate::relay::{Hold, assemble};
 
 /// Extra time a claim transaction may stay open beyond the confirm timeout
 /// before the server ends it (and releases its locks).
 const TRANSACTION_MARGIN: Duration = Duration::from_secs(30);
+/// AMQP reply code of an unroutable mandatory message.
+const NO_ROUTE: u16 = 312;
 
-/// Why one batch attempt failed; the rows stay pending.
+/// Why one batch attempt failed; its rows stay pending.
 #[derive(Debug, thiserror::Error)]
 enum BatchError {
     #[error("postgres: {0}")]
@@ -45,6 +53,16 @@ impl From<tokio_postgres::Error> for BatchError {
     fn from(e: tokio_postgres::Error) -> Self {
         Self::Database(describe(&e))
     }
+}
+
+/// What one committed batch did.
+#[derive(Debug, Default)]
+struct BatchSummary {
+    claimed: usize,
+    deferred: usize,
+    nacked: usize,
+    no_route: bool,
+    channel_failure: Option<String>,
 }
 
 /// One claim-publish-mark loop.
@@ -90,13 +108,17 @@ impl Worker {
                 () = self.wake.notified() => {}
             }
             while !token.is_cancelled() {
-                match self.relay_batch(&token).await {
-                    Ok(claimed) => {
+                match self
+                    .relay_batch(&token)
+                    .await
+                    .and_then(|s| self.after_commit(s))
+                {
+                    Ok(more) => {
                         self.backoff.reset();
-                        if claimed < self.config.relay.batch_size {
+                        if !more {
                             break;
                         }
-                        // A full batch means more is waiting: bring in another worker.
+                        // More is waiting: bring in another worker as well.
                         self.wake.notify_one();
                     }
                     Err(BatchError::Stopping) => return,
@@ -115,66 +137,131 @@ impl Worker {
         }
     }
 
-    /// Claims, publishes and marks one batch; returns how many rows it claimed.
-    async fn relay_batch(&mut self, token: &CancellationToken) -> Result<usize, BatchError> {
+    /// Reacts to what a committed batch reported; `Ok(true)` when more rows
+    /// are known to be waiting.
+    fn after_commit(&mut self, summary: BatchSummary) -> Result<bool, BatchError> {
+        if summary.no_route {
+            self.redeclare_queue();
+        }
+        if let Some(reason) = summary.channel_failure {
+            self.publisher = None;
+            return Err(BatchError::Broker(reason));
+        }
+        if summary.nacked > 0 {
+            return Err(BatchError::Broker(format!(
+                "broker nacked {} messages (a queue limit with overflow reject-publish, or a broker fault)",
+                summary.nacked
+            )));
+        }
+        Ok(summary.claimed >= self.config.relay.batch_size || summary.deferred > 0)
+    }
+
+    /// Claims, publishes, marks and records one batch, then commits.
+    async fn relay_batch(&mut self, token: &CancellationToken) -> Result<BatchSummary, BatchError> {
         self.ensure_publisher(token).await?;
         self.ensure_session().await?;
         let (Some(publisher), Some((client, statements))) = (&self.publisher, &mut self.session)
         else {
             unreachable!("ensured above");
         };
+        let config = &self.config;
+        let broker = &self.broker;
+        let index = self.index;
+        let limit = config.postgres.query_timeout;
         let result = async {
-            let batch_size = i64::try_from(self.config.relay.batch_size).unwrap_or(i64::MAX);
-            let tx = client.transaction().await?;
-            let rows = tx.query(&statements.claim, &[&batch_size]).await?;
+            let relay = &config.relay;
+            let batch_size = i64::try_from(relay.batch_size).unwrap_or(i64::MAX);
+            let max_message = i32::try_from(relay.max_message_bytes).unwrap_or(i32::MAX);
+            let max_batch = i64::try_from(relay.max_batch_bytes).unwrap_or(i64::MAX);
+            let tx = within(limit, client.transaction()).await?;
+            let rows = within(limit, tx.query(&statements.claim, &[&batch_size, &max_message, &max_batch])).await?;
             if rows.is_empty() {
-                return Ok((0, None));
+                return Ok(BatchSummary::default());
             }
-            let rows = rows
-                .iter()
-                .map(ClaimedRow::from_row)
-                .collect::<Result<Vec<_>, _>>()?;
-            let batch = assemble(rows);
-            for (id, hold) in &batch.held {
-                warn!(message_id = %id, reason = hold.reason(), "row held back; it stays pending");
-            }
+            let rows = rows.iter().map(ClaimedRow::from_row).collect::<Result<Vec<_>, _>>()?;
+            let attempts: Vec<(String, i32)> = rows.iter().map(|r| (r.id.clone(), r.attempts)).collect();
+            let batch = assemble(rows, relay.max_message_bytes);
             let report = publisher
-                .publish_batch(&batch.messages, self.config.relay.confirm_timeout)
+                .publish_batch(&batch.messages, relay.confirm_timeout, || broker.borrow().blocked)
                 .await;
             let confirmed = report.confirmed(&batch.messages);
-            if !confirmed.is_empty() {
-                tx.execute(&statements.mark, &[&confirmed]).await?;
+
+            let mut summary = BatchSummary {
+                claimed: batch.claimed,
+                ..BatchSummary::default()
+            };
+            let mut failed: Vec<(&str, String)> = Vec::new();
+            for (id, hold) in &batch.held {
+                match hold {
+                    Hold::Deferred => summary.deferred += 1,
+                    _ => failed.push((id, hold.reason())),
+                }
             }
-            tx.commit().await?;
             for (message, delivery) in batch.messages.iter().zip(&report.deliveries) {
                 match delivery {
-                    Delivery::Confirmed => {}
                     Delivery::Returned { code, text } => {
-                        warn!(message_id = %message.id, code, %text, "broker returned the message as unroutable; it stays pending");
+                        summary.no_route |= *code == NO_ROUTE;
+                        failed.push((&message.id, format!("returned by the broker as unroutable: {code} {text}")));
                     }
-                    Delivery::Nacked => warn!(message_id = %message.id, "broker nacked the message; it stays pending"),
+                    Delivery::IdTooLong => failed.push((&message.id, Hold::IdTooLong.reason())),
+                    Delivery::Nacked => summary.nacked += 1,
                     Delivery::Unknown(reason) => debug!(message_id = %message.id, %reason, "confirm unknown; the row stays pending"),
-                    Delivery::IdTooLong => warn!(message_id = %message.id, "message_id is longer than 255 bytes and cannot be an AMQP message id; it stays pending"),
+                    Delivery::Confirmed => {}
                 }
             }
-            debug!(worker = self.index, claimed = batch.claimed, marked = confirmed.len(), "batch done");
-            Ok((batch.claimed, report.channel_failure))
+
+            if !confirmed.is_empty() {
+                within(limit, tx.execute(&statements.mark, &[&confirmed])).await?;
+            }
+            let mut parked = Vec::new();
+            if !failed.is_empty() {
+                let ids: Vec<&str> = failed.iter().map(|(id, _)| *id).collect();
+                let reasons: Vec<&str> = failed.iter().map(|(_, r)| r.as_str()).collect();
+                let delay_ms = relay.attempt_delay.as_secs_f64() * 1000.0;
+                let cap_ms = relay.max_retry_delay.as_secs_f64() * 1000.0;
+                let max_attempts = i32::try_from(relay.max_attempts).unwrap_or(i32::MAX);
+                let rows = within(
+                    limit,
+                    tx.query(&statements.fail, &[&ids, &reasons, &delay_ms, &cap_ms, &max_attempts]),
+                )
+                .await?;
+                parked = rows.iter().filter(|r| r.get::<_, bool>(1)).map(|r| r.get::<_, String>(0)).collect();
+            }
+            within(limit, tx.commit()).await?;
+
+            for (id, reason) in &failed {
+                let attempt = attempts.iter().find(|(a, _)| a == id).map_or(0, |(_, n)| n + 1);
+                if parked.iter().any(|p| p == id) {
+                    error!(message_id = %id, %reason, attempt, "row parked after repeated failures; fix it and run `pushoccurrence requeue`");
+                } else {
+                    warn!(message_id = %id, %reason, attempt, "row failed; it will be retried after a delay");
+                }
+            }
+            debug!(worker = index, claimed = batch.claimed, marked = confirmed.len(), failed = failed.len(), "batch committed");
+            summary.channel_failure = report.channel_failure;
+            Ok(summary)
         }
         .await;
-        match result {
-            Ok((claimed, channel_failure)) => {
-                if let Some(reason) = channel_failure {
-                    self.publisher = None;
-                    return Err(BatchError::Broker(reason));
-                }
-                Ok(claimed)
-            }
-            Err(e) => {
-                // A failed statement may leave the session unusable; start afresh.
-                self.session = None;
-                Err(e)
-            }
+        if result.is_err() {
+            // A failed or timed-out statement may leave the session unusable.
+            self.session = None;
         }
+        result
+    }
+
+    /// Declares the queue again after the broker returned messages as
+    /// unroutable: the configured queue was deleted while the relay ran.
+    fn redeclare_queue(&self) {
+        let Some(connection) = self.broker.borrow().usable().cloned() else {
+            return;
+        };
+        let queue = self.config.rabbitmq.queue.clone();
+        tokio::spawn(async move {
+            match mq::declare_queue(&connection, &queue).await {
+                Ok(()) => warn!(queue = %queue.name, "queue had disappeared; declared it again"),
+                Err(reason) => error!(%reason, "cannot declare the queue again"),
+            }
+        });
     }
 
     /// Opens a channel on the current connection, waiting (without holding
@@ -215,12 +302,25 @@ impl Worker {
         let kind = SessionKind::Claim {
             idle_in_transaction: self.config.relay.confirm_timeout + TRANSACTION_MARGIN,
         };
-        let client = db::connect(&self.config.postgres, kind).await?;
-        let statements = self.outbox.prepare(&client).await?;
+        let limit = self.config.postgres.query_timeout;
+        let client = within(limit, db::connect(&self.config.postgres, kind)).await?;
+        let statements = within(limit, self.outbox.prepare(&client)).await?;
         if self.backoff.attempts() > 0 {
             info!(worker = self.index, "claim session reconnected");
         }
         self.session = Some((client, statements));
         Ok(())
+    }
+}
+
+/// Runs one database call with a deadline: a stalled link must not hang the
+/// worker (TCP keepalives cannot see a peer that acknowledges and never answers).
+async fn within<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, BatchError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(BatchError::Database(format!("no answer within {limit:?}"))),
     }
 }

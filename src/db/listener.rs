@@ -18,12 +18,10 @@ use tracing::{debug, info, warn};
 
 use super::{SessionKind, describe, quote_ident, session_config};
 use crate::backoff::Backoff;
-use crate::config::PostgresConfig;
+use crate::config::{AMQP_MAX_SHORT_STRING, PostgresConfig};
 
 /// How often the idle listener session is pinged.
 const PING_INTERVAL: Duration = Duration::from_secs(10);
-/// How long a ping may take before the session counts as dead.
-const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Owns the LISTEN session.
 #[derive(Debug)]
@@ -85,10 +83,14 @@ impl Listener {
         token: &CancellationToken,
     ) -> Result<(), String> {
         let session = session_config(&self.pg, SessionKind::Plain);
-        let connect = session.connect(NoTls);
+        // A peer that accepts and never answers must not hang the listener.
+        let limit = self.pg.query_timeout;
+        let connect = tokio::time::timeout(limit, session.connect(NoTls));
         let (client, mut connection) = tokio::select! {
             () = token.cancelled() => return Ok(()),
-            res = connect => res.map_err(|e| format!("connect: {}", describe(&e)))?,
+            res = connect => res
+                .map_err(|_| format!("connect: no answer within {limit:?}"))?
+                .map_err(|e| format!("connect: {}", describe(&e)))?,
         };
         // The driver must be polled for queries to progress; it never blocks
         // on the workers, because a `Notify` holds at most one permit.
@@ -98,7 +100,16 @@ impl Listener {
             while let Some(message) = messages.next().await {
                 match message {
                     Ok(AsyncMessage::Notification(n)) => {
-                        debug!(channel = n.channel(), "notification");
+                        // The payload is never used to find a row (anyone can
+                        // NOTIFY), but a malformed one is worth a debug line.
+                        let payload = n.payload();
+                        if payload.is_empty() || payload.len() > AMQP_MAX_SHORT_STRING {
+                            debug!(
+                                channel = n.channel(),
+                                len = payload.len(),
+                                "notification payload is not a message id; sweeping anyway"
+                            );
+                        }
                         wake.notify_one();
                     }
                     Ok(_) => {}
@@ -108,9 +119,9 @@ impl Listener {
             "server closed the session".to_owned()
         });
         let result = async {
-            client
-                .batch_execute(listen_sql)
+                        tokio::time::timeout(limit, client.batch_execute(listen_sql))
                 .await
+                .map_err(|_| format!("LISTEN: no answer within {limit:?}"))?
                 .map_err(|e| format!("LISTEN: {}", describe(&e)))?;
             self.listening.send_replace(true);
             self.backoff.reset();
@@ -124,10 +135,10 @@ impl Listener {
                         return Err(reason.unwrap_or_else(|e| format!("driver task failed: {e}")));
                     }
                     () = tokio::time::sleep(PING_INTERVAL) => {
-                        match tokio::time::timeout(PING_TIMEOUT, client.simple_query("SELECT 1")).await {
+                                                match tokio::time::timeout(limit, client.simple_query("SELECT 1")).await {
                             Ok(Ok(_)) => {}
                             Ok(Err(e)) => return Err(format!("ping: {}", describe(&e))),
-                            Err(_) => return Err(format!("ping got no answer within {PING_TIMEOUT:?}")),
+                            Err(_) => return Err(format!("ping got no answer within {limit:?}")),
                         }
                     }
                 }

@@ -17,7 +17,8 @@ use tokio_postgres::Client;
 use tracing::info;
 
 use super::outbox::{
-    DATA_INDEX, DATA_TABLE, LOG_TABLE, Outbox, PENDING_INDEX, PRODUCER_FUNCTION, SchemaError,
+    DATA_INDEX, DATA_TABLE, LOG_TABLE, Outbox, PENDING_INDEX, PENDING_PREDICATE, PRODUCER_FUNCTION,
+    RELAY_COLUMNS, SchemaError,
 };
 use super::{quote_ident, quote_literal};
 
@@ -26,6 +27,8 @@ use super::{quote_ident, quote_literal};
 pub struct Report {
     /// The tables were created by this run.
     pub created_tables: bool,
+    /// The relay's columns were added by this run.
+    pub added_columns: bool,
     /// Indexes created (or rebuilt) by this run.
     pub created_indexes: Vec<&'static str>,
 }
@@ -83,8 +86,16 @@ async fn migrate_locked(
     let log = format!("{s}.{}", quote_ident(LOG_TABLE));
     let data = format!("{s}.{}", quote_ident(DATA_TABLE));
     let pending_index = format!(
-        "{} ON {log} (message_id) WHERE transferred IS NOT TRUE",
+        "{} ON {log} (message_id) WHERE {PENDING_PREDICATE}",
         quote_ident(PENDING_INDEX)
+    );
+    let add_columns = format!(
+        "ALTER TABLE {log} {}",
+        RELAY_COLUMNS
+            .iter()
+            .map(|(name, ty)| format!("ADD COLUMN IF NOT EXISTS {name} {ty}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let data_index = format!("{} ON {data} (message_id)", quote_ident(DATA_INDEX));
     let mut report = Report::default();
@@ -105,6 +116,29 @@ async fn migrate_locked(
                 "{schema}.{LOG_TABLE} exists but {schema}.{DATA_TABLE} does not; create it with the same message_id type"
             ))
             .into());
+        }
+        // ALTER TABLE takes an exclusive lock, even with IF NOT EXISTS: only
+        // when a column is really missing. A column with a constant default
+        // is added without rewriting the table.
+        let present: i64 = client
+            .query_one(
+                "SELECT count(*) FROM information_schema.columns
+                  WHERE table_schema = $1 AND table_name = $2 AND column_name = ANY($3)",
+                &[
+                    &schema,
+                    &LOG_TABLE,
+                    &RELAY_COLUMNS.map(|(name, _)| name).to_vec(),
+                ],
+            )
+            .await
+            .map_err(step("look for the relay's columns"))?
+            .get(0);
+        if usize::try_from(present) != Ok(RELAY_COLUMNS.len()) {
+            client
+                .batch_execute(&add_columns)
+                .await
+                .map_err(step("add the relay's columns to the status table"))?;
+            report.added_columns = true;
         }
         // Existing tables may be large and busy: build without blocking writers.
         for (name, definition) in [(PENDING_INDEX, &pending_index), (DATA_INDEX, &data_index)] {
@@ -155,9 +189,10 @@ async fn migrate_locked(
                      message_id UUID PRIMARY KEY,
                      transferred BOOLEAN DEFAULT FALSE,
                      transfer_time TIMESTAMP);
-                 CREATE TABLE IF NOT EXISTS {data} (
+                                  CREATE TABLE IF NOT EXISTS {data} (
                      message_id UUID REFERENCES {log}(message_id),
                      message_body BYTEA);
+                 {add_columns};
                  CREATE INDEX IF NOT EXISTS {pending_index};
                  CREATE INDEX IF NOT EXISTS {data_index};
                  COMMIT;"
@@ -165,6 +200,7 @@ async fn migrate_locked(
             .await
             .map_err(step("create the outbox schema and tables"))?;
         report.created_tables = true;
+        report.added_columns = true;
         report.created_indexes = vec![PENDING_INDEX, DATA_INDEX];
     }
 
@@ -175,7 +211,8 @@ async fn migrate_locked(
         .map_err(step("install the producer function"))?;
     info!(
         schema,
-        created_tables = report.created_tables,
+                created_tables = report.created_tables,
+        added_columns = report.added_columns,
         created_indexes = ?report.created_indexes,
         "outbox schema is up to date"
     );

@@ -23,6 +23,17 @@ pub const PENDING_INDEX: &str = "message_queue_log_pending_idx";
 pub const DATA_INDEX: &str = "message_queue_log_data_message_id_idx";
 /// The producer helper function `migrate` installs.
 pub const PRODUCER_FUNCTION: &str = "push_occurrence";
+/// The relay's own columns on the status table: additive, nullable or
+/// defaulted, so producers never need to know them.
+pub const RELAY_COLUMNS: [(&str, &str); 4] = [
+    ("relay_attempts", "integer NOT NULL DEFAULT 0"),
+    ("relay_next_attempt_at", "timestamptz"),
+    ("relay_last_error", "text"),
+    ("relay_parked_at", "timestamptz"),
+];
+/// The predicate of rows the relay may claim (and of the partial index).
+/// `transferred` is nullable in the seed, so pending is `IS NOT TRUE`.
+pub const PENDING_PREDICATE: &str = "transferred IS NOT TRUE AND relay_parked_at IS NULL";
 
 /// How a body column turns into message bytes, and the content type it gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +142,9 @@ impl Outbox {
         let (id_type, _) = column(LOG_TABLE, "message_id")?;
         column(LOG_TABLE, "transferred")?;
         column(LOG_TABLE, "transfer_time")?;
+        for (name, _) in RELAY_COLUMNS {
+            column(LOG_TABLE, name)?;
+        }
         let (data_id_type, _) = column(DATA_TABLE, "message_id")?;
         let (body_type_sql, body_type_name) = column(DATA_TABLE, "message_body")?;
         if id_type != data_id_type {
@@ -157,21 +171,39 @@ impl Outbox {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(table))
     }
 
-    /// Locks up to `$1` pending rows (skipping rows other sessions hold) and
-    /// returns each with its data rows: `(id text, body bytea, has_data bool)`.
-    /// A row without a data row comes back once with `has_data = false`.
+    /// Locks up to `$1` claimable rows (skipping rows other sessions hold,
+    /// parked rows and rows waiting out a retry delay) and returns each with
+    /// its data rows: `(id text, body bytea, has_data bool, size int4,
+    /// attempts int4)`. A row without a data row comes back once with
+    /// `has_data = false`. The body is withheld (NULL, with its `size`) when
+    /// it is over `$2` bytes or when the rows before it already hold `$3`
+    /// bytes, so one batch never brings more than `$3` plus one body into
+    /// memory, and an oversized body never leaves the database.
     pub fn claim_sql(&self) -> String {
         format!(
             "WITH claimed AS MATERIALIZED (
-                 SELECT l.message_id FROM {log} l
-                  WHERE l.transferred IS NOT TRUE
+                 SELECT l.message_id, l.relay_attempts FROM {log} l
+                  WHERE l.{pending}
+                    AND (l.relay_next_attempt_at IS NULL OR l.relay_next_attempt_at <= now())
                   LIMIT $1
-                    FOR UPDATE SKIP LOCKED)
-             SELECT c.message_id::text, {body}, d.message_id IS NOT NULL
-               FROM claimed c LEFT JOIN {data} d ON d.message_id = c.message_id",
+                    FOR UPDATE SKIP LOCKED),
+             bodies AS (
+                 SELECT c.message_id, c.relay_attempts, d.message_id IS NOT NULL AS has_data,
+                        {body} AS body
+                   FROM claimed c LEFT JOIN {data} d ON d.message_id = c.message_id),
+             sized AS (
+                 SELECT b.*, octet_length(b.body) AS size,
+                        coalesce(sum(octet_length(b.body)) OVER (ORDER BY b.message_id
+                            ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+                   FROM bodies b)
+             SELECT message_id::text,
+                    CASE WHEN size <= $2 AND before < $3 THEN body END,
+                    has_data, size, relay_attempts
+               FROM sized",
             log = self.table(LOG_TABLE),
             data = self.table(DATA_TABLE),
             body = self.body_type.bytes_expr(),
+            pending = PENDING_PREDICATE.replace(" AND ", " AND l."),
         )
     }
 
@@ -186,6 +218,26 @@ impl Outbox {
         )
     }
 
+    /// Records one failed attempt for each id in `$1` with the reason in
+    /// `$2`: the next attempt waits `$3` ms doubled per earlier failure, up
+    /// to `$4` ms; the attempt that reaches `$5` parks the row. Returns
+    /// `(id, parked)` per row.
+    pub fn fail_sql(&self) -> String {
+        format!(
+            "UPDATE {log} l
+                SET relay_attempts = l.relay_attempts + 1,
+                    relay_last_error = f.reason,
+                    relay_next_attempt_at = now() + least($3::float8 * power(2, l.relay_attempts), $4::float8)
+                                                    * interval '1 millisecond',
+                    relay_parked_at = CASE WHEN l.relay_attempts + 1 >= $5::int4 THEN now() END
+               FROM unnest($1::text[], $2::text[]) AS f(id, reason)
+              WHERE l.message_id = f.id::{id}
+          RETURNING l.message_id::text, l.relay_parked_at IS NOT NULL",
+            log = self.table(LOG_TABLE),
+            id = self.id_type,
+        )
+    }
+
     /// Prepares the claim and mark statements on a worker's session.
     ///
     /// # Errors
@@ -194,6 +246,7 @@ impl Outbox {
         Ok(Statements {
             claim: client.prepare(&self.claim_sql()).await?,
             mark: client.prepare(&self.mark_sql()).await?,
+            fail: client.prepare(&self.fail_sql()).await?,
         })
     }
 }
@@ -205,6 +258,8 @@ pub struct Statements {
     pub claim: Statement,
     /// See [`Outbox::mark_sql`].
     pub mark: Statement,
+    /// See [`Outbox::fail_sql`].
+    pub fail: Statement,
 }
 
 /// One row of the claim query.
@@ -212,10 +267,15 @@ pub struct Statements {
 pub struct ClaimedRow {
     /// `message_id` as text.
     pub id: String,
-    /// The body bytes; `None` for a NULL body or a missing data row.
+    /// The body bytes; `None` for a NULL body, a missing data row, or a
+    /// body withheld for its size.
     pub body: Option<Vec<u8>>,
     /// Whether a data row exists for this id.
     pub has_data: bool,
+    /// The body's size in bytes; `None` for a NULL body or no data row.
+    pub size: Option<i32>,
+    /// Failed attempts so far.
+    pub attempts: i32,
 }
 
 impl ClaimedRow {
@@ -228,6 +288,8 @@ impl ClaimedRow {
             id: row.try_get(0)?,
             body: row.try_get(1)?,
             has_data: row.try_get(2)?,
+            size: row.try_get(3)?,
+            attempts: row.try_get(4)?,
         })
     }
 }
@@ -257,14 +319,13 @@ mod tests {
             claim.contains("convert_to(d.message_body::text, 'UTF8')"),
             "{claim}"
         );
-        assert!(claim.contains("transferred IS NOT TRUE"), "{claim}");
+        assert!(
+            claim.contains("l.transferred IS NOT TRUE AND l.relay_parked_at IS NULL"),
+            "{claim}"
+        );
         assert!(claim.contains("FOR UPDATE SKIP LOCKED"), "{claim}");
         assert!(o.mark_sql().contains("ANY($1::text[]::uuid[])"));
-        assert!(
-            outbox(BodyType::Bytea)
-                .claim_sql()
-                .contains(", d.message_body,")
-        );
+        assert!(outbox(BodyType::Bytea).claim_sql().contains("d.message_body AS body"));
     }
 
     #[test]

@@ -107,12 +107,15 @@ impl Publisher {
 
     /// Publishes every message (mandatory, with its id, a timestamp and the
     /// content type) and waits up to `confirm_timeout` for all confirms.
-    /// On a timeout the channel is closed before returning, so no late
-    /// confirm or publish can be mistaken for this batch's.
+    /// While `paused()` is true (the broker blocked publishing) the deadline
+    /// is extended: a blocked broker is slow, not lost, and giving up would
+    /// only republish the batch. On a timeout the channel is closed before
+    /// returning, so no late confirm can be mistaken for this batch's.
     pub async fn publish_batch(
         &self,
         messages: &[Message],
         confirm_timeout: Duration,
+        paused: impl Fn() -> bool,
     ) -> BatchReport {
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -162,7 +165,15 @@ impl Publisher {
             }
         }
 
-        let Ok(results) = tokio::time::timeout(confirm_timeout, join_all(confirms)).await else {
+        let mut all_confirms = join_all(confirms);
+        let results = loop {
+            match tokio::time::timeout(confirm_timeout, &mut all_confirms).await {
+                Ok(results) => break Some(results),
+                Err(_) if paused() => {}
+                Err(_) => break None,
+            }
+        };
+        let Some(results) = results else {
             let reason = format!("no confirm within {confirm_timeout:?}");
             let _closed = self.channel.close(200, "confirm timeout".into()).await;
             for i in confirm_slots {
