@@ -49,4 +49,21 @@ pub enum Command {
     /// schema and the queue declaration; one line per check, non-zero exit
     /// on the first failure.
     Check,
+    /// List parked rows (bad input the relay gave up on): id, attempts,
+    /// when it was parked and why, oldest first.
+    Parked {
+        /// The most rows to list.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Put parked rows back into the stream after fixing them; their
+    /// attempt count starts again and running relays are woken.
+    Requeue {
+        /// The message ids to requeue.
+        #[arg(required_unless_present = "all")]
+        ids: Vec<String>,
+        /// Requeue every parked row.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
 }

@@ -157,3 +157,69 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
     let _closed = connection.close(200, "check done".into()).await;
     Ok(())
 }
+
+/// Opens a plain session and reads the outbox, for the operator commands.
+async fn open_outbox(config: &Config) -> anyhow::Result<(tokio_postgres::Client, Outbox)> {
+    let client = db::connect(&config.postgres, SessionKind::Plain)
+        .await
+        .map_err(|e| Unavailable(format!("connect to postgres: {}", describe(&e))))?;
+    let outbox = Outbox::inspect(&client, &config.postgres.schema).await?;
+    Ok((client, outbox))
+}
+
+/// `parked`: one line per parked row, oldest first.
+///
+/// # Errors
+/// Unreachable database or unusable schema.
+pub async fn parked(config: Config, limit: i64) -> anyhow::Result<()> {
+    let (client, outbox) = open_outbox(&config).await?;
+    let rows = client
+        .query(&outbox.parked_sql(), &[&limit])
+        .await
+        .context("list parked rows")?;
+    if rows.is_empty() {
+        println!("no parked rows in {}", outbox.schema);
+    }
+    for row in &rows {
+        let id: String = row.get(0);
+        let attempts: i32 = row.get(1);
+        let parked_at: String = row.get(2);
+        let reason: Option<String> = row.get(3);
+        println!(
+            "{id}\tattempts={attempts}\tparked_at={parked_at}\treason={}",
+            reason.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// `requeue`: un-parks rows and wakes running relays.
+///
+/// # Errors
+/// Unreachable database or unusable schema.
+pub async fn requeue(config: Config, ids: &[String], all: bool) -> anyhow::Result<()> {
+    let (client, outbox) = open_outbox(&config).await?;
+    let rows = client
+        .query(&outbox.requeue_sql(), &[&ids, &all])
+        .await
+        .context("requeue parked rows")?;
+    let requeued: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    // Wake every relay listening on the first channel; the payload is only a hint.
+    client
+        .execute("SELECT pg_notify($1, '')", &[&config.channels[0]])
+        .await
+        .context("notify the relays")?;
+    println!("requeued {} row(s)", requeued.len());
+    let missed: Vec<&String> = ids.iter().filter(|id| !requeued.contains(id)).collect();
+    if !missed.is_empty() {
+        println!(
+            "not parked, left alone: {}",
+            missed
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}

@@ -48,6 +48,8 @@ async fn dispatch(cli: &Cli) -> anyhow::Result<()> {
         Command::Run => cmd::run(config).await,
         Command::Migrate => cmd::migrate(config).await,
         Command::Check => cmd::check(config, &cli.config.display().to_string()).await,
+        Command::Parked { limit } => cmd::parked(config, limit).await,
+        Command::Requeue { ref ids, all } => cmd::requeue(config, ids, all).await,
     }
 }
 

@@ -238,6 +238,28 @@ impl Outbox {
         )
     }
 
+    /// Lists up to `$1` parked rows: `(id, attempts, parked_at text, reason)`.
+    pub fn parked_sql(&self) -> String {
+        format!(
+            "SELECT message_id::text, relay_attempts, relay_parked_at::text, relay_last_error
+               FROM {log} WHERE relay_parked_at IS NOT NULL AND transferred IS NOT TRUE
+              ORDER BY relay_parked_at LIMIT $1",
+            log = self.table(LOG_TABLE),
+        )
+    }
+
+    /// Un-parks the parked rows whose ids are in `$1` (every parked row when
+    /// `$2` is true) and returns their ids. The last error stays as history.
+    pub fn requeue_sql(&self) -> String {
+        format!(
+            "UPDATE {log} SET relay_parked_at = NULL, relay_attempts = 0, relay_next_attempt_at = NULL
+              WHERE relay_parked_at IS NOT NULL AND transferred IS NOT TRUE
+                AND ($2 OR message_id::text = ANY($1::text[]))
+          RETURNING message_id::text",
+            log = self.table(LOG_TABLE),
+        )
+    }
+
     /// Prepares the claim and mark statements on a worker's session.
     ///
     /// # Errors
@@ -325,7 +347,11 @@ mod tests {
         );
         assert!(claim.contains("FOR UPDATE SKIP LOCKED"), "{claim}");
         assert!(o.mark_sql().contains("ANY($1::text[]::uuid[])"));
-        assert!(outbox(BodyType::Bytea).claim_sql().contains("d.message_body AS body"));
+        assert!(
+            outbox(BodyType::Bytea)
+                .claim_sql()
+                .contains("d.message_body AS body")
+        );
     }
 
     #[test]

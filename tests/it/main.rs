@@ -3,7 +3,10 @@
 #![allow(unreachable_pub)] // items are shared between the test modules of one binary
 #![allow(clippy::let_underscore_must_use)] // clean-up and consumer acks are best effort
 
+mod bad_input; // each bad-input rule: retried, parked with a reason, stream keeps flowing
 mod cli; // the binary's commands: bad config, check, exit codes, secrets
+mod faults; // broker, database and process faults injected for real; nothing lost
 mod migrate; // schema creation on fresh and existing seed databases
+mod proxy; // in-test TCP proxy: cut, stall or refuse the relay's connections
 mod relay; // delivery: exactly once, bodies byte-exact, sweeps, two relays, SIGTERM
 mod support; // per-test outbox and queue, the relay process, a recording consumer

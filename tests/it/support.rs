@@ -174,6 +174,73 @@ impl TestEnv {
         ids
     }
 
+    /// Starts a producer that writes `transactions` transactions of
+    /// `per_tx` events through the producer helper, pausing `pause_ms`
+    /// between them; it returns the ids of the events it committed.
+    pub fn produce(
+        &self,
+        transactions: usize,
+        per_tx: usize,
+        pause_ms: u64,
+    ) -> tokio::task::JoinHandle<Vec<String>> {
+        let schema = self.name.clone();
+        tokio::spawn(async move {
+            let pg = pg().await;
+            let sql = format!(
+                "SELECT \"{schema}\".push_occurrence(convert_to('stream ' || i, 'UTF8'))::text
+                   FROM generate_series(1, $1::int) AS i"
+            );
+            let mut ids = Vec::new();
+            for _ in 0..transactions {
+                let rows = pg.query(&sql, &[&(per_tx as i32)]).await.unwrap();
+                ids.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+                tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+            }
+            ids
+        })
+    }
+
+    /// A row's bookkeeping: `(attempts, last error, parked, transferred)`.
+    pub async fn row_state(&self, id: &str) -> (i32, Option<String>, bool, bool) {
+        let row = self
+            .pg
+            .query_one(
+                &format!(
+                    "SELECT relay_attempts, relay_last_error, relay_parked_at IS NOT NULL, transferred IS TRUE
+                       FROM \"{}\".message_queue_log WHERE message_id::text = $1",
+                    self.name
+                ),
+                &[&id],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2), row.get(3))
+    }
+
+    /// How many sessions carry the relay's application_name.
+    pub async fn relay_sessions(&self) -> i64 {
+        self.pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&self.name],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Terminates every session the relay opened (by its application_name).
+    pub async fn terminate_relay_sessions(&self) -> i64 {
+        self.pg
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                &[&self.name],
+            )
+            .await
+            .unwrap()
+            .len() as i64
+    }
+
     /// Rows not yet transferred.
     pub async fn pending(&self) -> i64 {
         self.pg
@@ -197,6 +264,11 @@ impl TestEnv {
     /// Starts the relay binary with the current config.
     pub async fn relay(&self) -> Relay {
         Relay::start(&self.write_config(), self.dir.path()).await
+    }
+
+    /// Starts the relay binary without waiting for it to be ready.
+    pub async fn relay_unready(&self) -> Relay {
+        Relay::spawn(&self.write_config(), self.dir.path())
     }
 
     /// Drops the test's schema and queue.
@@ -321,6 +393,41 @@ impl Consumer {
     }
 }
 
+/// Counts of a run, as the Jepsen total-queue checker defines them.
+#[derive(Debug)]
+pub struct Tally {
+    pub sent: usize,
+    pub received: usize,
+    pub duplicates: usize,
+    pub lost: usize,
+    pub unexpected: usize,
+}
+
+/// Compares what was sent with what arrived.
+pub fn tally(consumer: &Consumer, ids: &[String]) -> Tally {
+    let counts = consumer.counts();
+    let sent: std::collections::HashSet<&String> = ids.iter().collect();
+    Tally {
+        sent: ids.len(),
+        received: counts.len(),
+        duplicates: counts.values().map(|n| n - 1).sum(),
+        lost: ids.iter().filter(|id| !counts.contains_key(*id)).count(),
+        unexpected: counts.keys().filter(|id| !sent.contains(id)).count(),
+    }
+}
+
+/// Asserts nothing was lost or invented, and at most `max_duplicates` repeats.
+pub fn assert_no_loss(consumer: &Consumer, ids: &[String], max_duplicates: usize) -> Tally {
+    let t = tally(consumer, ids);
+    eprintln!("{t:?}");
+    assert!(t.lost == 0 && t.unexpected == 0, "{t:?}");
+    assert!(
+        t.duplicates <= max_duplicates,
+        "{t:?}, allowed {max_duplicates} duplicates"
+    );
+    t
+}
+
 /// Asserts that `ids` arrived exactly once each and nothing else arrived.
 pub fn assert_exactly_once(consumer: &Consumer, ids: &[String]) {
     let counts = consumer.counts();
@@ -343,6 +450,12 @@ pub struct Relay {
 
 impl Relay {
     pub async fn start(config: &Path, dir: &Path) -> Self {
+        let relay = Self::spawn(config, dir);
+        relay.wait_ready().await;
+        relay
+    }
+
+    pub fn spawn(config: &Path, dir: &Path) -> Self {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let log = dir.join(format!("relay-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
         let child = pushoccurrence(config, &["run"])
@@ -350,9 +463,7 @@ impl Relay {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn pushoccurrence");
-        let relay = Self { child, log };
-        relay.wait_ready().await;
-        relay
+        Self { child, log }
     }
 
     pub fn log_text(&self) -> String {
@@ -366,6 +477,29 @@ impl Relay {
             log.contains("listening") && log.contains("connected to rabbitmq")
         })
         .await;
+    }
+
+    /// Waits until the relay's log contains `text`.
+    pub async fn wait_log(&self, text: &str) {
+        wait_until(&format!("the relay logs '{text}'"), || async {
+            self.log_text().contains(text)
+        })
+        .await;
+    }
+
+    /// How often the relay's log contains `text`.
+    pub fn log_count(&self, text: &str) -> usize {
+        self.log_text().matches(text).count()
+    }
+
+    /// Kills the process with SIGKILL: no clean-up of any kind.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     /// Sends SIGTERM and waits for the exit.

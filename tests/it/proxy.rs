@@ -1,0 +1,125 @@
+//! A TCP proxy inside the test process, between the relay and a service, to
+//! inject network faults without touching the shared servers: cut every
+//! connection (RST), stall them (bytes are accepted and held, nothing is
+//! forwarded, no FIN or RST: a black hole), or go down (refuse new
+//! connections and cut the current ones).
+
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Pass,
+    Stall,
+    Down,
+}
+
+pub struct Proxy {
+    pub port: u16,
+    mode: watch::Sender<Mode>,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listens on an ephemeral port of 127.0.0.1 and forwards to `target_port`.
+    pub async fn start(target_port: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (mode, _) = watch::channel(Mode::Pass);
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let accept = tokio::spawn({
+            let mode = mode.clone();
+            let connections = connections.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    if *mode.borrow() == Mode::Down {
+                        let _ = client.set_zero_linger();
+                        continue; // dropped: the client sees a reset
+                    }
+                    let task = tokio::spawn(forward(client, target_port, mode.subscribe()));
+                    connections.lock().unwrap().push(task);
+                }
+            }
+        });
+        Self {
+            port,
+            mode,
+            connections,
+            accept,
+        }
+    }
+
+    /// Resets every current connection; new ones pass.
+    pub fn cut(&self) {
+        for task in self.connections.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Holds every byte in both directions, on current and new connections.
+    pub fn stall(&self) {
+        self.mode.send_replace(Mode::Stall);
+    }
+
+    /// Refuses new connections and resets the current ones.
+    pub fn down(&self) {
+        self.mode.send_replace(Mode::Down);
+        self.cut();
+    }
+
+    /// Forwards normally again.
+    pub fn pass(&self) {
+        self.mode.send_replace(Mode::Pass);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+async fn forward(client: TcpStream, target_port: u16, mode: watch::Receiver<Mode>) {
+    let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)).await else {
+        return;
+    };
+    // Dropping either socket (a cut) then sends RST, not FIN.
+    let _ = client.set_zero_linger();
+    let _ = server.set_zero_linger();
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    tokio::select! {
+        () = pump(client_read, server_write, mode.clone()) => {}
+        () = pump(server_read, client_write, mode) => {}
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut mode: watch::Receiver<Mode>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // While stalled, hold what was read; nothing reaches the other side.
+        match mode.wait_for(|m| *m != Mode::Stall).await {
+            Ok(m) if *m == Mode::Pass => {}
+            _ => return,
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
