@@ -177,8 +177,11 @@ async fn database_link_cut_and_stalled_is_survived() {
 
 #[tokio::test]
 async fn sigkill_mid_stream_and_restart_loses_nothing() {
-        let env = TestEnv::new("sigkill").await;
-    let status = pushoccurrence(&env.write_config(), &["migrate"]).status().await.unwrap();
+    let env = TestEnv::new("sigkill").await;
+    let status = pushoccurrence(&env.write_config(), &["migrate"])
+        .status()
+        .await
+        .unwrap();
     assert!(status.success());
     let consumer = env.consumer().await;
     let producer = env.produce(100, 25, 15);
@@ -348,5 +351,83 @@ async fn chaos() {
     for relay in relays {
         assert_eq!(relay.terminate().await.code(), Some(0));
     }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_queue_declared_elsewhere_with_other_settings_is_reported_once_with_the_fix() {
+    let env = TestEnv::new("mismatch").await;
+    {
+        use lapin::options::QueueDeclareOptions;
+        let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        // Transient, where the relay's config asks for a durable queue.
+        ch.queue_declare(
+            env.name.as_str().into(),
+            QueueDeclareOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        conn.close(200, "bye".into()).await.unwrap();
+    }
+    let mut relay = env.relay_unready().await;
+    relay.wait_log("already exists with other settings").await;
+    wait_until("several retries", || async {
+        relay.log_count("reconnecting to rabbitmq") >= 4
+    })
+    .await;
+    assert_eq!(
+        relay.log_count("already exists with other settings"),
+        1,
+        "{}",
+        relay.log_text()
+    );
+    assert!(
+        relay
+            .log_text()
+            .contains("make rabbitmq.queue match it, or delete the queue")
+    );
+    assert!(relay.is_running());
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_blocked_broker_pauses_the_relay_without_republishing() {
+    // Alarms are node-wide: this test brings its own RabbitMQ node.
+    let broker = PrivateBroker::start().await;
+    let mut env = TestEnv::new("blocked").await;
+    env.config["rabbitmq"]["url"] = broker.url().into();
+    env.config["relay"]["confirm_timeout_ms"] = 500.into();
+    let consumer = Consumer::start(&broker.url(), &env.name).await;
+    let relay = env.relay().await;
+    let before = env.insert_many(50, 50).await;
+    consumer.wait_for_all(&before).await;
+
+    // A memory alarm: the broker stops reading from publishing connections.
+    assert!(broker.ctl(&["set_vm_memory_high_watermark", "0.0000001"]));
+    let during = env.insert_many(100, 50).await;
+    relay.wait_log("rabbitmq blocked publishing; pausing").await;
+    // Several confirm timeouts pass while blocked; proving that nothing is
+    // given up and republished needs the time to pass.
+    tokio::time::sleep(std::time::Duration::from_millis(2000)).await;
+    assert_eq!(relay.log_count("batch failed"), 0, "{}", relay.log_text());
+    assert!(
+        consumer.count() < 150,
+        "nothing new is delivered while blocked"
+    );
+
+    assert!(broker.ctl(&["set_vm_memory_high_watermark", "0.4"]));
+    relay
+        .wait_log("rabbitmq unblocked publishing; resuming")
+        .await;
+    let all: Vec<String> = before.into_iter().chain(during).collect();
+    consumer.wait_for_all(&all).await;
+    wait_until("nothing is pending", || async { env.pending().await == 0 }).await;
+    assert_exactly_once(&consumer, &all);
+    assert!(relay.terminate().await.success());
     env.cleanup().await;
 }

@@ -258,7 +258,7 @@ impl TestEnv {
 
     /// Declares the test queue as the relay will and starts a consumer on it.
     pub async fn consumer(&self) -> Consumer {
-        Consumer::start(&self.name).await
+        Consumer::start(&amqp_url(), &self.name).await
     }
 
     /// Starts the relay binary with the current config.
@@ -310,8 +310,8 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    pub async fn start(queue: &str) -> Self {
-        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+    pub async fn start(url: &str, queue: &str) -> Self {
+        let connection = Connection::connect(url, ConnectionProperties::default())
             .await
             .expect("connect to the local RabbitMQ (is it running?)");
         let channel = connection.create_channel().await.unwrap();
@@ -530,4 +530,98 @@ pub fn pushoccurrence(config: &Path, args: &[&str]) -> Command {
     }
     cmd.kill_on_drop(true);
     cmd
+}
+
+/// A RabbitMQ node of the test's own, for faults that would disturb the
+/// shared broker (alarms are node-wide). Boots in a few seconds; stopped
+/// and removed on drop.
+pub struct PrivateBroker {
+    pub node: String,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateBroker {
+    pub async fn start() -> Self {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let node = format!(
+            "po-{}-{}@localhost",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let port = free_port();
+        let dist_port = free_port();
+        let dir = std::env::temp_dir().join(format!("po-broker-{}", node.replace('@', "-")));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("enabled_plugins"), "[].").unwrap();
+        // The server runs as the rabbitmq user and must own its directory.
+        let owned = std::process::Command::new("chown")
+            .args(["-R", "rabbitmq"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(owned.success());
+        let broker = Self { node, port, dir };
+        let started = broker
+            .command("rabbitmq-server")
+            .arg("-detached")
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", broker.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", broker.dir.join("log"))
+            .env("RABBITMQ_CONFIG_FILE", broker.dir.join("rabbitmq"))
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                broker.dir.join("enabled_plugins"),
+            )
+            .env("RABBITMQ_PID_FILE", broker.dir.join("pid"))
+            .status()
+            .unwrap();
+        assert!(started.success(), "rabbitmq-server -detached failed");
+                // await_startup fails at once until the node has registered with epmd.
+        let deadline = Instant::now() + PATIENCE;
+        while !broker.ctl(&["await_startup", "--timeout", "10"]) {
+            assert!(Instant::now() < deadline, "private RabbitMQ node {} did not start", broker.node);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        broker
+    }
+
+    fn command(&self, program: &str) -> std::process::Command {
+        let mut cmd = std::process::Command::new(program);
+        cmd.env("RABBITMQ_NODENAME", &self.node)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd
+    }
+
+    /// Runs `rabbitmqctl -n <node> <args>`; true on success.
+    pub fn ctl(&self, args: &[&str]) -> bool {
+        self.command("rabbitmqctl")
+            .arg("-n")
+            .arg(&self.node)
+            .args(args)
+            .status()
+            .unwrap()
+            .success()
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.ctl(&["stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
