@@ -677,7 +677,7 @@ struct RawRetry {
 impl Default for RawRetry {
     fn default() -> Self {
         Self {
-            buffer_size: 100,
+            buffer_size: 400,
             retry_delay_sec: 5.0,
             idle_sleep_ms: 100,
         }
@@ -784,7 +784,7 @@ mod tests {
         assert!(c.postgres.auto_migrate);
         assert_eq!(c.rabbitmq.queue.name, "your_queue_name");
         assert_eq!(c.rabbitmq.retry_delay, Duration::from_secs(5));
-        assert_eq!(c.relay.buffer_size, 100);
+        assert_eq!(c.relay.buffer_size, 100, "the seed file sets 100");
         assert_eq!(c.relay.batch_size, 50);
         assert_eq!(c.relay.workers, 2);
         assert_eq!(c.relay.idle_sleep, Duration::from_millis(100));

@@ -1,6 +1,8 @@
 //! The per-row decisions of the relay, kept pure so they are tested without
-//! PostgreSQL or RabbitMQ: which claimed rows become messages, and which are
-//! held back and why.
+//! PostgreSQL or RabbitMQ: which claimed rows are published, which are held
+//! back and why, and where the next claim starts.
+
+use std::collections::HashMap;
 
 use crate::config::AMQP_MAX_SHORT_STRING;
 use crate::db::outbox::ClaimedRow;
@@ -49,10 +51,77 @@ impl Hold {
     }
 }
 
+/// What to do with one claim, decided from ids and sizes alone, before any
+/// body leaves the database.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Ids whose bodies to fetch and publish, in id order.
+    pub fetch: Vec<String>,
+    /// Claimed ids not published this time, with the reason.
+    pub held: Vec<(String, Hold)>,
+    /// How many distinct ids were claimed.
+    pub claimed: usize,
+    /// Where the next claim should start: the last id before the first one
+    /// deferred for the byte budget (deferred rows go in the next batch).
+    pub cursor: Option<String>,
+}
+
+/// Sorts a claim (one row per data row, in id order) into ids to fetch and
+/// ids held back: no data row, a NULL body, a body over `max_message_bytes`,
+/// an id too long for AMQP, or (not a failure) past the batch's
+/// `max_batch_bytes`, which always admits the first body.
+pub fn plan(rows: &[ClaimedRow], max_message_bytes: u64, max_batch_bytes: u64) -> Plan {
+    let mut out = Plan::default();
+    let mut bytes: u64 = 0;
+    let mut deferring = false;
+    for group in rows.chunk_by(|a, b| a.id == b.id) {
+        let id = &group[0].id;
+        out.claimed += 1;
+        let group_bytes: u64 = group
+            .iter()
+            .map(|r| r.size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0))
+            .sum();
+        let oversize = group
+            .iter()
+            .filter_map(|r| r.size)
+            .find(|s| u64::try_from(*s).is_ok_and(|s| s > max_message_bytes));
+        let hold = if deferring {
+            // Past the budget nothing is judged: the rows go in a later batch.
+            Some(Hold::Deferred)
+        } else if id.len() > AMQP_MAX_SHORT_STRING {
+            Some(Hold::IdTooLong)
+        } else if !group[0].has_data {
+            Some(Hold::NoData)
+        } else if group.iter().any(|r| r.size.is_none()) {
+            Some(Hold::NullBody)
+        } else if let Some(size) = oversize {
+            Some(Hold::Oversize {
+                size: i64::from(size),
+            })
+        } else if !out.fetch.is_empty() && bytes + group_bytes > max_batch_bytes {
+            deferring = true;
+            Some(Hold::Deferred)
+        } else {
+            None
+        };
+        if !deferring {
+            out.cursor = Some(id.clone());
+        }
+        match hold {
+            Some(hold) => out.held.push((id.clone(), hold)),
+            None => {
+                bytes += group_bytes;
+                out.fetch.push(id.clone());
+            }
+        }
+    }
+    out
+}
+
 /// The rows of one claim, sorted into messages and held rows.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Assembled {
-    /// Messages to publish, one per claimed id.
+    /// Messages to publish, one per fetched id, in id order.
     pub messages: Vec<Message>,
     /// Claimed ids that are not published this time.
     pub held: Vec<(String, Hold)>,
@@ -60,64 +129,32 @@ pub struct Assembled {
     pub claimed: usize,
 }
 
-/// Groups the claim query's rows (one per data row) by id. Identical
-/// duplicate data rows publish once; differing ones are held, as are rows
-/// without data or body, oversized bodies (over `max_message_bytes`), ids
-/// too long for AMQP, and bodies withheld by the batch's byte budget.
-pub fn assemble(rows: Vec<ClaimedRow>, max_message_bytes: u64) -> Assembled {
-    // Rows of one id are usually adjacent; a linear search from the end
-    // keeps the order of first appearance without hashing ids.
-    let mut groups: Vec<(String, Vec<ClaimedRow>)> = Vec::new();
-    for row in rows {
-        match groups.iter_mut().rev().find(|(id, _)| *id == row.id) {
-            Some((_, group)) => group.push(row),
-            None => groups.push((row.id.clone(), vec![row])),
-        }
+/// Joins a [`Plan`] with the fetched bodies (one per data row). Identical
+/// duplicate data rows publish once; differing ones are held.
+pub fn assemble(plan: Plan, bodies: Vec<(String, Vec<u8>)>) -> Assembled {
+    let mut by_id: HashMap<String, Vec<Vec<u8>>> = HashMap::with_capacity(plan.fetch.len());
+    for (id, body) in bodies {
+        by_id.entry(id).or_default().push(body);
     }
     let mut out = Assembled {
-        claimed: groups.len(),
+        held: plan.held,
+        claimed: plan.claimed,
         ..Assembled::default()
     };
-    for (id, group) in groups {
-        match classify(&id, &group, max_message_bytes) {
-            Ok(()) => {
-                let body = group
-                    .into_iter()
-                    .next()
-                    .and_then(|r| r.body)
-                    .unwrap_or_default();
-                out.messages.push(Message { id, body });
-            }
-            Err(hold) => out.held.push((id, hold)),
+    for id in plan.fetch {
+        let mut bodies = by_id.remove(&id).unwrap_or_default();
+        let Some(first) = bodies.pop() else {
+            // The data row vanished between claim and fetch (a producer deleted it).
+            out.held.push((id, Hold::NoData));
+            continue;
+        };
+        if bodies.iter().all(|b| *b == first) {
+            out.messages.push(Message { id, body: first });
+        } else {
+            out.held.push((id, Hold::AmbiguousBody));
         }
     }
     out
-}
-
-/// Decides whether the data rows of one id can be published.
-fn classify(id: &str, group: &[ClaimedRow], max_message_bytes: u64) -> Result<(), Hold> {
-    if id.len() > AMQP_MAX_SHORT_STRING {
-        return Err(Hold::IdTooLong);
-    }
-    if !group[0].has_data {
-        return Err(Hold::NoData);
-    }
-    for row in group {
-        let Some(size) = row.size else {
-            return Err(Hold::NullBody);
-        };
-        let size = i64::from(size);
-        if u64::try_from(size).is_ok_and(|s| s > max_message_bytes) {
-            return Err(Hold::Oversize { size });
-        }
-    }
-    if group.iter().any(|r| r.body.is_none()) {
-        return Err(Hold::Deferred);
-    }
-    if group.iter().any(|r| r.body != group[0].body) {
-        return Err(Hold::AmbiguousBody);
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -125,106 +162,109 @@ mod tests {
     use super::*;
 
     const MAX: u64 = 10;
+    const BUDGET: u64 = 25;
 
-    fn row(id: &str, body: Option<&str>, has_data: bool) -> ClaimedRow {
+    fn row(id: &str, size: Option<i32>, has_data: bool) -> ClaimedRow {
         ClaimedRow {
             id: id.into(),
-            body: body.map(|b| b.as_bytes().to_vec()),
             has_data,
-            size: body.map(|b| i32::try_from(b.len()).unwrap()),
-            attempts: 0,
+            size,
         }
     }
 
-    fn withheld(id: &str, size: i32) -> ClaimedRow {
-        ClaimedRow {
+    fn body(id: &str, b: &str) -> (String, Vec<u8>) {
+        (id.into(), b.as_bytes().to_vec())
+    }
+
+    fn message(id: &str, b: &str) -> Message {
+        Message {
             id: id.into(),
-            body: None,
-            has_data: true,
-            size: Some(size),
-            attempts: 0,
+            body: b.as_bytes().to_vec(),
         }
-    }
-
-    fn ids(a: &Assembled) -> Vec<&str> {
-        a.messages.iter().map(|m| m.id.as_str()).collect()
     }
 
     #[test]
-    fn one_row_per_id_becomes_one_message_in_order() {
-        let a = assemble(
-            vec![row("b", Some("2"), true), row("a", Some("1"), true)],
+    fn good_rows_are_fetched_in_order_and_become_messages() {
+        let p = plan(
+            &[row("a", Some(1), true), row("b", Some(1), true)],
             MAX,
+            BUDGET,
         );
-        assert_eq!(a.claimed, 2);
-        assert_eq!(ids(&a), ["b", "a"]);
-        assert_eq!(a.messages[1].body, b"1");
+        assert_eq!(p.fetch, ["a", "b"]);
+        assert_eq!((p.claimed, p.cursor.as_deref()), (2, Some("b")));
+        let a = assemble(p, vec![body("b", "2"), body("a", "1")]);
+        assert_eq!(a.messages, vec![message("a", "1"), message("b", "2")]);
         assert!(a.held.is_empty());
     }
 
     #[test]
-    fn rows_without_data_or_body_are_held() {
-        let a = assemble(
-            vec![
-                row("a", None, false),
-                row("b", None, true),
-                row("c", Some(""), true),
-            ],
-            MAX,
-        );
+    fn rows_without_data_or_body_oversized_or_with_long_ids_are_held() {
+        let long = "i".repeat(256);
+        let rows = [
+            row("a", None, false),
+            row("b", None, true),
+            row("c", Some(11), true),
+            row(&long, Some(1), true),
+            row("d", Some(0), true),
+        ];
+        let p = plan(&rows, MAX, BUDGET);
         assert_eq!(
-            a.held,
-            vec![("a".into(), Hold::NoData), ("b".into(), Hold::NullBody)]
+            p.held,
+            vec![
+                ("a".into(), Hold::NoData),
+                ("b".into(), Hold::NullBody),
+                ("c".into(), Hold::Oversize { size: 11 }),
+                (long, Hold::IdTooLong),
+            ]
         );
-        assert_eq!(ids(&a), ["c"]);
-        assert!(a.messages[0].body.is_empty());
+        assert_eq!(p.fetch, ["d"]);
+        assert_eq!(p.cursor.as_deref(), Some("d"));
+        assert!(!Hold::Deferred.is_failure() && Hold::NoData.is_failure());
+    }
+
+    #[test]
+    fn the_byte_budget_defers_the_rest_and_keeps_the_cursor_before_it() {
+        let rows = [
+            row("a", Some(10), true),
+            row("b", Some(10), true),
+            row("c", Some(10), true),
+            row("d", None, true),
+        ];
+        let p = plan(&rows, MAX, BUDGET);
+        assert_eq!(p.fetch, ["a", "b"]);
+        assert_eq!(
+            p.held,
+            vec![("c".into(), Hold::Deferred), ("d".into(), Hold::Deferred)]
+        );
+        assert_eq!(p.cursor.as_deref(), Some("b"));
+        // The first body always fits, whatever the budget.
+        assert_eq!(plan(&[row("big", Some(10), true)], MAX, 1).fetch, ["big"]);
     }
 
     #[test]
     fn duplicate_data_rows_publish_once_only_when_identical() {
-        let a = assemble(
-            vec![
-                row("same", Some("x"), true),
-                row("diff", Some("1"), true),
-                row("same", Some("x"), true),
-                row("diff", Some("2"), true),
-                row("nul", Some("x"), true),
-                row("nul", None, true),
-            ],
-            MAX,
-        );
-        assert_eq!(a.claimed, 3);
-        assert_eq!(ids(&a), ["same"]);
-        assert_eq!(
-            a.held,
-            vec![
-                ("diff".into(), Hold::AmbiguousBody),
-                ("nul".into(), Hold::NullBody)
-            ]
-        );
+        let rows = [
+            row("diff", Some(1), true),
+            row("diff", Some(1), true),
+            row("same", Some(1), true),
+            row("same", Some(1), true),
+        ];
+        let p = plan(&rows, MAX, BUDGET);
+        assert_eq!(p.claimed, 2);
+        let bodies = vec![
+            body("same", "x"),
+            body("diff", "1"),
+            body("same", "x"),
+            body("diff", "2"),
+        ];
+        let a = assemble(p, bodies);
+        assert_eq!(a.messages, vec![message("same", "x")]);
+        assert_eq!(a.held, vec![("diff".into(), Hold::AmbiguousBody)]);
     }
 
     #[test]
-    fn oversized_bodies_long_ids_and_withheld_bodies_are_held() {
-        let long_id = "i".repeat(256);
-        let a = assemble(
-            vec![
-                withheld("big", 11),
-                withheld("later", 5),
-                row(&long_id, Some("x"), true),
-                row(&"j".repeat(255), Some("ok"), true),
-            ],
-            MAX,
-        );
-        assert_eq!(
-            a.held,
-            vec![
-                ("big".into(), Hold::Oversize { size: 11 }),
-                ("later".into(), Hold::Deferred),
-                (long_id, Hold::IdTooLong),
-            ]
-        );
-        assert_eq!(a.messages.len(), 1);
-        assert!(!Hold::Deferred.is_failure() && Hold::NoData.is_failure());
+    fn a_data_row_deleted_before_the_fetch_is_held() {
+        let a = assemble(plan(&[row("gone", Some(1), true)], MAX, BUDGET), vec![]);
+        assert_eq!(a.held, vec![("gone".into(), Hold::NoData)]);
     }
 }

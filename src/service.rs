@@ -22,7 +22,7 @@ use crate::db::listener::Listener;
 use crate::db::outbox::Outbox;
 use crate::db::{self, SessionKind, describe, migrate};
 use crate::mq::{BrokerLink, BrokerState};
-use crate::worker::Worker;
+use crate::worker::{ClaimCursor, Worker};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +92,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     link_tasks.close();
 
     let workers = TaskTracker::new();
+    let cursor = Arc::new(ClaimCursor::default());
     for index in 0..config.relay.workers {
         let worker = Worker::new(
             index,
@@ -100,6 +101,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             broker_rx.clone(),
             wake.clone(),
             backoff(),
+            cursor.clone(),
         );
         let token = stop.clone();
         workers.spawn(async move {

@@ -17,7 +17,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 use tokio_postgres::Client;
@@ -30,7 +30,7 @@ use crate::db::outbox::{ClaimedRow, Outbox, Statements};
 use crate::db::{self, SessionKind, describe};
 use crate::mq::publisher::{Delivery, Publisher};
 use crate::mq::{self, BrokerState};
-use crate::relay::{Hold, assemble};
+use crate::relay::{Hold, assemble, plan};
 
 /// Extra time a claim transaction may stay open beyond the confirm timeout
 /// before the server ends it (and releases its locks).
@@ -62,6 +62,7 @@ struct BatchSummary {
     deferred: usize,
     nacked: usize,
     no_route: bool,
+    wrapped: bool,
     channel_failure: Option<String>,
 }
 
@@ -75,7 +76,15 @@ pub struct Worker {
     backoff: Backoff,
     session: Option<(Client, Statements)>,
     publisher: Option<Publisher>,
+    /// Where this relay's next claim starts; shared by its workers.
+    cursor: Arc<ClaimCursor>,
 }
+
+/// The position of a relay's claims in the id space, shared by its workers.
+/// Claims walk the pending rows in id order from here and wrap around at the
+/// end, so no row waits longer than one pass, however large the backlog.
+#[derive(Debug, Default)]
+pub struct ClaimCursor(tokio::sync::Mutex<Option<String>>);
 
 impl Worker {
     /// Worker number `index`, woken through `wake`.
@@ -86,6 +95,7 @@ impl Worker {
         broker: watch::Receiver<BrokerState>,
         wake: Arc<Notify>,
         backoff: Backoff,
+        cursor: Arc<ClaimCursor>,
     ) -> Self {
         Self {
             index,
@@ -96,6 +106,7 @@ impl Worker {
             backoff,
             session: None,
             publisher: None,
+            cursor,
         }
     }
 
@@ -153,7 +164,9 @@ impl Worker {
                 summary.nacked
             )));
         }
-        Ok(summary.claimed >= self.config.relay.batch_size || summary.deferred > 0)
+        Ok(summary.claimed >= self.config.relay.batch_size
+            || summary.deferred > 0
+            || summary.wrapped)
     }
 
     /// Claims, publishes, marks and records one batch, then commits.
@@ -166,30 +179,58 @@ impl Worker {
         };
         let config = &self.config;
         let broker = &self.broker;
+        let cursor = &self.cursor;
         let index = self.index;
         let limit = config.postgres.query_timeout;
         let result = async {
             let relay = &config.relay;
             let batch_size = i64::try_from(relay.batch_size).unwrap_or(i64::MAX);
-            let max_message = i32::try_from(relay.max_message_bytes).unwrap_or(i32::MAX);
-            let max_batch = i64::try_from(relay.max_batch_bytes).unwrap_or(i64::MAX);
+            let started = Instant::now();
             let tx = within(limit, client.transaction()).await?;
-            let rows = within(limit, tx.query(&statements.claim, &[&batch_size, &max_message, &max_batch])).await?;
-            if rows.is_empty() {
-                return Ok(BatchSummary::default());
+            let (plan, wrapped) = {
+                // One claim at a time per relay: consecutive claims take
+                // adjacent ranges instead of wading through each other's rows.
+                let mut position = cursor.0.lock().await;
+                let rows = match position.as_deref() {
+                    None => within(limit, tx.query(&statements.claim_first, &[&batch_size])).await?,
+                    Some(after) => within(limit, tx.query(&statements.claim_after, &[&batch_size, &after])).await?,
+                };
+                let rows = rows.iter().map(ClaimedRow::from_row).collect::<Result<Vec<_>, _>>()?;
+                let plan = plan(&rows, relay.max_message_bytes, relay.max_batch_bytes);
+                // A short claim after a cursor reached the end of the id
+                // space: the next claim starts a new pass from the lowest id.
+                let wrapped = position.is_some() && plan.claimed < relay.batch_size;
+                if wrapped {
+                    *position = None;
+                } else if plan.cursor.is_some() {
+                    position.clone_from(&plan.cursor);
+                }
+                (plan, wrapped)
+            };
+            let mut summary = BatchSummary {
+                wrapped,
+                claimed: plan.claimed,
+                ..BatchSummary::default()
+            };
+            if plan.claimed == 0 {
+                return Ok(summary);
             }
-            let rows = rows.iter().map(ClaimedRow::from_row).collect::<Result<Vec<_>, _>>()?;
-            let attempts: Vec<(String, i32)> = rows.iter().map(|r| (r.id.clone(), r.attempts)).collect();
-            let batch = assemble(rows, relay.max_message_bytes);
+            let bodies = if plan.fetch.is_empty() {
+                Vec::new()
+            } else {
+                let rows = within(limit, tx.query(&statements.bodies, &[&plan.fetch])).await?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                    .collect::<Result<Vec<(String, Vec<u8>)>, tokio_postgres::Error>>()?
+            };
+            let claimed_at = started.elapsed();
+            let batch = assemble(plan, bodies);
             let report = publisher
                 .publish_batch(&batch.messages, relay.confirm_timeout, || broker.borrow().blocked)
                 .await;
+            let confirmed_at = started.elapsed();
             let confirmed = report.confirmed(&batch.messages);
 
-            let mut summary = BatchSummary {
-                claimed: batch.claimed,
-                ..BatchSummary::default()
-            };
             let mut failed: Vec<(&str, String)> = Vec::new();
             for (id, hold) in &batch.held {
                 match hold {
@@ -213,7 +254,7 @@ impl Worker {
             if !confirmed.is_empty() {
                 within(limit, tx.execute(&statements.mark, &[&confirmed])).await?;
             }
-            let mut parked = Vec::new();
+            let mut recorded: Vec<(String, bool, i32)> = Vec::new();
             if !failed.is_empty() {
                 let ids: Vec<&str> = failed.iter().map(|(id, _)| *id).collect();
                 let reasons: Vec<&str> = failed.iter().map(|(_, r)| r.as_str()).collect();
@@ -225,19 +266,34 @@ impl Worker {
                     tx.query(&statements.fail, &[&ids, &reasons, &delay_ms, &cap_ms, &max_attempts]),
                 )
                 .await?;
-                parked = rows.iter().filter(|r| r.get::<_, bool>(1)).map(|r| r.get::<_, String>(0)).collect();
+                recorded = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
             }
+                        let marked_at = started.elapsed();
             within(limit, tx.commit()).await?;
+            let committed_at = started.elapsed();
 
             for (id, reason) in &failed {
-                let attempt = attempts.iter().find(|(a, _)| a == id).map_or(0, |(_, n)| n + 1);
-                if parked.iter().any(|p| p == id) {
+                let (parked, attempt) = recorded
+                    .iter()
+                    .find(|(r, _, _)| r == id)
+                    .map_or((false, 0), |(_, parked, attempts)| (*parked, *attempts));
+                if parked {
                     error!(message_id = %id, %reason, attempt, "row parked after repeated failures; fix it and run `pushoccurrence requeue`");
                 } else {
                     warn!(message_id = %id, %reason, attempt, "row failed; it will be retried after a delay");
                 }
             }
-            debug!(worker = index, claimed = batch.claimed, marked = confirmed.len(), failed = failed.len(), "batch committed");
+            debug!(
+                worker = index,
+                claimed = batch.claimed,
+                marked = confirmed.len(),
+                failed = failed.len(),
+                                claim_ms = claimed_at.as_secs_f64() * 1e3,
+                publish_confirm_ms = (confirmed_at - claimed_at).as_secs_f64() * 1e3,
+                mark_ms = (marked_at - confirmed_at).as_secs_f64() * 1e3,
+                commit_ms = (committed_at - marked_at).as_secs_f64() * 1e3,
+                "batch committed"
+            );
             summary.channel_failure = report.channel_failure;
             Ok(summary)
         }

@@ -172,38 +172,49 @@ impl Outbox {
     }
 
     /// Locks up to `$1` claimable rows (skipping rows other sessions hold,
-    /// parked rows and rows waiting out a retry delay) and returns each with
-    /// its data rows: `(id text, body bytea, has_data bool, size int4,
-    /// attempts int4)`. A row without a data row comes back once with
-    /// `has_data = false`. The body is withheld (NULL, with its `size`) when
-    /// it is over `$2` bytes or when the rows before it already hold `$3`
-    /// bytes, so one batch never brings more than `$3` plus one body into
-    /// memory, and an oversized body never leaves the database.
-    pub fn claim_sql(&self) -> String {
+    /// parked rows and rows waiting out a retry delay) and returns one row
+    /// per data row, in id order: `(id text, has_data bool, size int4)`; a row without a data row comes back once with
+    /// `has_data = false`. Bodies are fetched apart ([`Outbox::bodies_sql`])
+    /// once the sizes show which fit the batch, so an oversized body never
+    /// leaves the database.
+    ///
+    /// Rows are taken in `message_id` order through the partial index, which
+    /// lets the scan stop after `$1` rows; with `after_cursor` only ids after
+    /// `$2` are taken, so claims walk the id space round-robin and no row
+    /// waits longer than one pass, however large the backlog.
+    pub fn claim_sql(&self, after_cursor: bool) -> String {
+        let cursor = if after_cursor {
+            format!("AND l.message_id > $2::text::{}", self.id_type)
+        } else {
+            String::new()
+        };
         format!(
             "WITH claimed AS MATERIALIZED (
-                 SELECT l.message_id, l.relay_attempts FROM {log} l
-                  WHERE l.{pending}
+                 SELECT l.message_id FROM {log} l
+                  WHERE l.{pending} {cursor}
                     AND (l.relay_next_attempt_at IS NULL OR l.relay_next_attempt_at <= now())
+                  ORDER BY l.message_id
                   LIMIT $1
-                    FOR UPDATE SKIP LOCKED),
-             bodies AS (
-                 SELECT c.message_id, c.relay_attempts, d.message_id IS NOT NULL AS has_data,
-                        {body} AS body
-                   FROM claimed c LEFT JOIN {data} d ON d.message_id = c.message_id),
-             sized AS (
-                 SELECT b.*, octet_length(b.body) AS size,
-                        coalesce(sum(octet_length(b.body)) OVER (ORDER BY b.message_id
-                            ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
-                   FROM bodies b)
-             SELECT message_id::text,
-                    CASE WHEN size <= $2 AND before < $3 THEN body END,
-                    has_data, size, relay_attempts
-               FROM sized",
+                    FOR UPDATE SKIP LOCKED)
+             SELECT c.message_id::text, d.message_id IS NOT NULL, octet_length({body})
+               FROM claimed c LEFT JOIN {data} d ON d.message_id = c.message_id
+              ORDER BY c.message_id",
             log = self.table(LOG_TABLE),
             data = self.table(DATA_TABLE),
             body = self.body_type.bytes_expr(),
             pending = PENDING_PREDICATE.replace(" AND ", " AND l."),
+        )
+    }
+
+    /// The bodies of the ids (as text) in `$1`: `(id text, body bytea)`, one
+    /// row per data row.
+    pub fn bodies_sql(&self) -> String {
+        format!(
+            "SELECT d.message_id::text, {body} FROM {data} d
+              WHERE d.message_id = ANY($1::text[]::{id}[])",
+            data = self.table(DATA_TABLE),
+            body = self.body_type.bytes_expr(),
+            id = self.id_type,
         )
     }
 
@@ -221,7 +232,7 @@ impl Outbox {
     /// Records one failed attempt for each id in `$1` with the reason in
     /// `$2`: the next attempt waits `$3` ms doubled per earlier failure, up
     /// to `$4` ms; the attempt that reaches `$5` parks the row. Returns
-    /// `(id, parked)` per row.
+    /// `(id, parked, attempts)` per row.
     pub fn fail_sql(&self) -> String {
         format!(
             "UPDATE {log} l
@@ -232,7 +243,7 @@ impl Outbox {
                     relay_parked_at = CASE WHEN l.relay_attempts + 1 >= $5::int4 THEN now() END
                FROM unnest($1::text[], $2::text[]) AS f(id, reason)
               WHERE l.message_id = f.id::{id}
-          RETURNING l.message_id::text, l.relay_parked_at IS NOT NULL",
+          RETURNING l.message_id::text, l.relay_parked_at IS NOT NULL, l.relay_attempts",
             log = self.table(LOG_TABLE),
             id = self.id_type,
         )
@@ -266,7 +277,9 @@ impl Outbox {
     /// The server's error, e.g. when the tables were dropped.
     pub async fn prepare(&self, client: &Client) -> Result<Statements, tokio_postgres::Error> {
         Ok(Statements {
-            claim: client.prepare(&self.claim_sql()).await?,
+            claim_first: client.prepare(&self.claim_sql(false)).await?,
+            claim_after: client.prepare(&self.claim_sql(true)).await?,
+            bodies: client.prepare(&self.bodies_sql()).await?,
             mark: client.prepare(&self.mark_sql()).await?,
             fail: client.prepare(&self.fail_sql()).await?,
         })
@@ -276,28 +289,27 @@ impl Outbox {
 /// The prepared statements of one session.
 #[derive(Debug, Clone)]
 pub struct Statements {
-    /// See [`Outbox::claim_sql`].
-    pub claim: Statement,
+    /// See [`Outbox::claim_sql`], from the lowest id.
+    pub claim_first: Statement,
+    /// See [`Outbox::claim_sql`], after a cursor.
+    pub claim_after: Statement,
+    /// See [`Outbox::bodies_sql`].
+    pub bodies: Statement,
     /// See [`Outbox::mark_sql`].
     pub mark: Statement,
     /// See [`Outbox::fail_sql`].
     pub fail: Statement,
 }
 
-/// One row of the claim query.
+/// One row of the claim query: a claimed id and one of its data rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimedRow {
     /// `message_id` as text.
     pub id: String,
-    /// The body bytes; `None` for a NULL body, a missing data row, or a
-    /// body withheld for its size.
-    pub body: Option<Vec<u8>>,
     /// Whether a data row exists for this id.
     pub has_data: bool,
     /// The body's size in bytes; `None` for a NULL body or no data row.
     pub size: Option<i32>,
-    /// Failed attempts so far.
-    pub attempts: i32,
 }
 
 impl ClaimedRow {
@@ -308,10 +320,8 @@ impl ClaimedRow {
     pub fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error> {
         Ok(Self {
             id: row.try_get(0)?,
-            body: row.try_get(1)?,
-            has_data: row.try_get(2)?,
-            size: row.try_get(3)?,
-            attempts: row.try_get(4)?,
+            has_data: row.try_get(1)?,
+            size: row.try_get(2)?,
         })
     }
 }
@@ -332,7 +342,9 @@ mod tests {
     #[test]
     fn statements_quote_the_schema_and_follow_the_types() {
         let o = outbox(BodyType::Jsonb);
-        let claim = o.claim_sql();
+        let claim = o.claim_sql(true);
+        assert!(claim.contains("l.message_id > $2::text::uuid"), "{claim}");
+        assert!(!o.claim_sql(false).contains("$2"));
         assert!(
             claim.contains("\"Data\".\"message_queue_log\" l"),
             "{claim}"
@@ -347,10 +359,16 @@ mod tests {
         );
         assert!(claim.contains("FOR UPDATE SKIP LOCKED"), "{claim}");
         assert!(o.mark_sql().contains("ANY($1::text[]::uuid[])"));
+        let bytea = outbox(BodyType::Bytea);
         assert!(
-            outbox(BodyType::Bytea)
-                .claim_sql()
-                .contains("d.message_body AS body")
+            bytea
+                .claim_sql(false)
+                .contains("octet_length(d.message_body)")
+        );
+        assert!(
+            bytea
+                .bodies_sql()
+                .contains("SELECT d.message_id::text, d.message_body FROM")
         );
     }
 

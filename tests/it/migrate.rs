@@ -96,3 +96,56 @@ async fn migrate_adds_to_an_existing_seed_schema_without_changing_its_types() {
     assert_eq!(env.pending().await, 2);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_claim_query_uses_the_partial_index_not_a_scan_of_history() {
+    let env = TestEnv::new("plan").await;
+    let out = pushoccurrence(&env.write_config(), &["migrate"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let s = &env.name;
+    // 50 000 transferred rows of history and a few pending ones, and no
+    // statistics yet (a fresh table filled in a burst).
+    env.pg
+        .batch_execute(&format!(
+            "INSERT INTO \"{s}\".message_queue_log (message_id, transferred)
+                  SELECT gen_random_uuid(), i > 20 FROM generate_series(1, 50000) i;
+             INSERT INTO \"{s}\".message_queue_log_data
+                                    SELECT message_id, '\\x00' FROM \"{s}\".message_queue_log;"
+        ))
+        .await
+        .unwrap();
+    let outbox = pushoccurrence::db::outbox::Outbox::inspect(&env.pg, s)
+        .await
+        .unwrap();
+    // As the relay's claim sessions plan it.
+    for (setting, value) in pushoccurrence::db::CLAIM_SESSION_SETTINGS {
+        env.pg
+            .batch_execute(&format!("SET {setting} = {value}"))
+            .await
+            .unwrap();
+    }
+    let sql = outbox
+        .claim_sql(true)
+        .replace("$1", "100")
+        .replace("$2", "'00000000-0000-0000-0000-000000000000'");
+    let plan: Vec<String> = env
+        .pg
+        .query(&format!("EXPLAIN {sql}"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("message_queue_log_pending_idx"), "{plan}");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+    assert!(
+        plan.contains("message_queue_log_data_message_id_idx"),
+        "{plan}"
+    );
+    eprintln!("{plan}");
+    env.cleanup().await;
+}

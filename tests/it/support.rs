@@ -578,10 +578,14 @@ impl PrivateBroker {
             .status()
             .unwrap();
         assert!(started.success(), "rabbitmq-server -detached failed");
-                // await_startup fails at once until the node has registered with epmd.
+        // await_startup fails at once until the node has registered with epmd.
         let deadline = Instant::now() + PATIENCE;
         while !broker.ctl(&["await_startup", "--timeout", "10"]) {
-            assert!(Instant::now() < deadline, "private RabbitMQ node {} did not start", broker.node);
+            assert!(
+                Instant::now() < deadline,
+                "private RabbitMQ node {} did not start",
+                broker.node
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         broker
