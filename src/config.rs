@@ -202,7 +202,8 @@ pub struct QueueConfig {
 pub struct RelayConfig {
     /// The most messages in flight (claimed, not yet confirmed).
     pub buffer_size: usize,
-    /// Rows claimed per batch.
+    /// Rows claimed per batch: `relay.batch_size`, but at most half of
+    /// `buffer_size`, so that at least two batches are in flight.
     pub batch_size: usize,
     /// Batches in flight at once; each holds one database connection and
     /// one AMQP channel. `buffer_size / batch_size`, at least 1.
@@ -374,7 +375,8 @@ impl Config {
         if relay.batch_size == 0 {
             return Err(ConfigError::new("key relay.batch_size: must be at least 1"));
         }
-        let batch_size = relay.batch_size.min(retry.buffer_size);
+        // At most half the window, so at least two batches overlap.
+        let batch_size = relay.batch_size.min((retry.buffer_size / 2).max(1));
         let workers = (retry.buffer_size / batch_size).clamp(1, MAX_WORKERS);
         let confirm_timeout = positive_ms("relay.confirm_timeout_ms", relay.confirm_timeout_ms)?;
         let shutdown_grace = positive_ms("relay.shutdown_grace_ms", relay.shutdown_grace_ms)?;
@@ -677,7 +679,7 @@ struct RawRetry {
 impl Default for RawRetry {
     fn default() -> Self {
         Self {
-            buffer_size: 400,
+            buffer_size: 1024,
             retry_delay_sec: 5.0,
             idle_sleep_ms: 100,
         }
@@ -706,7 +708,7 @@ struct RawRelay {
 impl Default for RawRelay {
     fn default() -> Self {
         Self {
-            batch_size: 50,
+            batch_size: 256,
             confirm_timeout_ms: 30_000,
             shutdown_grace_ms: 10_000,
             max_retry_delay_sec: 60.0,
@@ -956,12 +958,12 @@ mod tests {
     }
 
     #[test]
-    fn batch_size_never_exceeds_the_in_flight_window() {
+    fn batch_size_never_exceeds_half_the_in_flight_window() {
         let text = edit(|v| {
             v["rabbitmq"]["retry"]["buffer_size"] = 30.into();
             v["relay"] = serde_json::json!({"batch_size": 500});
         });
         let c = parse(&text, &[]).unwrap();
-        assert_eq!((c.relay.batch_size, c.relay.workers), (30, 1));
+        assert_eq!((c.relay.batch_size, c.relay.workers), (15, 2));
     }
 }
