@@ -304,13 +304,7 @@ impl Bench {
     async fn bare_lapin(&self, n: usize, window: usize) -> anyhow::Result<f64> {
         self.reset().await?;
         let consumer = Consumer::start(&self.amqp_url, false).await?;
-        let conn = amqp_connect(&self.amqp_url).await?;
-        let ch = conn.create_channel().await?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        let options = BasicPublishOptions {
-            mandatory: true,
-            immediate: false,
-        };
+        let (conn, ch) = confirm_channel(&self.amqp_url).await?;
         let started = Instant::now();
         let mut in_flight = FuturesUnordered::new();
         for i in 0..n {
@@ -319,7 +313,7 @@ impl Bench {
             }
             let properties = properties_lapin(i);
             in_flight.push(
-                ch.basic_publish("".into(), NAME.into(), options, &self.body, properties)
+                ch.basic_publish("".into(), NAME.into(), MANDATORY, &self.body, properties)
                     .await?,
             );
         }
@@ -409,20 +403,14 @@ impl Bench {
                 "UPDATE {NAME}.message_queue_log SET transferred = true, transfer_time = now() WHERE message_id = $1::text::uuid"
             ))
             .await?;
-        let conn = amqp_connect(&self.amqp_url).await?;
-        let ch = conn.create_channel().await?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        let options = BasicPublishOptions {
-            mandatory: true,
-            immediate: false,
-        };
+        let (conn, ch) = confirm_channel(&self.amqp_url).await?;
         let started = Instant::now();
         for (i, id) in ids.iter().enumerate() {
             let tx = pg.transaction().await?;
             tx.query_one(&lock, &[id]).await?;
             let body: Vec<u8> = tx.query_one(&read, &[id]).await?.get(0);
             let confirm = ch
-                .basic_publish("".into(), NAME.into(), options, &body, properties_lapin(i))
+                .basic_publish("".into(), NAME.into(), MANDATORY, &body, properties_lapin(i))
                 .await?
                 .await?;
             check_lapin(Some(Ok(confirm)))?;
@@ -537,6 +525,20 @@ impl Bench {
             let _ = conn.close(200, "bye".into()).await;
         }
     }
+}
+
+/// Mandatory, as the relay publishes.
+const MANDATORY: BasicPublishOptions = BasicPublishOptions {
+    mandatory: true,
+    immediate: false,
+};
+
+/// A lapin connection with one channel in confirm mode.
+async fn confirm_channel(url: &str) -> anyhow::Result<(Connection, lapin::Channel)> {
+    let conn = amqp_connect(url).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok((conn, ch))
 }
 
 fn properties_lapin(i: usize) -> BasicProperties {
