@@ -410,7 +410,13 @@ impl Bench {
             tx.query_one(&lock, &[id]).await?;
             let body: Vec<u8> = tx.query_one(&read, &[id]).await?.get(0);
             let confirm = ch
-                .basic_publish("".into(), NAME.into(), MANDATORY, &body, properties_lapin(i))
+                .basic_publish(
+                    "".into(),
+                    NAME.into(),
+                    MANDATORY,
+                    &body,
+                    properties_lapin(i),
+                )
                 .await?
                 .await?;
             check_lapin(Some(Ok(confirm)))?;
