@@ -193,7 +193,9 @@ impl Worker {
                 let mut position = cursor.0.lock().await;
                 let rows = match position.as_deref() {
                     None => within(limit, tx.query(&statements.claim_first, &[&batch_size])).await?,
-                    Some(after) => within(limit, tx.query(&statements.claim_after, &[&batch_size, &after])).await?,
+                    Some(after) => {
+                        within(limit, tx.query(&statements.claim_after, &[&batch_size, &after])).await?
+                    }
                 };
                 let rows = rows.iter().map(ClaimedRow::from_row).collect::<Result<Vec<_>, _>>()?;
                 let plan = plan(&rows, relay.max_message_bytes, relay.max_batch_bytes);
@@ -242,11 +244,14 @@ impl Worker {
                 match delivery {
                     Delivery::Returned { code, text } => {
                         summary.no_route |= *code == NO_ROUTE;
-                        failed.push((&message.id, format!("returned by the broker as unroutable: {code} {text}")));
+                        let reason = format!("returned by the broker as unroutable: {code} {text}");
+                        failed.push((&message.id, reason));
                     }
                     Delivery::IdTooLong => failed.push((&message.id, Hold::IdTooLong.reason())),
                     Delivery::Nacked => summary.nacked += 1,
-                    Delivery::Unknown(reason) => debug!(message_id = %message.id, %reason, "confirm unknown; the row stays pending"),
+                    Delivery::Unknown(reason) => {
+                        debug!(message_id = %message.id, %reason, "confirm unknown; the row stays pending");
+                    }
                     Delivery::Confirmed => {}
                 }
             }
@@ -268,7 +273,7 @@ impl Worker {
                 .await?;
                 recorded = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
             }
-                        let marked_at = started.elapsed();
+            let marked_at = started.elapsed();
             within(limit, tx.commit()).await?;
             let committed_at = started.elapsed();
 
@@ -278,7 +283,10 @@ impl Worker {
                     .find(|(r, _, _)| r == id)
                     .map_or((false, 0), |(_, parked, attempts)| (*parked, *attempts));
                 if parked {
-                    error!(message_id = %id, %reason, attempt, "row parked after repeated failures; fix it and run `pushoccurrence requeue`");
+                    error!(
+                        message_id = %id, %reason, attempt,
+                        "row parked after repeated failures; fix it and run `pushoccurrence requeue`"
+                    );
                 } else {
                     warn!(message_id = %id, %reason, attempt, "row failed; it will be retried after a delay");
                 }
@@ -288,7 +296,7 @@ impl Worker {
                 claimed = batch.claimed,
                 marked = confirmed.len(),
                 failed = failed.len(),
-                                claim_ms = claimed_at.as_secs_f64() * 1e3,
+                claim_ms = claimed_at.as_secs_f64() * 1e3,
                 publish_confirm_ms = (confirmed_at - claimed_at).as_secs_f64() * 1e3,
                 mark_ms = (marked_at - confirmed_at).as_secs_f64() * 1e3,
                 commit_ms = (committed_at - marked_at).as_secs_f64() * 1e3,
