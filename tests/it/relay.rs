@@ -103,24 +103,20 @@ async fn rows_written_without_notify_are_found_by_the_idle_sweep() {
 async fn sessions_and_the_amqp_connection_carry_the_relay_name() {
     let env = TestEnv::new("names").await;
     let relay = env.relay().await;
-    let sessions: i64 = env
-        .pg
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-            &[&env.name],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    // The listener plus one session per worker.
-    assert!(sessions >= 2, "{sessions} sessions named {}", env.name);
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "client_properties"])
-        .output()
-        .unwrap();
-    let listing = String::from_utf8_lossy(&out.stdout);
+    // The listener's session, and a claim session once the start-up sweep ran.
+    wait_until("two sessions carry the relay's name", || async {
+        env.relay_sessions().await >= 2
+    })
+    .await;
     let expected = format!("{{\"connection_name\",\"{}\"}}", env.name);
-    assert!(listing.contains(&expected), "{expected} not in: {listing}");
+    wait_until("rabbitmqctl lists the relay's connection name", || async {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "list_connections", "client_properties"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains(&expected)
+    })
+    .await;
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
@@ -246,19 +242,12 @@ async fn sigterm_during_a_stream_loses_nothing_and_duplicates_nothing() {
     .await;
     let status = relay.terminate().await;
     assert_eq!(status.code(), Some(0), "a stop by SIGTERM exits 0");
-    let locked: i64 = env
-        .pg
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-            &[&env.name],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        locked, 0,
-        "no session (and so no row lock) outlives the relay"
-    );
+    // PostgreSQL ends a backend shortly after its client is gone.
+    wait_until(
+        "no session (and so no row lock) outlives the relay",
+        || async { env.relay_sessions().await == 0 },
+    )
+    .await;
 
     let ids = producer.await.unwrap();
     let successor = env.relay().await;
