@@ -178,11 +178,7 @@ async fn database_link_cut_and_stalled_is_survived() {
 #[tokio::test]
 async fn sigkill_mid_stream_and_restart_loses_nothing() {
     let env = TestEnv::new("sigkill").await;
-    let status = pushoccurrence(&env.write_config(), &["migrate"])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
+    env.migrate().await;
     let consumer = env.consumer().await;
     let producer = env.produce(100, 25, 15);
     let kills = 4;
@@ -229,11 +225,7 @@ async fn three_relays_on_one_outbox_deliver_each_event_exactly_once() {
 #[tokio::test]
 async fn a_relay_started_while_both_services_are_down_waits_and_then_delivers() {
     let mut env = TestEnv::new("startdown").await;
-    let status = pushoccurrence(&env.write_config(), &["migrate"])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
+    env.migrate().await;
     let ids = env.insert_many(100, 50).await;
     let pg_proxy = Proxy::start(pg_port()).await;
     let mq_proxy = Proxy::start(5672).await;

@@ -19,17 +19,8 @@ async fn index_names(env: &TestEnv) -> Vec<String> {
 #[tokio::test]
 async fn migrate_creates_the_seed_schema_and_is_idempotent() {
     let env = TestEnv::new("migrate").await;
-    let config = env.write_config();
     for _ in 0..2 {
-        let out = pushoccurrence(&config, &["migrate"])
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        env.migrate().await;
     }
     assert_eq!(
         index_names(&env).await,
@@ -63,16 +54,7 @@ async fn migrate_adds_to_an_existing_seed_schema_without_changing_its_types() {
     env.create_seed_tables("text", "jsonb").await;
     env.insert_event("before-migrate", "'{\"k\": 1}'", false)
         .await;
-    let out = pushoccurrence(&env.write_config(), &["migrate"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = env.migrate().await;
     assert!(
         stdout.contains("message_id text") && stdout.contains("message_body jsonb"),
         "{stdout}"
@@ -100,11 +82,7 @@ async fn migrate_adds_to_an_existing_seed_schema_without_changing_its_types() {
 #[tokio::test]
 async fn the_claim_query_uses_the_partial_index_not_a_scan_of_history() {
     let env = TestEnv::new("plan").await;
-    let out = pushoccurrence(&env.write_config(), &["migrate"])
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success());
+    env.migrate().await;
     let s = &env.name;
     // 50 000 transferred rows of history and a few pending ones, and no
     // statistics yet (a fresh table filled in a burst).

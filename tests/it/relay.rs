@@ -58,11 +58,7 @@ async fn rows_written_while_no_relay_ran_are_delivered_at_start_up() {
     let mut env = TestEnv::new("startup").await;
     // No idle sweeps: only the start-up sweep can find these rows.
     env.config["rabbitmq"]["retry"]["idle_sleep_ms"] = 3_600_000.into();
-    let status = pushoccurrence(&env.write_config(), &["migrate"])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
+    env.migrate().await;
     let ids = env.insert_many(300, 100).await;
     let consumer = env.consumer().await;
     let relay = env.relay().await;

@@ -103,6 +103,22 @@ impl TestEnv {
         }
     }
 
+    /// Runs `pushoccurrence migrate` with the current config; panics with
+    /// its output unless it succeeds. Returns what it printed.
+    pub async fn migrate(&self) -> String {
+        let out = pushoccurrence(&self.write_config(), &["migrate"])
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "migrate failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
     /// Writes the current config and returns its path.
     pub fn write_config(&self) -> PathBuf {
         let path = self.dir.path().join("config.json");
