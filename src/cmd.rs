@@ -50,9 +50,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// # Errors
 /// Unreachable database, or a failing migration step.
 pub async fn migrate(config: Config) -> anyhow::Result<()> {
-    let client = db::connect(&config.postgres, SessionKind::Plain)
-        .await
-        .map_err(|e| Unavailable(format!("connect to postgres: {}", describe(&e))))?;
+    let client = connect(&config).await?;
     let (report, outbox) =
         migrate::run(&client, &config.postgres.schema, &config.channels[0]).await?;
     println!(
@@ -158,11 +156,16 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens a plain session for a one-off command; unreachable is exit 69.
+async fn connect(config: &Config) -> Result<tokio_postgres::Client, Unavailable> {
+    db::connect(&config.postgres, SessionKind::Plain)
+        .await
+        .map_err(|e| Unavailable(format!("connect to postgres: {}", describe(&e))))
+}
+
 /// Opens a plain session and reads the outbox, for the operator commands.
 async fn open_outbox(config: &Config) -> anyhow::Result<(tokio_postgres::Client, Outbox)> {
-    let client = db::connect(&config.postgres, SessionKind::Plain)
-        .await
-        .map_err(|e| Unavailable(format!("connect to postgres: {}", describe(&e))))?;
+    let client = connect(config).await?;
     let outbox = Outbox::inspect(&client, &config.postgres.schema).await?;
     Ok((client, outbox))
 }
