@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
-use crate::config::{DEFAULT_CONFIG_PATH, ENV_CONFIG_PATH, ENV_LOG_FORMAT};
+use crate::config::{DEFAULT_CONFIG_PATH, ENV_CONFIG_PATH};
 
 /// Relays events from a PostgreSQL transactional outbox to RabbitMQ.
 ///
@@ -19,19 +19,9 @@ pub struct Cli {
     /// environment variable PUSHOCCURRENCE_<KEY> (see the README).
     #[arg(long, global = true, env = ENV_CONFIG_PATH, default_value = DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
-    /// Log format on stderr; the level comes from RUST_LOG (default info).
-    #[arg(long, global = true, env = ENV_LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
 }
 
 /// The subcommands.

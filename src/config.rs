@@ -22,8 +22,6 @@ use serde_json::Value;
 pub const ENV_PREFIX: &str = "PUSHOCCURRENCE_";
 /// Environment variable naming the config file (read by the CLI).
 pub const ENV_CONFIG_PATH: &str = "PUSHOCCURRENCE_CONFIG";
-/// Environment variable choosing the log format (read by the CLI).
-pub const ENV_LOG_FORMAT: &str = "PUSHOCCURRENCE_LOG_FORMAT";
 /// Default config file path, as in the seed.
 pub const DEFAULT_CONFIG_PATH: &str = "config/config.json";
 
@@ -513,7 +511,7 @@ fn positive_ms(key: &str, ms: u64) -> Result<Duration, ConfigError> {
 
 /// Lays the `PUSHOCCURRENCE_*` variables over the file's JSON.
 fn apply_env(json: &mut Value, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
-    let mut known: Vec<String> = vec![ENV_CONFIG_PATH.to_owned(), ENV_LOG_FORMAT.to_owned()];
+    let mut known: Vec<String> = vec![ENV_CONFIG_PATH.to_owned()];
     for &(key, kind) in ENV_KEYS {
         let var = env_name(key);
         let file_var = format!("{var}_FILE");
