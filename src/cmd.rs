@@ -152,6 +152,16 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
         "ok    queue {}: declared (durable {}, exclusive {}, auto_delete {})",
         mq.queue.name, mq.queue.durable, mq.queue.exclusive, mq.queue.auto_delete
     );
+    println!(
+        "ok    routing: {} exchange(s), {} more queue(s), {} binding(s) declared; \
+         default route: exchange '{}', routing key '{}'; {} channel route(s)",
+        mq.exchanges.len(),
+        mq.queues.len(),
+        mq.bindings.len(),
+        mq.default_route.exchange,
+        mq.default_route.routing_key,
+        mq.routes.len()
+    );
     let _closed = connection.close(200, "check done".into()).await;
     Ok(())
 }

@@ -18,6 +18,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
+mod routing;
+
+pub use routing::{BindingConfig, ExchangeConfig, QueueConfig, Route};
+
 /// Prefix of every environment variable the relay reads.
 pub const ENV_PREFIX: &str = "PUSHOCCURRENCE_";
 /// Environment variable naming the config file (read by the CLI).
@@ -68,6 +72,9 @@ pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("rabbitmq.queue.exclusive", EnvKind::Bool),
     ("rabbitmq.queue.no_wait", EnvKind::Bool),
     ("rabbitmq.queue.allow_unsafe", EnvKind::Bool),
+    ("rabbitmq.queue.passive", EnvKind::Bool),
+    ("rabbitmq.exchange", EnvKind::Text),
+    ("rabbitmq.routing_key", EnvKind::Text),
     ("rabbitmq.retry.buffer_size", EnvKind::Number),
     ("rabbitmq.retry.retry_delay_sec", EnvKind::Number),
     ("rabbitmq.retry.idle_sleep_ms", EnvKind::Number),
@@ -174,25 +181,20 @@ pub struct RabbitConfig {
     pub url_redacted: String,
     /// Connection name shown in the management UI.
     pub connection_name: String,
-    /// The queue every message is routed to.
+    /// The seed's queue: declared first, and the default routing key.
     pub queue: QueueConfig,
+    /// Further queues to declare.
+    pub queues: Vec<QueueConfig>,
+    /// Exchanges to declare, before any queue.
+    pub exchanges: Vec<ExchangeConfig>,
+    /// Queue bindings to declare, after the queues.
+    pub bindings: Vec<BindingConfig>,
+    /// Where a message goes when neither its row nor its channel says.
+    pub default_route: Route,
+    /// Routes by the NOTIFY channel recorded on the row.
+    pub routes: BTreeMap<String, Route>,
     /// Base delay of reconnection back-off.
     pub retry_delay: Duration,
-}
-
-/// The seed's `rabbitmq.queue` block.
-#[derive(Debug, Clone)]
-pub struct QueueConfig {
-    /// Queue name, also the routing key on the default exchange.
-    pub name: String,
-    /// Survives a broker restart; messages are then published persistent.
-    pub durable: bool,
-    /// Deleted when its last consumer leaves.
-    pub auto_delete: bool,
-    /// Owned by the declaring connection.
-    pub exclusive: bool,
-    /// Declare without waiting for the broker's reply.
-    pub no_wait: bool,
 }
 
 /// Relay tuning.
@@ -316,38 +318,15 @@ impl Config {
                 "key rabbitmq.url: amqps:// needs TLS, which this build does not support yet; use amqp://",
             ));
         }
-        let queue = mq.queue;
-        non_empty("rabbitmq.queue.name", &queue.name)?;
-        if queue.name.len() > AMQP_MAX_SHORT_STRING {
-            return Err(ConfigError::new(format!(
-                "key rabbitmq.queue.name: {} bytes long; AMQP allows at most {AMQP_MAX_SHORT_STRING}",
-                queue.name.len()
-            )));
-        }
-        if queue.name.starts_with("amq.") {
-            return Err(ConfigError::new(
-                "key rabbitmq.queue.name: names starting with 'amq.' are reserved by the broker",
-            ));
-        }
-        if !queue.allow_unsafe {
-            let unsafe_reason = if !queue.durable {
-                Some("durable is false: a broker restart would lose confirmed messages")
-            } else if queue.exclusive {
-                Some("exclusive is true: the queue dies with the relay's own connection")
-            } else if queue.auto_delete {
-                Some(
-                    "auto_delete is true: the queue and its messages vanish when the last consumer leaves",
-                )
-            } else {
-                None
-            };
-            if let Some(reason) = unsafe_reason {
-                return Err(ConfigError::new(format!(
-                    "key rabbitmq.queue: {reason}, so a publisher confirm would not mean the message is safe; \
-                     fix the queue settings, or set rabbitmq.queue.allow_unsafe to true to accept the risk"
-                )));
-            }
-        }
+        let queue = routing::queue("rabbitmq.queue", mq.queue)?;
+        let queues = mq
+            .queues
+            .into_iter()
+            .enumerate()
+            .map(|(i, q)| routing::queue(&format!("rabbitmq.queues[{i}]"), q))
+            .collect::<Result<Vec<_>, _>>()?;
+        let exchanges = routing::exchanges(mq.exchanges)?;
+        let bindings = routing::bindings(mq.bindings)?;
         let retry = mq.retry;
         if retry.buffer_size == 0 {
             return Err(ConfigError::new(
@@ -369,6 +348,13 @@ impl Config {
         for (i, channel) in listener.channels.iter().enumerate() {
             check_identifier(&format!("listener.channels[{i}]"), channel)?;
         }
+        let (default_route, routes) = routing::routes(
+            mq.exchange,
+            mq.routing_key,
+            &queue.name,
+            mq.routes,
+            &listener.channels,
+        )?;
 
         if relay.batch_size == 0 {
             return Err(ConfigError::new("key relay.batch_size: must be at least 1"));
@@ -415,13 +401,12 @@ impl Config {
                 url: Secret(mq.url),
                 url_redacted,
                 connection_name: mq.connection_name,
-                queue: QueueConfig {
-                    name: queue.name,
-                    durable: queue.durable,
-                    auto_delete: queue.auto_delete,
-                    exclusive: queue.exclusive,
-                    no_wait: queue.no_wait,
-                },
+                queue,
+                queues,
+                exchanges,
+                bindings,
+                default_route,
+                routes,
                 retry_delay,
             },
             channels: listener.channels,
@@ -645,25 +630,21 @@ struct RawRabbit {
     url: String,
     #[serde(default = "default_name")]
     connection_name: String,
-    queue: RawQueue,
+    queue: routing::RawQueue,
     #[serde(default)]
     retry: RawRetry,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawQueue {
-    name: String,
-    #[serde(default = "default_true")]
-    durable: bool,
     #[serde(default)]
-    auto_delete: bool,
+    exchange: String,
     #[serde(default)]
-    exclusive: bool,
+    routing_key: Option<String>,
     #[serde(default)]
-    no_wait: bool,
+    queues: Vec<routing::RawQueue>,
     #[serde(default)]
-    allow_unsafe: bool,
+    exchanges: Vec<routing::RawExchange>,
+    #[serde(default)]
+    bindings: Vec<routing::RawBinding>,
+    #[serde(default)]
+    routes: BTreeMap<String, routing::RawRoute>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -744,8 +725,13 @@ fn default_query_timeout() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The seed's example config, parsed.
+    pub(crate) fn seed() -> Config {
+        parse(SEED, &[]).unwrap()
+    }
 
     const SEED: &str = r#"{
       "postgres": {"host": "localhost", "port": 5432, "database": "your_db_name",
@@ -952,6 +938,96 @@ mod tests {
                 "README lacks {}",
                 env_name(key)
             );
+        }
+    }
+
+    #[test]
+    fn routing_settings_are_read_with_their_defaults() {
+        let c = seed();
+        assert_eq!(c.rabbitmq.default_route.exchange, "");
+        assert_eq!(c.rabbitmq.default_route.routing_key, "your_queue_name");
+        assert!(c.rabbitmq.exchanges.is_empty() && c.rabbitmq.routes.is_empty());
+        let text = edit(|v| {
+            v["listener"]["channels"] = serde_json::json!(["your_notify_channel", "billing"]);
+            v["rabbitmq"]["exchange"] = "events".into();
+            v["rabbitmq"]["exchanges"] = serde_json::json!([{"name": "events", "type": "topic"}]);
+            v["rabbitmq"]["queue"]["arguments"] =
+                serde_json::json!({"x-queue-type": "quorum", "x-max-length": 1000});
+            v["rabbitmq"]["routes"] = serde_json::json!({"billing": {"routing_key": "billing"}});
+        });
+        let c = parse(&text, &[("PUSHOCCURRENCE_RABBITMQ_ROUTING_KEY", "all")]).unwrap();
+        let mq = &c.rabbitmq;
+        assert_eq!(
+            (
+                mq.default_route.exchange.as_str(),
+                mq.default_route.routing_key.as_str()
+            ),
+            ("events", "all")
+        );
+        let billing = &mq.routes["billing"];
+        assert_eq!(
+            (billing.exchange.as_str(), billing.routing_key.as_str()),
+            ("events", "billing")
+        );
+        assert_eq!(mq.exchanges[0].kind, "topic");
+        assert!(mq.exchanges[0].durable);
+        assert_eq!(
+            mq.queue.arguments.inner()["x-max-length"],
+            lapin::types::AMQPValue::LongLongInt(1000)
+        );
+    }
+
+    #[test]
+    fn bad_routing_settings_name_the_key() {
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (
+                Box::new(|v| {
+                    v["rabbitmq"]["exchanges"] =
+                        serde_json::json!([{"name": "e", "type": "topick"}])
+                }),
+                "key rabbitmq.exchanges[0].type: unknown exchange type 'topick'",
+            ),
+            (
+                Box::new(|v| {
+                    v["rabbitmq"]["exchanges"] =
+                        serde_json::json!([{"name": "amq.topic", "type": "topic"}])
+                }),
+                "key rabbitmq.exchanges[0].name: 'amq.topic' is one of the broker's own exchanges",
+            ),
+            (
+                Box::new(|v| {
+                    v["rabbitmq"]["queues"] = serde_json::json!([{"name": "q", "durable": false}])
+                }),
+                "key rabbitmq.queues[0]: durable is false",
+            ),
+            (
+                Box::new(|v| {
+                    v["rabbitmq"]["queue"]["arguments"] =
+                        serde_json::json!({"x-max-length": u64::MAX})
+                }),
+                "key rabbitmq.queue.arguments: 'x-max-length'",
+            ),
+            (
+                Box::new(|v| {
+                    v["rabbitmq"]["routes"] = serde_json::json!({"nope": {"exchange": "e"}})
+                }),
+                "key rabbitmq.routes.nope: 'nope' is not in listener.channels",
+            ),
+            (
+                Box::new(|v| {
+                    v["rabbitmq"]["bindings"] = serde_json::json!([{"queue": "q", "exchange": ""}])
+                }),
+                "key rabbitmq.bindings[0].exchange: must not be empty",
+            ),
+            (
+                Box::new(|v| v["rabbitmq"]["routing_key"] = "k".repeat(256).into()),
+                "key rabbitmq.routing_key: 256 bytes long",
+            ),
+        ];
+        for (f, expected) in cases {
+            let e = err(&edit(f), &[]);
+            assert!(e.starts_with(expected), "expected '{expected}' in: {e}");
         }
     }
 

@@ -9,7 +9,9 @@
 //! * [`db`]: PostgreSQL sessions; [`db::outbox`] the claim and mark
 //!   statements, [`db::migrate`] the schema, [`db::listener`] LISTEN.
 //! * [`relay`]: pure per-row decisions (which claimed rows become messages).
-//! * [`mq`]: the AMQP connection owner; [`mq::publisher`] confirm-mode publishing.
+//! * [`routing`]: each message's exchange, routing key and properties.
+//! * [`mq`]: the AMQP connection owner and the declared topology;
+//!   [`mq::publisher`] confirm-mode publishing, [`mq::table`] JSON → AMQP tables.
 //! * [`worker`]: claim, publish, confirm, mark, commit.
 //! * [`service`]: wiring, start-up and the ordered shutdown.
 //! * [`backoff`], [`shutdown`]: reconnection delays and the stop signal.
@@ -22,6 +24,7 @@ pub mod config;
 pub mod db;
 pub mod mq;
 pub mod relay;
+pub mod routing;
 pub mod service;
 pub mod shutdown;
 pub mod worker;

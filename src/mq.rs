@@ -10,21 +10,22 @@
 //! confirmed is simply claimed again.
 
 pub mod publisher;
+pub mod table;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
-use lapin::{Connection, ConnectionProperties, Event};
+use lapin::{Channel, Connection, ConnectionProperties, Event, ExchangeKind};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::config::{QueueConfig, RabbitConfig};
+use crate::config::{ExchangeConfig, QueueConfig, RabbitConfig};
 
 /// Heartbeat asked for when the URL sets none: a dead broker is noticed in
 /// about two intervals.
@@ -61,7 +62,7 @@ impl std::fmt::Debug for BrokerState {
     }
 }
 
-/// Opens a connection and declares the queue on a short-lived channel.
+/// Opens a connection and declares the topology on a short-lived channel.
 ///
 /// # Errors
 /// A description of the failure that never contains the password.
@@ -80,56 +81,173 @@ pub async fn connect(cfg: &RabbitConfig) -> Result<Connection, String> {
     let connection = Connection::connect_uri(uri, properties)
         .await
         .map_err(|e| format!("connect to {}: {e}", cfg.url_redacted))?;
-    if let Err(e) = declare_queue(&connection, &cfg.queue).await {
-        let _closed = connection
-            .close(200, "queue declaration failed".into())
-            .await;
+    if let Err(e) = declare_topology(&connection, cfg).await {
+        let _closed = connection.close(200, "declaration failed".into()).await;
         return Err(e);
     }
     Ok(connection)
 }
 
-/// Declares the configured queue, explaining a mismatch with an existing one.
+/// Declares what the config lists, in dependency order: exchanges, the
+/// seed's queue and the further queues, bindings; then checks that every
+/// exchange a configured route names exists, so a route can never point at
+/// nothing (publishing to a missing exchange closes the channel).
 ///
 /// # Errors
-/// The broker's refusal, with the fix.
-pub async fn declare_queue(connection: &Connection, queue: &QueueConfig) -> Result<(), String> {
-    let channel = connection
+/// The first refusal, with the fix.
+pub async fn declare_topology(connection: &Connection, cfg: &RabbitConfig) -> Result<(), String> {
+    // A refusal closes the channel, and the first refusal ends the run.
+    let channel = open_channel(connection).await?;
+    for (i, exchange) in cfg.exchanges.iter().enumerate() {
+        declare_exchange(&channel, exchange, &format!("rabbitmq.exchanges[{i}]")).await?;
+    }
+    declare_queue(&channel, &cfg.queue, "rabbitmq.queue").await?;
+    for (i, queue) in cfg.queues.iter().enumerate() {
+        declare_queue(&channel, queue, &format!("rabbitmq.queues[{i}]")).await?;
+    }
+    for (i, binding) in cfg.bindings.iter().enumerate() {
+        channel
+            .queue_bind(
+                binding.queue.as_str().into(),
+                binding.exchange.as_str().into(),
+                binding.routing_key.as_str().into(),
+                QueueBindOptions::default(),
+                binding.arguments.clone(),
+            )
+            .await
+            .map_err(|e| {
+                format!(
+                    "binding queue '{}' to exchange '{}' (rabbitmq.bindings[{i}]) failed: {e}; \
+                     both must be declared in the config or exist on the broker",
+                    binding.queue, binding.exchange
+                )
+            })?;
+    }
+    let routes = std::iter::once(("rabbitmq.exchange".to_owned(), &cfg.default_route)).chain(
+        cfg.routes
+            .iter()
+            .map(|(ch, r)| (format!("rabbitmq.routes.{ch}"), r)),
+    );
+    for (key, route) in routes {
+        let declared = cfg.exchanges.iter().any(|x| x.name == route.exchange);
+        if route.exchange.is_empty() || declared {
+            continue;
+        }
+        if !exchange_exists(connection, &route.exchange).await? {
+            return Err(format!(
+                "exchange '{}' named by {key} does not exist; declare it in rabbitmq.exchanges",
+                route.exchange
+            ));
+        }
+    }
+    let _closed = channel.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// Whether an exchange exists, asked with a passive declare on a channel of
+/// its own (the broker closes the channel when the answer is no).
+///
+/// # Errors
+/// Any failure other than "not found".
+pub async fn exchange_exists(connection: &Connection, name: &str) -> Result<bool, String> {
+    let name = ShortString::try_new(name)
+        .map_err(|_| format!("exchange name of {} bytes is too long for AMQP", name.len()))?;
+    let channel = open_channel(connection).await?;
+    let options = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    match channel
+        .exchange_declare(
+            name.clone(),
+            ExchangeKind::Direct,
+            options,
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(()) => {
+            let _closed = channel.close(200, "checked".into()).await;
+            Ok(true)
+        }
+        Err(e) if e.to_string().contains("NOT_FOUND") => Ok(false),
+        Err(e) => Err(format!("check exchange '{name}': {e}")),
+    }
+}
+
+async fn open_channel(connection: &Connection) -> Result<Channel, String> {
+    connection
         .create_channel()
         .await
-        .map_err(|e| format!("open a channel: {e}"))?;
+        .map_err(|e| format!("open a channel: {e}"))
+}
+
+/// A refused declaration of `what` (`exchange 'x'`, `queue 'q'`),
+/// configured at `key`, as an operator can act on it.
+fn explain(what: &str, key: &str, error: &lapin::Error) -> String {
+    let text = error.to_string();
+    if text.contains("PRECONDITION_FAILED") {
+        format!(
+            "{what} already exists with other settings ({text}); make {key} match it, or delete the {what} so the relay can declare it"
+        )
+    } else if text.contains("ACCESS_REFUSED") {
+        format!(
+            "declaring {what} was refused ({text}); grant the user configure rights on it, or create it and set {key}.passive to true"
+        )
+    } else if text.contains("NOT_FOUND") {
+        format!(
+            "{what} does not exist ({text}); create it, or set {key}.passive to false so the relay declares it"
+        )
+    } else {
+        format!("declaring {what} ({key}): {text}")
+    }
+}
+
+/// Declares (or passively checks) one exchange.
+async fn declare_exchange(
+    channel: &Channel,
+    exchange: &ExchangeConfig,
+    key: &str,
+) -> Result<(), String> {
+    let options = ExchangeDeclareOptions {
+        passive: exchange.passive,
+        durable: exchange.durable,
+        auto_delete: exchange.auto_delete,
+        internal: exchange.internal,
+        nowait: false,
+    };
+    let kind = match exchange.kind.as_str() {
+        "direct" => ExchangeKind::Direct,
+        "topic" => ExchangeKind::Topic,
+        "fanout" => ExchangeKind::Fanout,
+        "headers" => ExchangeKind::Headers,
+        other => ExchangeKind::Custom(other.to_owned()),
+    };
+    channel
+        .exchange_declare(
+            exchange.name.as_str().into(),
+            kind,
+            options,
+            exchange.arguments.clone(),
+        )
+        .await
+        .map_err(|e| explain(&format!("exchange '{}'", exchange.name), key, &e))
+}
+
+/// Declares (or passively checks) one queue.
+async fn declare_queue(channel: &Channel, queue: &QueueConfig, key: &str) -> Result<(), String> {
     let options = QueueDeclareOptions {
-        passive: false,
+        passive: queue.passive,
         durable: queue.durable,
         exclusive: queue.exclusive,
         auto_delete: queue.auto_delete,
         nowait: queue.no_wait,
     };
-    match channel
-        .queue_declare(queue.name.as_str().into(), options, FieldTable::default())
+    channel
+        .queue_declare(queue.name.as_str().into(), options, queue.arguments.clone())
         .await
-    {
-        Ok(_) => {
-            let _closed = channel.close(200, "declared".into()).await;
-            Ok(())
-        }
-        Err(e) => {
-            let text = e.to_string();
-            if text.contains("PRECONDITION_FAILED") {
-                Err(format!(
-                    "queue '{}' already exists with other settings ({text}); make rabbitmq.queue match it, or delete the queue so the relay can declare it",
-                    queue.name
-                ))
-            } else if text.contains("ACCESS_REFUSED") {
-                Err(format!(
-                    "declaring queue '{}' was refused ({text}); grant the user configure rights on it",
-                    queue.name
-                ))
-            } else {
-                Err(format!("declare queue '{}': {text}", queue.name))
-            }
-        }
-    }
+        .map(|_| ())
+        .map_err(|e| explain(&format!("queue '{}'", queue.name), key, &e))
 }
 
 /// Owns the AMQP connection and publishes its state.

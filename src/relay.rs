@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use crate::config::AMQP_MAX_SHORT_STRING;
 use crate::db::outbox::ClaimedRow;
 use crate::mq::publisher::Message;
+use crate::routing::{MessageFields, Router};
 
 /// Why a claimed row was not published; it stays pending.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +26,11 @@ pub enum Hold {
     },
     /// The id does not fit an AMQP short string (255 bytes).
     IdTooLong,
+    /// A routing column or property the broker would refuse; the text
+    /// names the column.
+    BadField(String),
+    /// The row names an exchange that does not exist.
+    NoExchange(String),
     /// The batch's byte budget was spent before this row; it goes in a later
     /// batch. Not a failure.
     Deferred,
@@ -41,6 +47,10 @@ impl Hold {
                 format!("body of {size} bytes exceeds relay.max_message_bytes")
             }
             Self::IdTooLong => format!("message_id is longer than {AMQP_MAX_SHORT_STRING} bytes"),
+            Self::BadField(reason) => reason.clone(),
+            Self::NoExchange(name) => format!(
+                "exchange '{name}' named by the row does not exist; declare it (rabbitmq.exchanges) or fix the row"
+            ),
             Self::Deferred => "deferred to the next batch".into(),
         }
     }
@@ -119,7 +129,7 @@ pub fn plan(rows: &[ClaimedRow], max_message_bytes: u64, max_batch_bytes: u64) -
 }
 
 /// The rows of one claim, sorted into messages and held rows.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Assembled {
     /// Messages to publish, one per fetched id, in id order.
     pub messages: Vec<Message>,
@@ -129,12 +139,29 @@ pub struct Assembled {
     pub claimed: usize,
 }
 
-/// Joins a [`Plan`] with the fetched bodies (one per data row). Identical
-/// duplicate data rows publish once; differing ones are held.
-pub fn assemble(plan: Plan, bodies: Vec<(String, Vec<u8>)>) -> Assembled {
-    let mut by_id: HashMap<String, Vec<Vec<u8>>> = HashMap::with_capacity(plan.fetch.len());
-    for (id, body) in bodies {
-        by_id.entry(id).or_default().push(body);
+/// One fetched data row: its body and its status row's message columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// `message_id` as text.
+    pub id: String,
+    /// The body bytes.
+    pub body: Vec<u8>,
+    /// Routing and properties (the same for every data row of an id).
+    pub fields: MessageFields,
+}
+
+/// Joins a [`Plan`] with the fetched rows (one per data row) and routes each
+/// message. Identical duplicate data rows publish once; differing ones are
+/// held, and so are rows whose routing or properties the broker would refuse.
+pub fn assemble(plan: Plan, fetched: Vec<Fetched>, router: &Router) -> Assembled {
+    let mut by_id: HashMap<String, (MessageFields, Vec<Vec<u8>>)> =
+        HashMap::with_capacity(plan.fetch.len());
+    for row in fetched {
+        by_id
+            .entry(row.id)
+            .or_insert_with(|| (row.fields, Vec::new()))
+            .1
+            .push(row.body);
     }
     let mut out = Assembled {
         held: plan.held,
@@ -142,16 +169,23 @@ pub fn assemble(plan: Plan, bodies: Vec<(String, Vec<u8>)>) -> Assembled {
         ..Assembled::default()
     };
     for id in plan.fetch {
-        let mut bodies = by_id.remove(&id).unwrap_or_default();
-        let Some(first) = bodies.pop() else {
+        let Some((fields, mut bodies)) = by_id.remove(&id) else {
             // The data row vanished between claim and fetch (a producer deleted it).
             out.held.push((id, Hold::NoData));
             continue;
         };
-        if bodies.iter().all(|b| *b == first) {
-            out.messages.push(Message { id, body: first });
-        } else {
+        let first = bodies.pop().expect("an entry holds at least one body");
+        if !bodies.iter().all(|b| *b == first) {
             out.held.push((id, Hold::AmbiguousBody));
+            continue;
+        }
+        match router.resolve(&fields) {
+            Ok(destination) => out.messages.push(Message {
+                id,
+                body: first,
+                destination,
+            }),
+            Err(reason) => out.held.push((id, Hold::BadField(reason))),
         }
     }
     out
@@ -172,14 +206,24 @@ mod tests {
         }
     }
 
-    fn body(id: &str, b: &str) -> (String, Vec<u8>) {
-        (id.into(), b.as_bytes().to_vec())
+    fn body(id: &str, b: &str) -> Fetched {
+        Fetched {
+            id: id.into(),
+            body: b.as_bytes().to_vec(),
+            fields: MessageFields::default(),
+        }
+    }
+
+    fn router() -> Router {
+        let config = crate::config::tests::seed();
+        Router::new(&config.rabbitmq, "text/plain")
     }
 
     fn message(id: &str, b: &str) -> Message {
         Message {
             id: id.into(),
             body: b.as_bytes().to_vec(),
+            destination: router().resolve(&MessageFields::default()).unwrap(),
         }
     }
 
@@ -192,7 +236,7 @@ mod tests {
         );
         assert_eq!(p.fetch, ["a", "b"]);
         assert_eq!((p.claimed, p.cursor.as_deref()), (2, Some("b")));
-        let a = assemble(p, vec![body("b", "2"), body("a", "1")]);
+        let a = assemble(p, vec![body("b", "2"), body("a", "1")], &router());
         assert_eq!(a.messages, vec![message("a", "1"), message("b", "2")]);
         assert!(a.held.is_empty());
     }
@@ -257,14 +301,38 @@ mod tests {
             body("same", "x"),
             body("diff", "2"),
         ];
-        let a = assemble(p, bodies);
+        let a = assemble(p, bodies, &router());
         assert_eq!(a.messages, vec![message("same", "x")]);
         assert_eq!(a.held, vec![("diff".into(), Hold::AmbiguousBody)]);
     }
 
     #[test]
     fn a_data_row_deleted_before_the_fetch_is_held() {
-        let a = assemble(plan(&[row("gone", Some(1), true)], MAX, BUDGET), vec![]);
+        let a = assemble(
+            plan(&[row("gone", Some(1), true)], MAX, BUDGET),
+            vec![],
+            &router(),
+        );
         assert_eq!(a.held, vec![("gone".into(), Hold::NoData)]);
+    }
+
+    #[test]
+    fn a_row_with_a_field_the_broker_would_refuse_is_held_with_the_reason() {
+        let mut bad = body("bad", "x");
+        bad.fields.priority = Some(1000);
+        let p = plan(
+            &[row("bad", Some(1), true), row("good", Some(1), true)],
+            MAX,
+            BUDGET,
+        );
+        let a = assemble(p, vec![bad, body("good", "y")], &router());
+        assert_eq!(a.messages, vec![message("good", "y")]);
+        assert_eq!(
+            a.held,
+            vec![(
+                "bad".into(),
+                Hold::BadField("column priority is 1000; AMQP takes 0 to 255".into())
+            )]
+        );
     }
 }

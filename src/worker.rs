@@ -28,9 +28,10 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::db::outbox::{ClaimedRow, Outbox, Statements};
 use crate::db::{self, SessionKind, describe};
-use crate::mq::publisher::{Delivery, Publisher};
+use crate::mq::publisher::{Delivery, Message, Publisher};
 use crate::mq::{self, BrokerState};
-use crate::relay::{Hold, assemble, plan};
+use crate::relay::{Fetched, Hold, assemble, plan};
+use crate::routing::Router;
 
 /// Extra time a claim transaction may stay open beyond the confirm timeout
 /// before the server ends it (and releases its locks).
@@ -61,6 +62,7 @@ struct BatchSummary {
     claimed: usize,
     deferred: usize,
     nacked: usize,
+    /// A message on a configured route came back unroutable.
     no_route: bool,
     wrapped: bool,
     channel_failure: Option<String>,
@@ -71,6 +73,7 @@ pub struct Worker {
     index: usize,
     config: Arc<Config>,
     outbox: Arc<Outbox>,
+    router: Router,
     broker: watch::Receiver<BrokerState>,
     wake: Arc<Notify>,
     backoff: Backoff,
@@ -97,10 +100,12 @@ impl Worker {
         backoff: Backoff,
         cursor: Arc<ClaimCursor>,
     ) -> Self {
+        let router = Router::new(&config.rabbitmq, outbox.body_type.content_type());
         Self {
             index,
             config,
             outbox,
+            router,
             broker,
             wake,
             backoff,
@@ -152,9 +157,14 @@ impl Worker {
     /// are known to be waiting.
     fn after_commit(&mut self, summary: BatchSummary) -> Result<bool, BatchError> {
         if summary.no_route {
-            self.redeclare_queue();
+            self.redeclare_topology("a message on a configured route was returned as unroutable");
         }
         if let Some(reason) = summary.channel_failure {
+            if reason.contains("NOT_FOUND") {
+                // A configured exchange was deleted while the relay ran (a
+                // missing exchange named by a row is caught before publishing).
+                self.redeclare_topology("the broker reported a missing exchange or queue");
+            }
             self.publisher = None;
             return Err(BatchError::Broker(reason));
         }
@@ -173,11 +183,13 @@ impl Worker {
     async fn relay_batch(&mut self, token: &CancellationToken) -> Result<BatchSummary, BatchError> {
         self.ensure_publisher(token).await?;
         self.ensure_session().await?;
-        let (Some(publisher), Some((client, statements))) = (&self.publisher, &mut self.session)
+        let (Some(publisher), Some((client, statements))) =
+            (&mut self.publisher, &mut self.session)
         else {
             unreachable!("ensured above");
         };
         let config = &self.config;
+        let router = &self.router;
         let broker = &self.broker;
         let cursor = &self.cursor;
         let index = self.index;
@@ -217,16 +229,26 @@ impl Worker {
             if plan.claimed == 0 {
                 return Ok(summary);
             }
-            let bodies = if plan.fetch.is_empty() {
+            let fetched = if plan.fetch.is_empty() {
                 Vec::new()
             } else {
                 let rows = within(limit, tx.query(&statements.bodies, &[&plan.fetch])).await?;
-                rows.iter()
-                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                    .collect::<Result<Vec<(String, Vec<u8>)>, tokio_postgres::Error>>()?
+                rows.iter().map(Fetched::from_row).collect::<Result<Vec<_>, _>>()?
             };
             let claimed_at = started.elapsed();
-            let batch = assemble(plan, bodies);
+            let mut batch = assemble(plan, fetched, router);
+            let missing = publisher.missing_exchanges(&batch.messages).await.map_err(BatchError::Broker)?;
+            if !missing.is_empty() {
+                let (held, publishable): (Vec<Message>, Vec<Message>) = batch
+                    .messages
+                    .into_iter()
+                    .partition(|m| missing.contains(m.destination.exchange.as_str()));
+                batch.messages = publishable;
+                batch.held.extend(held.into_iter().map(|m| {
+                    let exchange = m.destination.exchange.to_string();
+                    (m.id, Hold::NoExchange(exchange))
+                }));
+            }
             let report = publisher
                 .publish_batch(&batch.messages, relay.confirm_timeout, || broker.borrow().blocked)
                 .await;
@@ -243,8 +265,12 @@ impl Worker {
             for (message, delivery) in batch.messages.iter().zip(&report.deliveries) {
                 match delivery {
                     Delivery::Returned { code, text } => {
-                        summary.no_route |= *code == NO_ROUTE;
-                        let reason = format!("returned by the broker as unroutable: {code} {text}");
+                        summary.no_route |= *code == NO_ROUTE && message.destination.configured;
+                        let d = &message.destination;
+                        let reason = format!(
+                            "returned by the broker as unroutable: {code} {text} (exchange '{}', routing key '{}')",
+                            d.exchange, d.routing_key
+                        );
                         failed.push((&message.id, reason));
                     }
                     Delivery::IdTooLong => failed.push((&message.id, Hold::IdTooLong.reason())),
@@ -313,17 +339,20 @@ impl Worker {
         result
     }
 
-    /// Declares the queue again after the broker returned messages as
-    /// unroutable: the configured queue was deleted while the relay ran.
-    fn redeclare_queue(&self) {
+    /// Declares the configured topology again: part of it was deleted
+    /// while the relay ran (`why` says how that showed).
+    fn redeclare_topology(&self, why: &'static str) {
         let Some(connection) = self.broker.borrow().usable().cloned() else {
             return;
         };
-        let queue = self.config.rabbitmq.queue.clone();
+        let config = self.config.clone();
         tokio::spawn(async move {
-            match mq::declare_queue(&connection, &queue).await {
-                Ok(()) => warn!(queue = %queue.name, "queue had disappeared; declared it again"),
-                Err(reason) => error!(%reason, "cannot declare the queue again"),
+            match mq::declare_topology(&connection, &config.rabbitmq).await {
+                Ok(()) => warn!(
+                    why,
+                    "declared the configured exchanges, queues and bindings again"
+                ),
+                Err(reason) => error!(why, %reason, "cannot declare the configured topology again"),
             }
         });
     }
@@ -344,15 +373,9 @@ impl Worker {
                 state.usable().cloned().expect("checked by wait_for")
             }
         };
-        let queue = &self.config.rabbitmq.queue;
-        let publisher = Publisher::open(
-            &connection,
-            &queue.name,
-            queue.durable,
-            self.outbox.body_type.content_type(),
-        )
-        .await
-        .map_err(|e| BatchError::Broker(format!("open a confirm channel: {e}")))?;
+        let publisher = Publisher::open(connection, self.config.rabbitmq.queue.durable)
+            .await
+            .map_err(|e| BatchError::Broker(format!("open a confirm channel: {e}")))?;
         self.publisher = Some(publisher);
         Ok(())
     }

@@ -7,8 +7,10 @@
 //!   `message_id`. On a fresh table they are built in the creating
 //!   transaction; on an existing one `CONCURRENTLY`, so producers keep
 //!   writing, and an index left invalid by an interrupted build is rebuilt.
-//! * The producer helper `push_occurrence(body, id, channel)`, typed after the
-//!   real columns.
+//! * The relay's bookkeeping columns and the optional message columns
+//!   (routing and AMQP properties), all nullable or defaulted.
+//! * The producer helper `push_occurrence(body, id, channel, routing fields...)`,
+//!   typed after the real columns.
 //!
 //! A session advisory lock serialises concurrent migrations of one schema
 //! (several relays starting together).
@@ -17,8 +19,8 @@ use tokio_postgres::Client;
 use tracing::info;
 
 use super::outbox::{
-    DATA_INDEX, DATA_TABLE, LOG_TABLE, Outbox, PENDING_INDEX, PENDING_PREDICATE, PRODUCER_FUNCTION,
-    RELAY_COLUMNS, SchemaError,
+    DATA_INDEX, DATA_TABLE, LOG_TABLE, MESSAGE_COLUMNS, Outbox, PENDING_INDEX, PENDING_PREDICATE,
+    PRODUCER_FUNCTION, RELAY_COLUMNS, SchemaError,
 };
 use super::{quote_ident, quote_literal};
 
@@ -89,9 +91,13 @@ async fn migrate_locked(
         "{} ON {log} (message_id) WHERE {PENDING_PREDICATE}",
         quote_ident(PENDING_INDEX)
     );
+    let columns: Vec<(&str, &str)> = RELAY_COLUMNS
+        .into_iter()
+        .chain(MESSAGE_COLUMNS.map(|(name, ty, _)| (name, ty)))
+        .collect();
     let add_columns = format!(
         "ALTER TABLE {log} {}",
-        RELAY_COLUMNS
+        columns
             .iter()
             .map(|(name, ty)| format!("ADD COLUMN IF NOT EXISTS {name} {ty}"))
             .collect::<Vec<_>>()
@@ -127,13 +133,13 @@ async fn migrate_locked(
                 &[
                     &schema,
                     &LOG_TABLE,
-                    &RELAY_COLUMNS.map(|(name, _)| name).to_vec(),
+                    &columns.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
                 ],
             )
             .await
             .map_err(step("look for the relay's columns"))?
             .get(0);
-        if usize::try_from(present) != Ok(RELAY_COLUMNS.len()) {
+        if usize::try_from(present) != Ok(columns.len()) {
             client
                 .batch_execute(&add_columns)
                 .await
@@ -219,33 +225,54 @@ async fn migrate_locked(
     Ok((report, outbox))
 }
 
-/// `schema.push_occurrence(body, id DEFAULT NULL, channel DEFAULT <first channel>)`:
-/// inserts both rows and sends the NOTIFY in the caller's transaction, and
-/// returns the id (a new UUID when none is given).
+/// `schema.push_occurrence(body, id, channel, routing_key, exchange, headers,
+/// content_type, correlation_id, reply_to, message_type, expiration_ms,
+/// priority)`, every argument after the body optional: inserts both rows,
+/// records the channel on the row (routes follow it), sends the NOTIFY in
+/// the caller's transaction, and returns the id (a new UUID when none is
+/// given). The seed-era three-argument version is dropped in the same
+/// transaction, so calls never see two candidates or none.
 fn producer_function_sql(outbox: &Outbox, default_channel: &str) -> String {
     let id = &outbox.id_type;
+    let body = &outbox.body_type_sql;
+    let s = quote_ident(&outbox.schema);
+    let f = quote_ident(PRODUCER_FUNCTION);
+    let channel = quote_literal(default_channel);
+    let log = outbox.table(LOG_TABLE);
+    let data = outbox.table(DATA_TABLE);
     format!(
-        "CREATE OR REPLACE FUNCTION {s}.{f}(
+        "BEGIN;
+         DROP FUNCTION IF EXISTS {s}.{f}({body}, {id}, text);
+         CREATE OR REPLACE FUNCTION {s}.{f}(
              p_message_body {body},
              p_message_id {id} DEFAULT NULL,
-             p_channel text DEFAULT {channel})
+             p_channel text DEFAULT {channel},
+             p_routing_key text DEFAULT NULL,
+             p_exchange text DEFAULT NULL,
+             p_headers jsonb DEFAULT NULL,
+             p_content_type text DEFAULT NULL,
+             p_correlation_id text DEFAULT NULL,
+             p_reply_to text DEFAULT NULL,
+             p_message_type text DEFAULT NULL,
+             p_expiration_ms bigint DEFAULT NULL,
+             p_priority smallint DEFAULT NULL)
          RETURNS {id} LANGUAGE plpgsql AS $fn$
          DECLARE
              v_id {id} := coalesce(p_message_id, gen_random_uuid()::text::{id});
          BEGIN
-             INSERT INTO {log} (message_id) VALUES (v_id);
+             INSERT INTO {log} (message_id, notify_channel, routing_key, exchange, headers,
+                                content_type, correlation_id, reply_to, message_type,
+                                expiration_ms, priority)
+             VALUES (v_id, p_channel, p_routing_key, p_exchange, p_headers,
+                     p_content_type, p_correlation_id, p_reply_to, p_message_type,
+                     p_expiration_ms, p_priority);
              INSERT INTO {data} (message_id, message_body) VALUES (v_id, p_message_body);
              PERFORM pg_notify(p_channel, v_id::text);
              RETURN v_id;
          END
          $fn$;
-         COMMENT ON FUNCTION {s}.{f}({body}, {id}, text) IS
-             'Writes one outbox event (status row + body row) and notifies the relay; call it inside the business transaction.';",
-        s = quote_ident(&outbox.schema),
-        f = quote_ident(PRODUCER_FUNCTION),
-        body = outbox.body_type_sql,
-        channel = quote_literal(default_channel),
-        log = outbox.table(LOG_TABLE),
-        data = outbox.table(DATA_TABLE),
+         COMMENT ON FUNCTION {s}.{f}({body}, {id}, text, text, text, jsonb, text, text, text, text, bigint, smallint) IS
+             'Writes one outbox event (status row + body row) and notifies the relay; call it inside the business transaction. Arguments after the body are optional; name them, e.g. p_routing_key => ''order.created''.';
+         COMMIT;"
     )
 }

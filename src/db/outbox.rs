@@ -10,6 +10,8 @@
 use tokio_postgres::{Client, Row, Statement};
 
 use super::quote_ident;
+use crate::relay::Fetched;
+use crate::routing::{HEADERS_FETCH_LIMIT, MessageFields};
 
 /// The status table of the seed.
 pub const LOG_TABLE: &str = "message_queue_log";
@@ -31,6 +33,24 @@ pub const RELAY_COLUMNS: [(&str, &str); 4] = [
     ("relay_last_error", "text"),
     ("relay_parked_at", "timestamptz"),
 ];
+/// Optional per-message columns on the status table, all nullable: where a
+/// message goes and the AMQP properties it carries. NULL means "as the
+/// config says" (see `routing`), so seed producers never need them.
+/// Each is `(name, SQL type, type names accepted in an existing table)`.
+pub const MESSAGE_COLUMNS: [(&str, &str, &[&str]); 10] = [
+    ("exchange", "text", TEXT),
+    ("routing_key", "text", TEXT),
+    ("headers", "jsonb", &["jsonb", "json"]),
+    ("content_type", "text", TEXT),
+    ("correlation_id", "text", TEXT),
+    ("reply_to", "text", TEXT),
+    ("message_type", "text", TEXT),
+    ("expiration_ms", "bigint", INTEGER),
+    ("priority", "smallint", INTEGER),
+    ("notify_channel", "text", TEXT),
+];
+const TEXT: &[&str] = &["text", "varchar", "bpchar"];
+const INTEGER: &[&str] = &["int2", "int4", "int8"];
 /// The predicate of rows the relay may claim (and of the partial index).
 /// `transferred` is nullable in the seed, so pending is `IS NOT TRUE`.
 pub const PENDING_PREDICATE: &str = "transferred IS NOT TRUE AND relay_parked_at IS NULL";
@@ -145,6 +165,15 @@ impl Outbox {
         for (name, _) in RELAY_COLUMNS {
             column(LOG_TABLE, name)?;
         }
+        for (name, sql_type, accepted) in MESSAGE_COLUMNS {
+            let (found, type_name) = column(LOG_TABLE, name)?;
+            if !accepted.contains(&type_name.as_str()) {
+                return Err(SchemaError::Unsupported(format!(
+                    "{schema}.{LOG_TABLE}.{name} is {found}, but the relay reads it as {sql_type}; \
+                     alter or rename that column, then run `pushoccurrence migrate`"
+                )));
+            }
+        }
         let (data_id_type, _) = column(DATA_TABLE, "message_id")?;
         let (body_type_sql, body_type_name) = column(DATA_TABLE, "message_body")?;
         if id_type != data_id_type {
@@ -206,13 +235,22 @@ impl Outbox {
         )
     }
 
-    /// The bodies of the ids (as text) in `$1`: `(id text, body bytea)`, one
-    /// row per data row.
+    /// The bodies of the ids (as text) in `$1`, one row per data row, with
+    /// the status row's message columns ([`Fetched::from_row`] reads them).
+    /// Headers whose JSON is over [`HEADERS_FETCH_LIMIT`] bytes stay in the
+    /// database; only their size comes back.
     pub fn bodies_sql(&self) -> String {
         format!(
-            "SELECT d.message_id::text, {body} FROM {data} d
+            "SELECT d.message_id::text, {body},
+                    l.exchange::text, l.routing_key::text,
+                    CASE WHEN octet_length(l.headers::text) <= {HEADERS_FETCH_LIMIT} THEN l.headers::text END,
+                    octet_length(l.headers::text),
+                    l.content_type::text, l.correlation_id::text, l.reply_to::text, l.message_type::text,
+                    l.expiration_ms::int8, l.priority::int4, l.notify_channel::text
+               FROM {data} d JOIN {log} l ON l.message_id = d.message_id
               WHERE d.message_id = ANY($1::text[]::{id}[])",
             data = self.table(DATA_TABLE),
+            log = self.table(LOG_TABLE),
             body = self.body_type.bytes_expr(),
             id = self.id_type,
         )
@@ -326,6 +364,32 @@ impl ClaimedRow {
     }
 }
 
+impl Fetched {
+    /// Decodes one row of [`Outbox::bodies_sql`].
+    ///
+    /// # Errors
+    /// A type mismatch, which would mean the query changed.
+    pub fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error> {
+        Ok(Self {
+            id: row.try_get(0)?,
+            body: row.try_get(1)?,
+            fields: MessageFields {
+                exchange: row.try_get(2)?,
+                routing_key: row.try_get(3)?,
+                headers: row.try_get(4)?,
+                headers_size: row.try_get(5)?,
+                content_type: row.try_get(6)?,
+                correlation_id: row.try_get(7)?,
+                reply_to: row.try_get(8)?,
+                message_type: row.try_get(9)?,
+                expiration_ms: row.try_get(10)?,
+                priority: row.try_get(11)?,
+                notify_channel: row.try_get(12)?,
+            },
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,7 +432,7 @@ mod tests {
         assert!(
             bytea
                 .bodies_sql()
-                .contains("SELECT d.message_id::text, d.message_body FROM")
+                .contains("SELECT d.message_id::text, d.message_body,")
         );
     }
 

@@ -9,22 +9,26 @@
 //! that batch.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{Channel, Confirmation, Connection};
 
 use crate::config::AMQP_MAX_SHORT_STRING;
+use crate::routing::Destination;
 
 /// A message ready to publish.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     /// The row's `message_id` as text; also the AMQP `message_id`.
     pub id: String,
     /// The body bytes.
     pub body: Vec<u8>,
+    /// Exchange, routing key and the row's properties.
+    pub destination: Destination,
 }
 
 /// What became of one published message.
@@ -68,13 +72,14 @@ impl BatchReport {
     }
 }
 
-/// A confirm-mode channel publishing to one queue through the default exchange.
+/// A confirm-mode channel, with the exchanges rows named that were found to
+/// exist on its connection.
 #[derive(Debug)]
 pub struct Publisher {
+    connection: Arc<Connection>,
     channel: Channel,
-    routing_key: ShortString,
     delivery_mode: u8,
-    content_type: ShortString,
+    known_exchanges: HashSet<String>,
 }
 
 impl Publisher {
@@ -82,22 +87,50 @@ impl Publisher {
     ///
     /// # Errors
     /// The broker or connection error.
-    pub async fn open(
-        connection: &Connection,
-        queue: &str,
-        persistent: bool,
-        content_type: &str,
-    ) -> lapin::Result<Self> {
+    pub async fn open(connection: Arc<Connection>, persistent: bool) -> lapin::Result<Self> {
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         Ok(Self {
+            connection,
             channel,
-            routing_key: queue.into(),
             delivery_mode: if persistent { 2 } else { 1 },
-            content_type: content_type.into(),
+            known_exchanges: HashSet::new(),
         })
+    }
+
+    /// The exchanges named by rows in `messages` that do not exist.
+    /// Publishing to one would close the channel and fail the whole batch,
+    /// so their rows are failed before the batch is published. Exchanges
+    /// found are remembered for the life of this channel (a channel closed
+    /// by a publish to a since-deleted exchange is replaced, and with it
+    /// this memory).
+    ///
+    /// # Errors
+    /// The broker could not be asked.
+    pub async fn missing_exchanges(
+        &mut self,
+        messages: &[Message],
+    ) -> Result<HashSet<String>, String> {
+        let mut missing = HashSet::new();
+        for message in messages {
+            let d = &message.destination;
+            let name = d.exchange.as_str();
+            if !d.exchange_from_row
+                || name.is_empty()
+                || self.known_exchanges.contains(name)
+                || missing.contains(name)
+            {
+                continue;
+            }
+            if super::exchange_exists(&self.connection, name).await? {
+                self.known_exchanges.insert(name.to_owned());
+            } else {
+                missing.insert(name.to_owned());
+            }
+        }
+        Ok(missing)
     }
 
     /// Whether the channel is still open.
@@ -120,10 +153,6 @@ impl Publisher {
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let base = BasicProperties::default()
-            .with_delivery_mode(self.delivery_mode)
-            .with_content_type(self.content_type.clone())
-            .with_timestamp(timestamp);
         let options = BasicPublishOptions {
             mandatory: true,
             immediate: false,
@@ -140,12 +169,19 @@ impl Publisher {
             debug_assert!(id.as_str().len() <= AMQP_MAX_SHORT_STRING);
             sent.push(i);
             // Polled in order by join_all, so delivery tags follow this order.
+            let d = &message.destination;
+            let properties = d
+                .properties
+                .clone()
+                .with_delivery_mode(self.delivery_mode)
+                .with_timestamp(timestamp)
+                .with_message_id(id);
             publishes.push(self.channel.basic_publish(
-                ShortString::default(),
-                self.routing_key.clone(),
+                d.exchange.clone(),
+                d.routing_key.clone(),
                 options,
                 &message.body,
-                base.clone().with_message_id(id),
+                properties,
             ));
         }
 

@@ -266,7 +266,7 @@ async fn unroutable_messages_are_retried_and_the_deleted_queue_is_declared_again
     let id = uuid(10);
     env.insert_event(&id, "'\\x04'::bytea", true).await;
     relay
-        .wait_log("queue had disappeared; declared it again")
+        .wait_log("declared the configured exchanges, queues and bindings again")
         .await;
     let (attempts, reason, _, _) = env.row_state(&id).await;
     assert!(

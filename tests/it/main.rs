@@ -9,4 +9,5 @@ mod faults; // broker, database and process faults injected for real; nothing lo
 mod migrate; // schema creation on fresh and existing seed databases
 mod proxy; // in-test TCP proxy: cut, stall or refuse the relay's connections
 mod relay; // delivery: exactly once, bodies byte-exact, sweeps, two relays, SIGTERM
+mod routing; // exchanges, routing keys, headers, quorum queues, channel routes, unroutable rows
 mod support; // per-test outbox and queue, the relay process, a recording consumer

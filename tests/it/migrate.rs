@@ -127,3 +127,101 @@ async fn the_claim_query_uses_the_partial_index_not_a_scan_of_history() {
     eprintln!("{plan}");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_outbox_from_before_routing_gains_the_message_columns_and_one_helper() {
+    let env = TestEnv::new("upgrade").await;
+    env.create_seed_tables("uuid", "bytea").await;
+    let s = &env.name;
+    // What the release before routing left behind: its bookkeeping columns
+    // and a three-argument helper.
+    env.pg
+        .batch_execute(&format!(
+            "ALTER TABLE \"{s}\".message_queue_log
+                 ADD COLUMN relay_attempts integer NOT NULL DEFAULT 0,
+                 ADD COLUMN relay_next_attempt_at timestamptz,
+                 ADD COLUMN relay_last_error text, ADD COLUMN relay_parked_at timestamptz;
+             CREATE FUNCTION \"{s}\".push_occurrence(p_message_body bytea, p_message_id uuid DEFAULT NULL,
+                 p_channel text DEFAULT 'x') RETURNS uuid LANGUAGE sql AS 'SELECT gen_random_uuid()';"
+        ))
+        .await
+        .unwrap();
+    env.migrate().await;
+    let columns: i64 = env
+        .pg
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns WHERE table_schema = $1
+              AND table_name = 'message_queue_log' AND is_nullable = 'YES'
+              AND column_name IN ('exchange', 'routing_key', 'headers', 'content_type', 'correlation_id',
+                                  'reply_to', 'message_type', 'expiration_ms', 'priority', 'notify_channel')",
+            &[&env.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(columns, 10);
+    let helpers: i64 = env
+        .pg
+        .query_one(
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = $1 AND p.proname = 'push_occurrence'",
+            &[&env.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        helpers, 1,
+        "the old helper must be replaced, not overloaded"
+    );
+    // Seed-era positional calls still work, and the channel is recorded.
+    let id: String = env
+        .pg
+        .query_one(
+            &format!("SELECT \"{s}\".push_occurrence('\\x01'::bytea, NULL, 'elsewhere')::text"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let channel: Option<String> = env
+        .pg
+        .query_one(
+            &format!(
+                "SELECT notify_channel FROM \"{s}\".message_queue_log WHERE message_id::text = $1"
+            ),
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(channel.as_deref(), Some("elsewhere"));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_column_of_the_same_name_and_another_type_is_reported_not_reused() {
+    let env = TestEnv::new("clash").await;
+    env.create_seed_tables("uuid", "bytea").await;
+    env.pg
+        .batch_execute(&format!(
+            "ALTER TABLE \"{}\".message_queue_log ADD COLUMN headers text",
+            env.name
+        ))
+        .await
+        .unwrap();
+    let out = pushoccurrence(&env.write_config(), &["migrate"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}.message_queue_log.headers is text, but the relay reads it as jsonb",
+            env.name
+        )),
+        "{stderr}"
+    );
+    env.cleanup().await;
+}

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 use tokio_postgres::{Client, NoTls};
@@ -298,15 +299,31 @@ impl TestEnv {
 
     /// Deletes the test's queue.
     pub async fn cleanup_queue_only(&self) {
-        if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
-            if let Ok(ch) = conn.create_channel().await {
-                let _ = ch
-                    .queue_delete(self.name.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-            }
-            let _ = conn.close(200, "bye".into()).await;
+        delete_from_broker(&[&self.name], &[]).await;
+    }
+}
+
+/// Deletes queues and exchanges a test declared (missing ones are fine).
+pub async fn delete_from_broker(queues: &[&str], exchanges: &[&str]) {
+    let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
+        return;
+    };
+    // A refusal closes the channel, so each deletion gets its own.
+    for queue in queues {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .queue_delete((*queue).into(), QueueDeleteOptions::default())
+                .await;
         }
     }
+    for exchange in exchanges {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .exchange_delete((*exchange).into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+    let _ = conn.close(200, "bye".into()).await;
 }
 
 /// One message as the consumer saw it.
@@ -317,6 +334,9 @@ pub struct Received {
     pub content_type: Option<String>,
     pub delivery_mode: Option<u8>,
     pub timestamp: Option<u64>,
+    pub exchange: String,
+    pub routing_key: String,
+    pub properties: BasicProperties,
 }
 
 /// Records every delivery on a queue, acking each after recording it.
@@ -326,7 +346,36 @@ pub struct Consumer {
 }
 
 impl Consumer {
+    /// Declares `queue` (durable, classic) and consumes from it.
     pub async fn start(url: &str, queue: &str) -> Self {
+        Self::consume(url, queue, false).await
+    }
+
+    /// Consumes from `queue` once it exists, declared by someone else (the
+    /// relay, from its config).
+    pub async fn attach(queue: &str) -> Self {
+        let url = amqp_url();
+        wait_until(&format!("queue {queue} exists"), || async {
+            let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await else {
+                return false;
+            };
+            let ch = conn.create_channel().await.unwrap();
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let found = ch
+                .queue_declare(queue.into(), passive, FieldTable::default())
+                .await
+                .is_ok();
+            let _ = conn.close(200, "bye".into()).await;
+            found
+        })
+        .await;
+        Self::consume(&url, queue, true).await
+    }
+
+    async fn consume(url: &str, queue: &str, passive: bool) -> Self {
         let connection = Connection::connect(url, ConnectionProperties::default())
             .await
             .expect("connect to the local RabbitMQ (is it running?)");
@@ -336,6 +385,7 @@ impl Consumer {
                 queue.into(),
                 QueueDeclareOptions {
                     durable: true,
+                    passive,
                     ..Default::default()
                 },
                 FieldTable::default(),
@@ -366,6 +416,9 @@ impl Consumer {
                     content_type: p.content_type().as_ref().map(|s| s.to_string()),
                     delivery_mode: *p.delivery_mode(),
                     timestamp: *p.timestamp(),
+                    exchange: delivery.exchange.to_string(),
+                    routing_key: delivery.routing_key.to_string(),
+                    properties: p.clone(),
                 });
                 let _ = delivery.ack(BasicAckOptions::default()).await;
             }
@@ -396,6 +449,13 @@ impl Consumer {
             ids.iter().all(|id| counts.contains_key(id))
         })
         .await;
+    }
+
+    /// The distinct ids received, sorted.
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.counts().into_keys().collect();
+        ids.sort();
+        ids
     }
 
     pub fn get(&self, id: &str) -> Received {

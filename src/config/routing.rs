@@ -1,0 +1,290 @@
+//! The broker side of the config beyond the seed: the queues, exchanges and
+//! bindings declared on every connect, and the routes messages take when
+//! their row names none (`rabbitmq.exchange`, `rabbitmq.routing_key`,
+//! `rabbitmq.routes` by NOTIFY channel).
+
+use std::collections::BTreeMap;
+
+use lapin::types::FieldTable;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::{AMQP_MAX_SHORT_STRING, ConfigError, default_true, non_empty};
+use crate::mq::table;
+
+/// A queue the relay declares (or, when passive, only checks) on connect.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// Queue name.
+    pub name: String,
+    /// Survives a broker restart; messages are then published persistent.
+    pub durable: bool,
+    /// Deleted when its last consumer leaves.
+    pub auto_delete: bool,
+    /// Owned by the declaring connection.
+    pub exclusive: bool,
+    /// Declare without waiting for the broker's reply.
+    pub no_wait: bool,
+    /// Only check that the queue exists; never create or change it.
+    pub passive: bool,
+    /// Declaration arguments (`x-queue-type`, `x-max-length`, ...).
+    pub arguments: FieldTable,
+}
+
+/// An exchange the relay declares (or, when passive, only checks) on connect.
+#[derive(Debug, Clone)]
+pub struct ExchangeConfig {
+    /// Exchange name.
+    pub name: String,
+    /// `direct`, `topic`, `fanout`, `headers`, or a plugin's `x-` type.
+    pub kind: String,
+    /// Survives a broker restart.
+    pub durable: bool,
+    /// Deleted when its last binding goes.
+    pub auto_delete: bool,
+    /// Only other exchanges may publish to it.
+    pub internal: bool,
+    /// Only check that the exchange exists.
+    pub passive: bool,
+    /// Declaration arguments (`alternate-exchange`, ...).
+    pub arguments: FieldTable,
+}
+
+/// A queue binding declared on connect.
+#[derive(Debug, Clone)]
+pub struct BindingConfig {
+    /// The bound queue.
+    pub queue: String,
+    /// The source exchange.
+    pub exchange: String,
+    /// Binding key (a pattern for topic exchanges).
+    pub routing_key: String,
+    /// Binding arguments (`x-match` and the header values for headers exchanges).
+    pub arguments: FieldTable,
+}
+
+/// Where a message goes: an exchange (`""` is the default exchange) and a
+/// routing key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Exchange name.
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawQueue {
+    name: String,
+    #[serde(default = "default_true")]
+    durable: bool,
+    #[serde(default)]
+    auto_delete: bool,
+    #[serde(default)]
+    exclusive: bool,
+    #[serde(default)]
+    no_wait: bool,
+    #[serde(default)]
+    passive: bool,
+    #[serde(default)]
+    allow_unsafe: bool,
+    #[serde(default)]
+    arguments: Map<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawExchange {
+    name: String,
+    #[serde(rename = "type", default = "default_exchange_type")]
+    kind: String,
+    #[serde(default = "default_true")]
+    durable: bool,
+    #[serde(default)]
+    auto_delete: bool,
+    #[serde(default)]
+    internal: bool,
+    #[serde(default)]
+    passive: bool,
+    #[serde(default)]
+    arguments: Map<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBinding {
+    queue: String,
+    exchange: String,
+    #[serde(default)]
+    routing_key: String,
+    #[serde(default)]
+    arguments: Map<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    #[serde(default)]
+    exchange: Option<String>,
+    #[serde(default)]
+    routing_key: Option<String>,
+}
+
+fn default_exchange_type() -> String {
+    "direct".to_owned()
+}
+
+/// The exchange types RabbitMQ ships; plugins add `x-` types.
+const EXCHANGE_TYPES: [&str; 4] = ["direct", "topic", "fanout", "headers"];
+
+fn short_string(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.len() > AMQP_MAX_SHORT_STRING {
+        return Err(ConfigError::new(format!(
+            "key {key}: {} bytes long; AMQP allows at most {AMQP_MAX_SHORT_STRING}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+fn arguments(key: &str, raw: &Map<String, Value>) -> Result<FieldTable, ConfigError> {
+    table::from_json(raw)
+        .map_err(|reason| ConfigError::new(format!("key {key}.arguments: {reason}")))
+}
+
+/// Validates one queue block (`rabbitmq.queue` or `rabbitmq.queues[i]`).
+pub(super) fn queue(key: &str, raw: RawQueue) -> Result<QueueConfig, ConfigError> {
+    non_empty(&format!("{key}.name"), &raw.name)?;
+    short_string(&format!("{key}.name"), &raw.name)?;
+    if raw.name.starts_with("amq.") && !raw.passive {
+        return Err(ConfigError::new(format!(
+            "key {key}.name: names starting with 'amq.' are reserved by the broker"
+        )));
+    }
+    if !raw.allow_unsafe && !raw.passive {
+        let unsafe_reason = if !raw.durable {
+            Some("durable is false: a broker restart would lose confirmed messages")
+        } else if raw.exclusive {
+            Some("exclusive is true: the queue dies with the relay's own connection")
+        } else if raw.auto_delete {
+            Some(
+                "auto_delete is true: the queue and its messages vanish when the last consumer leaves",
+            )
+        } else {
+            None
+        };
+        if let Some(reason) = unsafe_reason {
+            return Err(ConfigError::new(format!(
+                "key {key}: {reason}, so a publisher confirm would not mean the message is safe; \
+                 fix the queue settings, or set {key}.allow_unsafe to true to accept the risk"
+            )));
+        }
+    }
+    Ok(QueueConfig {
+        arguments: arguments(key, &raw.arguments)?,
+        name: raw.name,
+        durable: raw.durable,
+        auto_delete: raw.auto_delete,
+        exclusive: raw.exclusive,
+        no_wait: raw.no_wait,
+        passive: raw.passive,
+    })
+}
+
+/// Validates `rabbitmq.exchanges`.
+pub(super) fn exchanges(raw: Vec<RawExchange>) -> Result<Vec<ExchangeConfig>, ConfigError> {
+    let mut out: Vec<ExchangeConfig> = Vec::with_capacity(raw.len());
+    for (i, x) in raw.into_iter().enumerate() {
+        let key = format!("rabbitmq.exchanges[{i}]");
+        non_empty(&format!("{key}.name"), &x.name)?;
+        short_string(&format!("{key}.name"), &x.name)?;
+        if x.name.starts_with("amq.") && !x.passive {
+            return Err(ConfigError::new(format!(
+                "key {key}.name: '{}' is one of the broker's own exchanges; set passive to true to use it as it is",
+                x.name
+            )));
+        }
+        if !EXCHANGE_TYPES.contains(&x.kind.as_str()) && !x.kind.starts_with("x-") {
+            return Err(ConfigError::new(format!(
+                "key {key}.type: unknown exchange type '{}'; expected one of {}, or a plugin's x- type",
+                x.kind,
+                EXCHANGE_TYPES.join(", ")
+            )));
+        }
+        if out.iter().any(|e| e.name == x.name) {
+            return Err(ConfigError::new(format!(
+                "key {key}.name: exchange '{}' is listed twice",
+                x.name
+            )));
+        }
+        out.push(ExchangeConfig {
+            arguments: arguments(&key, &x.arguments)?,
+            name: x.name,
+            kind: x.kind,
+            durable: x.durable,
+            auto_delete: x.auto_delete,
+            internal: x.internal,
+            passive: x.passive,
+        });
+    }
+    Ok(out)
+}
+
+/// Validates `rabbitmq.bindings`.
+pub(super) fn bindings(raw: Vec<RawBinding>) -> Result<Vec<BindingConfig>, ConfigError> {
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let key = format!("rabbitmq.bindings[{i}]");
+            non_empty(&format!("{key}.queue"), &b.queue)?;
+            non_empty(&format!("{key}.exchange"), &b.exchange)?;
+            short_string(&format!("{key}.queue"), &b.queue)?;
+            short_string(&format!("{key}.exchange"), &b.exchange)?;
+            short_string(&format!("{key}.routing_key"), &b.routing_key)?;
+            Ok(BindingConfig {
+                arguments: arguments(&key, &b.arguments)?,
+                queue: b.queue,
+                exchange: b.exchange,
+                routing_key: b.routing_key,
+            })
+        })
+        .collect()
+}
+
+/// The default route and the routes by NOTIFY channel. A route's missing
+/// parts fall back to the default route's.
+pub(super) fn routes(
+    exchange: String,
+    routing_key: Option<String>,
+    seed_queue: &str,
+    raw: BTreeMap<String, RawRoute>,
+    channels: &[String],
+) -> Result<(Route, BTreeMap<String, Route>), ConfigError> {
+    short_string("rabbitmq.exchange", &exchange)?;
+    let default = Route {
+        exchange,
+        // The seed publishes to its queue through the default exchange.
+        routing_key: routing_key.unwrap_or_else(|| seed_queue.to_owned()),
+    };
+    short_string("rabbitmq.routing_key", &default.routing_key)?;
+    let mut routes = BTreeMap::new();
+    for (channel, route) in raw {
+        let key = format!("rabbitmq.routes.{channel}");
+        if !channels.contains(&channel) {
+            return Err(ConfigError::new(format!(
+                "key {key}: '{channel}' is not in listener.channels; add it there or fix the name"
+            )));
+        }
+        let route = Route {
+            exchange: route.exchange.unwrap_or_else(|| default.exchange.clone()),
+            routing_key: route
+                .routing_key
+                .unwrap_or_else(|| default.routing_key.clone()),
+        };
+        short_string(&format!("{key}.exchange"), &route.exchange)?;
+        short_string(&format!("{key}.routing_key"), &route.routing_key)?;
+        routes.insert(channel, route);
+    }
+    Ok((default, routes))
+}
