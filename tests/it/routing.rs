@@ -351,3 +351,40 @@ async fn a_configured_route_to_a_missing_exchange_is_refused_at_connect_with_the
     delete_from_broker(&[], &[&missing]).await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_headers_exchange_matches_on_the_typed_headers_of_the_row() {
+    let mut env = TestEnv::new("hdrx").await;
+    let names = Names::of(&env);
+    let mq = &mut env.config["rabbitmq"];
+    mq["exchanges"] = json!([{"name": names.exchange, "type": "headers"}]);
+    mq["queues"] = json!([{"name": names.orders}]);
+    mq["bindings"] = json!([{"queue": names.orders, "exchange": names.exchange,
+                             "arguments": {"x-match": "all", "tenant": "acme", "version": 2}}]);
+    env.config["relay"]["max_attempts"] = 1.into();
+    let relay = env.relay().await;
+    let orders = Consumer::attach(&names.orders).await;
+    let x = &names.exchange;
+    let matching = send(
+        &env,
+        "acme v2",
+        &format!(r#"p_exchange => '{x}', p_headers => '{{"tenant": "acme", "version": 2, "extra": true}}'"#),
+    )
+    .await;
+    let other = send(
+        &env,
+        "acme v3",
+        &format!(r#"p_exchange => '{x}', p_headers => '{{"tenant": "acme", "version": 3}}'"#),
+    )
+    .await;
+    orders.wait_for_all(std::slice::from_ref(&matching)).await;
+    wait_until("the other row is parked", || async {
+        env.row_state(&other).await.2
+    })
+    .await;
+    let reason = env.row_state(&other).await.1.unwrap_or_default();
+    assert!(reason.contains("312 NO_ROUTE"), "{reason}");
+    assert_eq!(orders.ids(), vec![matching]);
+    assert!(relay.terminate().await.success());
+    names.cleanup(env).await;
+}
