@@ -242,6 +242,7 @@ fn producer_function_sql(outbox: &Outbox, default_channel: &str) -> String {
     let data = outbox.table(DATA_TABLE);
     format!(
         "BEGIN;
+         SET LOCAL client_min_messages = warning; -- no notice when there is nothing to drop
          DROP FUNCTION IF EXISTS {s}.{f}({body}, {id}, text);
          CREATE OR REPLACE FUNCTION {s}.{f}(
              p_message_body {body},
