@@ -31,6 +31,14 @@ pub enum Hold {
     BadField(String),
     /// The row names an exchange that does not exist.
     NoExchange(String),
+    /// The broker refused messages to the exchange the row names (an
+    /// internal exchange, no write permission) by closing the channel.
+    RefusedExchange {
+        /// The exchange.
+        exchange: String,
+        /// The broker's words.
+        reason: String,
+    },
     /// The batch's byte budget was spent before this row; it goes in a later
     /// batch. Not a failure.
     Deferred,
@@ -50,6 +58,9 @@ impl Hold {
             Self::BadField(reason) => reason.clone(),
             Self::NoExchange(name) => format!(
                 "exchange '{name}' named by the row does not exist; declare it (rabbitmq.exchanges) or fix the row"
+            ),
+            Self::RefusedExchange { exchange, reason } => format!(
+                "the broker refused publishing to exchange '{exchange}' named by the row ({reason}); grant write permission or fix the row"
             ),
             Self::Deferred => "deferred to the next batch".into(),
         }

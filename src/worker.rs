@@ -15,6 +15,7 @@
 //! worker never claims while the broker is down or blocked, so no
 //! transaction spans an outage.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +39,9 @@ use crate::routing::Router;
 const TRANSACTION_MARGIN: Duration = Duration::from_secs(30);
 /// AMQP reply code of an unroutable mandatory message.
 const NO_ROUTE: u16 = 312;
+/// How long rows naming an exchange the broker refused fail without being
+/// published; after it, one more try shows whether the refusal still holds.
+const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 
 /// Why one batch attempt failed; its rows stay pending.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +70,9 @@ struct BatchSummary {
     no_route: bool,
     wrapped: bool,
     channel_failure: Option<String>,
+    /// An exchange named by a row whose messages the broker refused, with
+    /// the broker's words.
+    refused_exchange: Option<(String, String)>,
 }
 
 /// One claim-publish-mark loop.
@@ -81,6 +88,9 @@ pub struct Worker {
     publisher: Option<Publisher>,
     /// Where this relay's next claim starts; shared by its workers.
     cursor: Arc<ClaimCursor>,
+    /// Exchanges named by rows that the broker refused (closing the channel
+    /// and failing the whole batch), with why and when.
+    refused: HashMap<String, (String, Instant)>,
 }
 
 /// The position of a relay's claims in the id space, shared by its workers.
@@ -112,6 +122,7 @@ impl Worker {
             session: None,
             publisher: None,
             cursor,
+            refused: HashMap::new(),
         }
     }
 
@@ -159,6 +170,10 @@ impl Worker {
         if summary.no_route {
             self.redeclare_topology("a message on a configured route was returned as unroutable");
         }
+        if let Some((exchange, reason)) = summary.refused_exchange {
+            warn!(%exchange, %reason, "the broker refused an exchange named by rows; those rows fail without being published for a while");
+            self.refused.insert(exchange, (reason, Instant::now()));
+        }
         if let Some(reason) = summary.channel_failure {
             if reason.contains("NOT_FOUND") {
                 // A configured exchange was deleted while the relay ran (a
@@ -190,6 +205,7 @@ impl Worker {
         };
         let config = &self.config;
         let router = &self.router;
+        let refused = &self.refused;
         let broker = &self.broker;
         let cursor = &self.cursor;
         let index = self.index;
@@ -237,16 +253,33 @@ impl Worker {
             };
             let claimed_at = started.elapsed();
             let mut batch = assemble(plan, fetched, router);
-            let missing = publisher.missing_exchanges(&batch.messages).await.map_err(BatchError::Broker)?;
-            if !missing.is_empty() {
-                let (held, publishable): (Vec<Message>, Vec<Message>) = batch
-                    .messages
-                    .into_iter()
-                    .partition(|m| missing.contains(m.destination.exchange.as_str()));
+            // Exchanges named by rows that would close the channel: rows
+            // naming them fail alone instead of failing the batch.
+            let mut unusable: HashMap<String, Hold> = publisher
+                .missing_exchanges(&batch.messages)
+                .await
+                .map_err(BatchError::Broker)?
+                .into_iter()
+                .map(|x| (x.clone(), Hold::NoExchange(x)))
+                .collect();
+            for (exchange, (reason, at)) in refused {
+                if at.elapsed() < REFUSAL_MEMORY {
+                    unusable.entry(exchange.clone()).or_insert_with(|| Hold::RefusedExchange {
+                        exchange: exchange.clone(),
+                        reason: reason.clone(),
+                    });
+                }
+            }
+            if !unusable.is_empty() {
+                let (held, publishable): (Vec<Message>, Vec<Message>) =
+                    batch.messages.into_iter().partition(|m| {
+                        m.destination.exchange_from_row
+                            && unusable.contains_key(m.destination.exchange.as_str())
+                    });
                 batch.messages = publishable;
                 batch.held.extend(held.into_iter().map(|m| {
-                    let exchange = m.destination.exchange.to_string();
-                    (m.id, Hold::NoExchange(exchange))
+                    let hold = unusable[m.destination.exchange.as_str()].clone();
+                    (m.id, hold)
                 }));
             }
             let report = publisher
@@ -328,6 +361,15 @@ impl Worker {
                 commit_ms = (committed_at - marked_at).as_secs_f64() * 1e3,
                 "batch committed"
             );
+            if let Some(exchange) = report.channel_failure.as_deref().and_then(refused_exchange) {
+                let named_by_a_row = batch.messages.iter().any(|m| {
+                    m.destination.exchange_from_row && m.destination.exchange.as_str() == exchange
+                });
+                if named_by_a_row {
+                    summary.refused_exchange =
+                        Some((exchange.to_owned(), report.channel_failure.clone().unwrap_or_default()));
+                }
+            }
             summary.channel_failure = report.channel_failure;
             Ok(summary)
         }
@@ -400,6 +442,17 @@ impl Worker {
     }
 }
 
+/// The exchange a channel-closing `ACCESS_REFUSED` names, e.g. RabbitMQ's
+/// "cannot publish to internal exchange 'x' in vhost '/'".
+fn refused_exchange(failure: &str) -> Option<&str> {
+    if !failure.contains("ACCESS_REFUSED") {
+        return None;
+    }
+    let start = failure.find("exchange '")? + "exchange '".len();
+    let len = failure[start..].find('\'')?;
+    Some(&failure[start..start + len])
+}
+
 /// Runs one database call with a deadline: a stalled link must not hang the
 /// worker (TCP keepalives cannot see a peer that acknowledges and never answers).
 async fn within<T>(
@@ -409,5 +462,25 @@ async fn within<T>(
     match tokio::time::timeout(limit, call).await {
         Ok(result) => result.map_err(Into::into),
         Err(_) => Err(BatchError::Database(format!("no answer within {limit:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refused_exchange;
+
+    #[test]
+    fn a_refusal_names_its_exchange() {
+        assert_eq!(
+            refused_exchange(
+                "protocol error: ACCESS_REFUSED - cannot publish to internal exchange 'po.x' in vhost '/'"
+            ),
+            Some("po.x")
+        );
+        assert_eq!(
+            refused_exchange("NOT_FOUND - no exchange 'gone' in vhost '/'"),
+            None
+        );
+        assert_eq!(refused_exchange("ACCESS_REFUSED - no exchange here"), None);
     }
 }

@@ -58,6 +58,11 @@ async fn broker_outage_claims_nothing_and_resumes_without_new_traffic() {
     let relay = env.relay().await;
     let before = env.insert_many(50, 50).await;
     consumer.wait_for_all(&before).await;
+    // Received is not yet marked: the confirm and the commit follow.
+    wait_until("the first rows are marked", || async {
+        env.pending().await == 0
+    })
+    .await;
 
     proxy.down();
     relay.wait_log("cannot connect to rabbitmq").await;

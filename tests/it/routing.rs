@@ -388,3 +388,42 @@ async fn a_headers_exchange_matches_on_the_typed_headers_of_the_row() {
     assert!(relay.terminate().await.success());
     names.cleanup(env).await;
 }
+
+#[tokio::test]
+async fn a_row_naming_an_exchange_the_broker_refuses_is_parked_and_the_stream_flows() {
+    let mut env = TestEnv::new("refused").await;
+    let names = Names::of(&env);
+    env.config["rabbitmq"]["exchanges"] =
+        json!([{"name": names.exchange, "type": "fanout", "internal": true}]);
+    env.config["relay"]["max_attempts"] = 2.into();
+    env.config["relay"]["attempt_delay_ms"] = 50.into();
+    let seed_queue = env.consumer().await;
+    let relay = env.relay().await;
+    let before = env.insert_many(10, 10).await;
+    seed_queue.wait_for_all(&before).await;
+    let refused = send(
+        &env,
+        "internal",
+        &format!("p_exchange => '{}'", names.exchange),
+    )
+    .await;
+    let after = env.insert_many(20, 10).await;
+    wait_until("the refused row is parked", || async {
+        env.row_state(&refused).await.2
+    })
+    .await;
+    let (attempts, reason, _, transferred) = env.row_state(&refused).await;
+    assert!(!transferred && attempts == 2, "{attempts}");
+    let reason = reason.unwrap_or_default();
+    assert!(
+        reason.contains(&format!(
+            "the broker refused publishing to exchange '{}'",
+            names.exchange
+        )) && reason.contains("internal"),
+        "{reason}"
+    );
+    seed_queue.wait_for_all(&after).await;
+    assert_no_loss(&seed_queue, &[before, after].concat(), 30);
+    assert!(relay.terminate().await.success());
+    names.cleanup(env).await;
+}
