@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{DEFAULT_CONFIG_PATH, ENV_CONFIG_PATH};
+use crate::config::{DEFAULT_CONFIG_PATH, ENV_CONFIG_PATH, LogFormat};
 
 /// Relays events from a PostgreSQL transactional outbox to RabbitMQ.
 ///
@@ -19,6 +19,10 @@ pub struct Cli {
     /// environment variable PUSHOCCURRENCE_<KEY> (see the README).
     #[arg(long, global = true, env = ENV_CONFIG_PATH, default_value = DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
+    /// Log line format on stderr; overrides the config's log.format (and
+    /// PUSHOCCURRENCE_LOG_FORMAT).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

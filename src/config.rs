@@ -87,6 +87,7 @@ pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("relay.attempt_delay_ms", EnvKind::Number),
     ("relay.max_message_bytes", EnvKind::Number),
     ("relay.max_batch_bytes", EnvKind::Number),
+    ("log.format", EnvKind::Text),
 ];
 
 /// The environment variable that overrides `key`.
@@ -133,6 +134,17 @@ pub struct Config {
     pub channels: Vec<String>,
     /// Batching, timeouts and the in-flight window.
     pub relay: RelayConfig,
+    /// How log lines are written.
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (colored on a terminal).
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 /// How to reach PostgreSQL and where the outbox lives.
@@ -278,7 +290,17 @@ impl Config {
             rabbitmq: mq,
             listener,
             relay,
+            log,
         } = raw;
+        let log_format = match log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(ConfigError::new(format!(
+                    "key log.format: unknown format '{other}'; expected text or json"
+                )));
+            }
+        };
 
         let ssl_mode = match pg.ssl_mode.as_str() {
             "disable" => SslMode::Disable,
@@ -410,6 +432,7 @@ impl Config {
                 retry_delay,
             },
             channels: listener.channels,
+            log_format,
             relay: RelayConfig {
                 buffer_size: retry.buffer_size,
                 batch_size,
@@ -597,6 +620,8 @@ struct RawConfig {
     listener: RawListener,
     #[serde(default)]
     relay: RawRelay,
+    #[serde(default)]
+    log: RawLog,
 }
 
 #[derive(Debug, Deserialize)]
@@ -661,6 +686,20 @@ impl Default for RawRetry {
             buffer_size: 1024,
             retry_delay_sec: 5.0,
             idle_sleep_ms: 100,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    format: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: "text".to_owned(),
         }
     }
 }

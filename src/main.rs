@@ -11,7 +11,7 @@ use tracing_subscriber::prelude::*;
 
 use pushoccurrence::cli::{Cli, Command};
 use pushoccurrence::cmd::{self, Unavailable};
-use pushoccurrence::config::{Config, ConfigError};
+use pushoccurrence::config::{Config, ConfigError, LogFormat};
 use pushoccurrence::db::{migrate::MigrateError, outbox::SchemaError};
 use pushoccurrence::service::StartError;
 
@@ -22,7 +22,14 @@ const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    init_logging(cli.log_format.unwrap_or(config.log_format));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -33,7 +40,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(&cli)) {
+    match runtime.block_on(dispatch(&cli, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -42,8 +49,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(cli: &Cli) -> anyhow::Result<()> {
-    let config = Config::load(&cli.config)?;
+async fn dispatch(cli: &Cli, config: Config) -> anyhow::Result<()> {
     match cli.command {
         Command::Run => cmd::run(config).await,
         Command::Migrate => cmd::migrate(config).await,
@@ -71,7 +77,7 @@ fn exit_code(error: &anyhow::Error) -> u8 {
 /// libraries are capped at INFO whatever RUST_LOG says: lapin logs the AMQP
 /// password at TRACE, tokio-postgres logs statement parameters (bodies) at
 /// DEBUG, and lapin logs returned messages with their body at WARN.
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let cap = filter_fn(|meta| {
         let target = meta.target();
@@ -87,12 +93,17 @@ fn init_logging() {
         }
         true
     });
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = match format {
+        LogFormat::Text => layer.with_ansi(std::io::stderr().is_terminal()).boxed(),
+        // Flattened, so a line reads {"timestamp", "level", "message", ...fields}.
+        LogFormat::Json => layer
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .boxed(),
+    };
     tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_filter(env.and(cap)),
-        )
+        .with(layer.with_filter(env.and(cap)))
         .init();
 }

@@ -196,3 +196,68 @@ async fn declare_transient_queue(name: &str) {
     .unwrap();
     conn.close(200, "bye".into()).await.unwrap();
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_by_config_flag_or_environment() {
+    let mut env = TestEnv::new("jsonlog").await;
+    let parse_all = |stderr: &str| -> Vec<Value> {
+        stderr
+            .lines()
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+            })
+            .collect()
+    };
+    let migrated = |lines: &[Value]| {
+        lines.iter().any(|l| {
+            l["message"] == "outbox schema is up to date"
+                && l["level"] == "INFO"
+                && l["schema"] == env.name.as_str()
+                && l["timestamp"].is_string()
+        })
+    };
+    let stderr_of = |out: std::process::Output| {
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+
+    let out = pushoccurrence(&env.write_config(), &["--log-format", "json", "migrate"])
+        .output()
+        .await
+        .unwrap();
+    assert!(migrated(&parse_all(&stderr_of(out))));
+
+    let out = pushoccurrence(&env.write_config(), &["migrate"])
+        .env("PUSHOCCURRENCE_LOG_FORMAT", "json")
+        .output()
+        .await
+        .unwrap();
+    assert!(migrated(&parse_all(&stderr_of(out))));
+
+    env.config["log"] = serde_json::json!({"format": "json"});
+    let out = pushoccurrence(&env.write_config(), &["migrate"])
+        .output()
+        .await
+        .unwrap();
+    assert!(migrated(&parse_all(&stderr_of(out))));
+
+    // The default is text, and a flag beats the file.
+    let out = pushoccurrence(&env.write_config(), &["--log-format", "text", "migrate"])
+        .output()
+        .await
+        .unwrap();
+    let text = stderr_of(out);
+    assert!(
+        text.contains("outbox schema is up to date") && !text.starts_with('{'),
+        "{text}"
+    );
+
+    env.config["log"] = serde_json::json!({"format": "yaml"});
+    let (code, text) = run_with(&env, &["migrate"], &[]).await;
+    assert_eq!(code, Some(78));
+    assert!(
+        text.contains("key log.format: unknown format 'yaml'"),
+        "{text}"
+    );
+    env.cleanup().await;
+}
