@@ -88,6 +88,7 @@ pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("relay.max_message_bytes", EnvKind::Number),
     ("relay.max_batch_bytes", EnvKind::Number),
     ("log.format", EnvKind::Text),
+    ("admin.listen", EnvKind::Text),
 ];
 
 /// The environment variable that overrides `key`.
@@ -136,6 +137,8 @@ pub struct Config {
     pub relay: RelayConfig,
     /// How log lines are written.
     pub log_format: LogFormat,
+    /// Where the admin HTTP endpoint listens; `None` turns it off.
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 /// How log lines are written to stderr.
@@ -291,7 +294,18 @@ impl Config {
             listener,
             relay,
             log,
+            admin,
         } = raw;
+        let admin_listen = if admin.listen.trim().is_empty() {
+            None
+        } else {
+            Some(admin.listen.trim().parse().map_err(|_| {
+                ConfigError::new(format!(
+                    "key admin.listen: '{}' is not an address and port like 127.0.0.1:9780 (use \"\" to turn the endpoint off)",
+                    admin.listen
+                ))
+            })?)
+        };
         let log_format = match log.format.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -433,6 +447,7 @@ impl Config {
             },
             channels: listener.channels,
             log_format,
+            admin_listen,
             relay: RelayConfig {
                 buffer_size: retry.buffer_size,
                 batch_size,
@@ -622,6 +637,8 @@ struct RawConfig {
     relay: RawRelay,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    admin: RawAdmin,
 }
 
 #[derive(Debug, Deserialize)]
@@ -689,6 +706,23 @@ impl Default for RawRetry {
         }
     }
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_ADMIN_LISTEN.to_owned(),
+        }
+    }
+}
+
+/// The admin endpoint's default address: local only.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9780";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -14,14 +14,18 @@
 //!   [`mq::publisher`] confirm-mode publishing, [`mq::table`] JSON → AMQP tables.
 //! * [`worker`]: claim, publish, confirm, mark, commit.
 //! * [`service`]: wiring, start-up and the ordered shutdown.
+//! * [`metrics`], [`admin`]: Prometheus metrics and the `/metrics`,
+//!   `/healthz`, `/readyz` endpoint.
 //! * [`backoff`], [`shutdown`]: reconnection delays and the stop signal.
 //! * [`cli`], [`cmd`]: the `pushoccurrence` command line.
 
+pub mod admin;
 pub mod backoff;
 pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod db;
+pub mod metrics;
 pub mod mq;
 pub mod relay;
 pub mod routing;

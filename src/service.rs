@@ -14,15 +14,17 @@ use std::sync::Arc;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
+use crate::admin::{self, AdminState};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::db::listener::Listener;
 use crate::db::outbox::Outbox;
 use crate::db::{self, SessionKind, describe, migrate};
+use crate::metrics::Metrics;
 use crate::mq::{BrokerLink, BrokerState};
-use crate::worker::{ClaimCursor, Worker};
+use crate::worker::{ClaimCursor, Shared, Worker};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +35,13 @@ pub enum StartError {
     /// The outbox cannot be used as it is.
     #[error("outbox schema: {0}")]
     Schema(#[from] db::outbox::SchemaError),
+    /// The admin endpoint cannot listen.
+    #[error("{0}")]
+    Admin(String),
 }
+
+/// How often the backlog (pending rows, oldest age) is sampled for metrics.
+const BACKLOG_SAMPLE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs the relay until `shutdown` completes, then drains.
 ///
@@ -47,6 +55,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let stop = CancellationToken::new();
     let stop_on_signal = stop.clone();
     let mut shutdown = std::pin::pin!(shutdown);
+
+    // The admin endpoint answers from the start, while the relay still waits
+    // for its services (healthy, not ready), and stops last.
+    let metrics = Arc::new(Metrics::new());
+    let (broker_tx, broker_rx) = watch::channel(BrokerState::default());
+    let (listening_tx, listening_rx) = watch::channel(false);
+    let admin_stop = CancellationToken::new();
+    let admin_tasks = TaskTracker::new();
+    if let Some(addr) = config.admin_listen {
+        let listener = admin::bind(addr).await.map_err(StartError::Admin)?;
+        let state = AdminState {
+            metrics: metrics.clone(),
+            broker: broker_rx.clone(),
+            listening: listening_rx.clone(),
+        };
+        admin_tasks.spawn(admin::serve(listener, state, admin_stop.clone()));
+    }
+    admin_tasks.spawn(metrics.clone().follow_connections(
+        broker_rx.clone(),
+        listening_rx,
+        admin_stop.clone(),
+    ));
+    admin_tasks.close();
 
     let outbox = tokio::select! {
         () = &mut shutdown => {
@@ -66,8 +97,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
 
     let backoff = || Backoff::new(config.rabbitmq.retry_delay, config.relay.max_retry_delay);
-    let (broker_tx, broker_rx) = watch::channel(BrokerState::default());
-    let (listening_tx, _listening_rx) = watch::channel(false);
     let wake = Arc::new(Notify::new());
 
     // Sources of work stop on `stop`; the links stop on `links` after the
@@ -89,20 +118,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .run(stop.clone()),
     );
     link_tasks.spawn(sweep(wake.clone(), config.relay.idle_sleep, stop.clone()));
+    link_tasks.spawn(sample_backlog(
+        config.clone(),
+        outbox.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
     link_tasks.close();
 
     let workers = TaskTracker::new();
-    let cursor = Arc::new(ClaimCursor::default());
+    let shared = Shared {
+        config: config.clone(),
+        outbox: outbox.clone(),
+        broker: broker_rx.clone(),
+        wake: wake.clone(),
+        cursor: Arc::new(ClaimCursor::default()),
+        metrics: metrics.clone(),
+    };
     for index in 0..config.relay.workers {
-        let worker = Worker::new(
-            index,
-            config.clone(),
-            outbox.clone(),
-            broker_rx.clone(),
-            wake.clone(),
-            backoff(),
-            cursor.clone(),
-        );
+        let worker = Worker::new(index, shared.clone(), backoff());
         let token = stop.clone();
         workers.spawn(async move {
             // A worker that panics must not leave the relay half-running.
@@ -126,6 +160,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     links.cancel();
     let _links_closed =
         tokio::time::timeout(std::time::Duration::from_secs(3), link_tasks.wait()).await;
+    admin_stop.cancel();
+    let _admin_closed =
+        tokio::time::timeout(std::time::Duration::from_secs(1), admin_tasks.wait()).await;
     if drained {
         info!("stopped cleanly");
     } else {
@@ -169,6 +206,51 @@ async fn sweep(wake: Arc<Notify>, interval: std::time::Duration, token: Cancella
         tokio::select! {
             () = token.cancelled() => return,
             _ = ticks.tick() => wake.notify_one(),
+        }
+    }
+}
+
+/// Samples the backlog into the metrics every [`BACKLOG_SAMPLE`], on a
+/// session of its own; a failed sample is retried at the next tick.
+async fn sample_backlog(
+    config: Arc<Config>,
+    outbox: Arc<Outbox>,
+    metrics: Arc<Metrics>,
+    token: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(BACKLOG_SAMPLE);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut session = None;
+    let kind = SessionKind::Claim {
+        idle_in_transaction: config.postgres.query_timeout,
+    };
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if session
+            .as_ref()
+            .is_none_or(tokio_postgres::Client::is_closed)
+        {
+            session = db::connect(&config.postgres, kind).await.ok();
+        }
+        let Some(client) = &session else { continue };
+        let sample = tokio::time::timeout(
+            config.postgres.query_timeout,
+            client.query_one(&outbox.backlog_sql(), &[]),
+        )
+        .await;
+        match sample {
+            Ok(Ok(row)) => {
+                metrics.pending_rows.set(row.get(0));
+                metrics.oldest_pending_seconds.set(row.get(1));
+            }
+            Ok(Err(e)) => {
+                debug!(error = %describe(&e), "cannot sample the backlog");
+                session = None;
+            }
+            Err(_) => session = None,
         }
     }
 }

@@ -29,6 +29,7 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::db::outbox::{ClaimedRow, Outbox, Statements};
 use crate::db::{self, SessionKind, describe};
+use crate::metrics::Metrics;
 use crate::mq::publisher::{Delivery, Message, Publisher};
 use crate::mq::{self, BrokerState};
 use crate::relay::{Fetched, Hold, assemble, plan};
@@ -91,6 +92,24 @@ pub struct Worker {
     /// Exchanges named by rows that the broker refused (closing the channel
     /// and failing the whole batch), with why and when.
     refused: HashMap<String, (String, Instant)>,
+    metrics: Arc<Metrics>,
+}
+
+/// What a relay's workers share.
+#[derive(Clone)]
+pub struct Shared {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// The outbox's tables and statements.
+    pub outbox: Arc<Outbox>,
+    /// The broker link's state.
+    pub broker: watch::Receiver<BrokerState>,
+    /// Wakes a worker: a notification, a sweep, a reconnection.
+    pub wake: Arc<Notify>,
+    /// Where the relay's next claim starts.
+    pub cursor: Arc<ClaimCursor>,
+    /// Where batches are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The position of a relay's claims in the id space, shared by its workers.
@@ -100,16 +119,16 @@ pub struct Worker {
 pub struct ClaimCursor(tokio::sync::Mutex<Option<String>>);
 
 impl Worker {
-    /// Worker number `index`, woken through `wake`.
-    pub fn new(
-        index: usize,
-        config: Arc<Config>,
-        outbox: Arc<Outbox>,
-        broker: watch::Receiver<BrokerState>,
-        wake: Arc<Notify>,
-        backoff: Backoff,
-        cursor: Arc<ClaimCursor>,
-    ) -> Self {
+    /// Worker number `index` of a relay.
+    pub fn new(index: usize, shared: Shared, backoff: Backoff) -> Self {
+        let Shared {
+            config,
+            outbox,
+            broker,
+            wake,
+            cursor,
+            metrics,
+        } = shared;
         let router = Router::new(&config.rabbitmq, outbox.body_type.content_type());
         Self {
             index,
@@ -123,6 +142,7 @@ impl Worker {
             publisher: None,
             cursor,
             refused: HashMap::new(),
+            metrics,
         }
     }
 
@@ -206,6 +226,7 @@ impl Worker {
         let config = &self.config;
         let router = &self.router;
         let refused = &self.refused;
+        let metrics = &self.metrics;
         let broker = &self.broker;
         let cursor = &self.cursor;
         let index = self.index;
@@ -336,6 +357,22 @@ impl Worker {
             within(limit, tx.commit()).await?;
             let committed_at = started.elapsed();
 
+            let published = report.deliveries.iter().filter(|d| **d != Delivery::IdTooLong).count();
+            let returned =
+                report.deliveries.iter().filter(|d| matches!(d, Delivery::Returned { .. })).count();
+            metrics.batches.inc();
+            metrics.batch_size.observe(batch.claimed as f64);
+            metrics.claim_seconds.observe(claimed_at.as_secs_f64());
+            if published > 0 {
+                metrics.confirm_seconds.observe((confirmed_at - claimed_at).as_secs_f64());
+            }
+            metrics.published.inc_by(published as u64);
+            metrics.confirmed.inc_by(confirmed.len() as u64);
+            metrics.nacked.inc_by(summary.nacked as u64);
+            metrics.returned.inc_by(returned as u64);
+            metrics.failed.inc_by(failed.len() as u64);
+            metrics.parked.inc_by(recorded.iter().filter(|(_, parked, _)| *parked).count() as u64);
+
             for (id, reason) in &failed {
                 let (parked, attempt) = recorded
                     .iter()
@@ -436,6 +473,7 @@ impl Worker {
         let statements = within(limit, self.outbox.prepare(&client)).await?;
         if self.backoff.attempts() > 0 {
             info!(worker = self.index, "claim session reconnected");
+            self.metrics.session_reconnects.inc();
         }
         self.session = Some((client, statements));
         Ok(())

@@ -172,7 +172,9 @@ impl Bench {
             "postgres": {"host": "127.0.0.1", "port": args.pg_port, "database": "test", "user": "postgres",
                          "schema": NAME, "application_name": NAME},
             "rabbitmq": {"url": args.amqp_url, "connection_name": NAME, "queue": {"name": NAME}},
-            "listener": {"channels": [NAME]}
+            "listener": {"channels": [NAME]},
+            // Any free port: a relay running beside the bench keeps its own.
+            "admin": {"listen": "127.0.0.1:0"}
         });
         if let Some(n) = args.buffer_size {
             config_json["rabbitmq"]["retry"] = json!({"buffer_size": n});

@@ -27,7 +27,10 @@ pub const DATA_INDEX: &str = "message_queue_log_data_message_id_idx";
 pub const PRODUCER_FUNCTION: &str = "push_occurrence";
 /// The relay's own columns on the status table: additive, nullable or
 /// defaulted, so producers never need to know them.
-pub const RELAY_COLUMNS: [(&str, &str); 4] = [
+pub const RELAY_COLUMNS: [(&str, &str); 5] = [
+    // When the row was written (rows older than the column get the time it
+    // was added): the age of the backlog.
+    ("relay_enqueued_at", "timestamptz DEFAULT now()"),
     ("relay_attempts", "integer NOT NULL DEFAULT 0"),
     ("relay_next_attempt_at", "timestamptz"),
     ("relay_last_error", "text"),
@@ -284,6 +287,16 @@ impl Outbox {
           RETURNING l.message_id::text, l.relay_parked_at IS NOT NULL, l.relay_attempts",
             log = self.table(LOG_TABLE),
             id = self.id_type,
+        )
+    }
+
+    /// The backlog: `(pending rows int8, age of the oldest in seconds float8)`,
+    /// parked rows excluded, through the partial index.
+    pub fn backlog_sql(&self) -> String {
+        format!(
+            "SELECT count(*), coalesce(extract(epoch FROM now() - min(relay_enqueued_at)), 0)::float8
+               FROM {log} WHERE {PENDING_PREDICATE}",
+            log = self.table(LOG_TABLE),
         )
     }
 

@@ -7,6 +7,7 @@ mod bad_input; // each bad-input rule: retried, parked with a reason, stream kee
 mod cli; // the binary's commands: bad config, check, exit codes, secrets
 mod faults; // broker, database and process faults injected for real; nothing lost
 mod migrate; // schema creation on fresh and existing seed databases
+mod ops; // the admin endpoint: metrics against what was sent, health, readiness
 mod proxy; // in-test TCP proxy: cut, stall or refuse the relay's connections
 mod relay; // delivery: exactly once, bodies byte-exact, sweeps, two relays, SIGTERM
 mod routing; // exchanges, routing keys, headers, quorum queues, channel routes, unroutable rows

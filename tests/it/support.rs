@@ -94,7 +94,9 @@ impl TestEnv {
                          "queue": {"name": name, "durable": true, "auto_delete": false, "exclusive": false, "no_wait": false},
                          "retry": {"buffer_size": 100, "retry_delay_sec": 0.2, "idle_sleep_ms": 100}},
             "listener": {"channels": [name]},
-            "relay": {"batch_size": 50, "max_retry_delay_sec": 2}
+            "relay": {"batch_size": 50, "max_retry_delay_sec": 2},
+            // Any free port, so tests never meet; Relay::admin finds it.
+            "admin": {"listen": "127.0.0.1:0"}
         });
         Self {
             name,
@@ -550,7 +552,7 @@ impl Relay {
     pub async fn wait_ready(&self) {
         wait_until("the relay is listening and connected", || async {
             let log = self.log_text();
-            log.contains("listening") && log.contains("connected to rabbitmq")
+            log.contains("db::listener: listening") && log.contains("connected to rabbitmq")
         })
         .await;
     }
@@ -561,6 +563,18 @@ impl Relay {
             self.log_text().contains(text)
         })
         .await;
+    }
+
+    /// The admin endpoint's address, from the relay's log.
+    pub async fn admin(&self) -> String {
+        self.wait_log("admin endpoint listening").await;
+        let log = self.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("admin endpoint listening"))
+            .unwrap();
+        let start = line.find("addr=").expect("the line names the address") + "addr=".len();
+        line[start..].split_whitespace().next().unwrap().to_owned()
     }
 
     /// How often the relay's log contains `text`.
@@ -704,4 +718,37 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// `GET path` on `addr` over plain HTTP/1.1: `(status code, body)`.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in: {head}"));
+    (code, body.to_owned())
+}
+
+/// The value of one sample line (`name{labels} value`) in a metrics text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
 }

@@ -1,0 +1,143 @@
+//! Operating the relay: the admin endpoint's metrics, health and readiness.
+
+use crate::proxy::Proxy;
+use crate::support::*;
+
+#[tokio::test]
+async fn metrics_count_what_was_sent_failed_and_parked() {
+    let mut env = TestEnv::new("metrics").await;
+    env.config["relay"]["max_attempts"] = 1.into();
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let admin = relay.admin().await;
+    let ids = env.insert_many(120, 40).await;
+    env.pg
+        .batch_execute(&format!(
+            "INSERT INTO \"{}\".message_queue_log (message_id) VALUES ('00000000-0000-4000-8000-00000000000a')",
+            env.name
+        ))
+        .await
+        .unwrap();
+    consumer.wait_for_all(&ids).await;
+
+    let scrape = || async {
+        let (code, text) = http_get(&admin, "/metrics").await;
+        assert_eq!(code, 200);
+        text
+    };
+    let series = |text: &str, name: &str| metric(text, name).unwrap_or(-1.0);
+    wait_until("the counters add up", || async {
+        let text = scrape().await;
+        series(&text, "pushoccurrence_messages_confirmed_total") == 120.0
+            && series(&text, "pushoccurrence_rows_parked_total") == 1.0
+            && series(&text, "pushoccurrence_pending_rows") == 0.0
+    })
+    .await;
+    let text = scrape().await;
+    assert_eq!(
+        series(&text, "pushoccurrence_messages_published_total"),
+        120.0
+    );
+    assert_eq!(series(&text, "pushoccurrence_rows_failed_total"), 1.0);
+    assert_eq!(series(&text, "pushoccurrence_messages_nacked_total"), 0.0);
+    assert_eq!(series(&text, "pushoccurrence_messages_returned_total"), 0.0);
+    assert!(
+        series(&text, "pushoccurrence_batches_total") >= 3.0,
+        "{text}"
+    );
+    assert!(
+        series(&text, "pushoccurrence_claim_duration_seconds_count") >= 3.0,
+        "{text}"
+    );
+    assert_eq!(
+        series(
+            &text,
+            "pushoccurrence_connection_up{connection=\"rabbitmq\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        series(
+            &text,
+            "pushoccurrence_connection_up{connection=\"postgres_listener\"}"
+        ),
+        1.0
+    );
+    assert!(text.ends_with("# EOF\n"), "not OpenMetrics text: {text}");
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn readyz_turns_unready_when_the_broker_is_cut_and_ready_after() {
+    let mut env = TestEnv::new("readyz").await;
+    let proxy = Proxy::start(5672).await;
+    env.config["rabbitmq"]["url"] = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f?heartbeat=2",
+        proxy.port
+    )
+    .into();
+    let relay = env.relay().await;
+    let admin = relay.admin().await;
+    wait_until("ready", || async {
+        http_get(&admin, "/readyz").await.0 == 200
+    })
+    .await;
+
+    proxy.down();
+    proxy.cut();
+    wait_until("unready", || async {
+        http_get(&admin, "/readyz").await.0 == 503
+    })
+    .await;
+    let (_, why) = http_get(&admin, "/readyz").await;
+    assert_eq!(why, "not ready: rabbitmq not connected\n");
+    // Alive all the same: an outage must not make an orchestrator restart it.
+    assert_eq!(http_get(&admin, "/healthz").await, (200, "ok\n".to_owned()));
+
+    proxy.pass();
+    wait_until("ready again", || async {
+        http_get(&admin, "/readyz").await.0 == 200
+    })
+    .await;
+    let (_, text) = http_get(&admin, "/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "pushoccurrence_reconnections_total{connection=\"rabbitmq\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_backlog_sample_counts_pending_rows_and_ages_the_oldest() {
+    let env = TestEnv::new("backlog").await;
+    env.migrate().await;
+    env.insert_many(3, 3).await;
+    let s = &env.name;
+    env.pg
+        .batch_execute(&format!(
+            "UPDATE \"{s}\".message_queue_log SET relay_enqueued_at = now() - interval '90 seconds'
+              WHERE message_id = (SELECT message_id FROM \"{s}\".message_queue_log LIMIT 1);
+             INSERT INTO \"{s}\".message_queue_log (message_id, transferred, relay_enqueued_at)
+                  VALUES (gen_random_uuid(), true, now() - interval '1 day'),
+                         (gen_random_uuid(), false, now() - interval '1 day');
+             UPDATE \"{s}\".message_queue_log SET relay_parked_at = now()
+              WHERE transferred IS NOT TRUE AND relay_enqueued_at < now() - interval '1 hour';"
+        ))
+        .await
+        .unwrap();
+    let outbox = pushoccurrence::db::outbox::Outbox::inspect(&env.pg, s)
+        .await
+        .unwrap();
+    let row = env.pg.query_one(&outbox.backlog_sql(), &[]).await.unwrap();
+    let (pending, oldest): (i64, f64) = (row.get(0), row.get(1));
+    // Transferred and parked rows are not the backlog.
+    assert_eq!(pending, 3);
+    assert!((90.0..3600.0).contains(&oldest), "{oldest}");
+    env.cleanup().await;
+}
