@@ -43,6 +43,25 @@ pub enum Command {
     /// schema and the queue declaration; one line per check, non-zero exit
     /// on the first failure.
     Check,
+    /// Show the outbox's state: pending rows, the oldest one's age, parked
+    /// rows, and rows transferred in the last minute and hour.
+    Status,
+    /// Write one test event through push_occurrence() (as a producer would,
+    /// NOTIFY included) and print its id: a smoke test of the whole path.
+    Send {
+        /// The body, as text; converted to the body column's type.
+        #[arg(default_value = r#"{"pushoccurrence": "test event"}"#)]
+        body: String,
+        /// The NOTIFY channel (default: the first of listener.channels).
+        #[arg(long)]
+        channel: Option<String>,
+        /// The exchange (default: the configured route).
+        #[arg(long)]
+        exchange: Option<String>,
+        /// The routing key (default: the configured route).
+        #[arg(long)]
+        routing_key: Option<String>,
+    },
     /// List parked rows (bad input the relay gave up on): id, attempts,
     /// when it was parked and why, oldest first.
     Parked {

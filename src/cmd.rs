@@ -180,6 +180,63 @@ async fn open_outbox(config: &Config) -> anyhow::Result<(tokio_postgres::Client,
     Ok((client, outbox))
 }
 
+/// `status`: the outbox's backlog and recent throughput, one line each.
+///
+/// # Errors
+/// Unreachable database or unusable schema.
+pub async fn status(config: Config) -> anyhow::Result<()> {
+    let (client, outbox) = open_outbox(&config).await?;
+    let backlog = client
+        .query_one(&outbox.backlog_sql(), &[])
+        .await
+        .context("count pending rows")?;
+    let history = client
+        .query_one(&outbox.history_sql(), &[])
+        .await
+        .context("count parked and transferred rows")?;
+    let (pending, oldest): (i64, f64) = (backlog.get(0), backlog.get(1));
+    let (parked, last_minute, last_hour): (i64, i64, i64) =
+        (history.get(0), history.get(1), history.get(2));
+    println!("outbox                    {}", outbox.schema);
+    println!("pending                   {pending}");
+    println!("oldest pending age        {oldest:.1} s");
+    println!("parked                    {parked}");
+    println!("transferred, last minute  {last_minute}");
+    println!("transferred, last hour    {last_hour}");
+    Ok(())
+}
+
+/// Where `send` routes its event; `None` leaves it to the config.
+#[derive(Debug, Default)]
+pub struct SendRoute {
+    /// NOTIFY channel (default: the first configured).
+    pub channel: Option<String>,
+    /// Exchange.
+    pub exchange: Option<String>,
+    /// Routing key.
+    pub routing_key: Option<String>,
+}
+
+/// `send`: one test event through the producer helper, in its own
+/// transaction; prints the new id.
+///
+/// # Errors
+/// Unreachable database, unusable schema, or a body the column refuses.
+pub async fn send(config: Config, body: &str, route: SendRoute) -> anyhow::Result<()> {
+    let (client, outbox) = open_outbox(&config).await?;
+    let channel = route.channel.unwrap_or_else(|| config.channels[0].clone());
+    let row = client
+        .query_one(
+            &outbox.send_sql(),
+            &[&body, &channel, &route.exchange, &route.routing_key],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("write the test event: {}", describe(&e)))?;
+    let id: String = row.get(0);
+    println!("{id}");
+    Ok(())
+}
+
 /// `parked`: one line per parked row, oldest first.
 ///
 /// # Errors

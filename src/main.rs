@@ -54,6 +54,20 @@ async fn dispatch(cli: &Cli, config: Config) -> anyhow::Result<()> {
         Command::Run => cmd::run(config).await,
         Command::Migrate => cmd::migrate(config).await,
         Command::Check => cmd::check(config, &cli.config.display().to_string()).await,
+        Command::Status => cmd::status(config).await,
+        Command::Send {
+            ref body,
+            ref channel,
+            ref exchange,
+            ref routing_key,
+        } => {
+            let route = cmd::SendRoute {
+                channel: channel.clone(),
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+            };
+            cmd::send(config, body, route).await
+        }
         Command::Parked { limit } => cmd::parked(config, limit).await,
         Command::Requeue { ref ids, all } => cmd::requeue(config, ids, all).await,
     }

@@ -300,6 +300,36 @@ impl Outbox {
         )
     }
 
+    /// For `status`: `(parked rows, transferred in the last minute, in the
+    /// last hour)`, all int8. These read the transferred history, which no
+    /// index covers: with a large history this takes a while (retention
+    /// keeps it small).
+    pub fn history_sql(&self) -> String {
+        format!(
+            "SELECT count(*) FILTER (WHERE relay_parked_at IS NOT NULL AND transferred IS NOT TRUE),
+                    count(*) FILTER (WHERE transferred IS TRUE AND transfer_time > localtimestamp - interval '1 minute'),
+                    count(*) FILTER (WHERE transferred IS TRUE AND transfer_time > localtimestamp - interval '1 hour')
+               FROM {log}",
+            log = self.table(LOG_TABLE),
+        )
+    }
+
+    /// For `send`: one event through the producer helper, with the body
+    /// given as text in `$1` (converted to the body column's type), the
+    /// channel in `$2`, and an optional exchange and routing key in `$3` and
+    /// `$4`; returns the new id as text.
+    pub fn send_sql(&self) -> String {
+        let body = match self.body_type {
+            BodyType::Bytea => "convert_to($1::text, 'UTF8')".to_owned(),
+            _ => format!("$1::text::{}", self.body_type_sql),
+        };
+        format!(
+            "SELECT {schema}.{f}({body}, p_channel => $2::text, p_exchange => $3::text, p_routing_key => $4::text)::text",
+            schema = quote_ident(&self.schema),
+            f = quote_ident(PRODUCER_FUNCTION),
+        )
+    }
+
     /// Lists up to `$1` parked rows: `(id, attempts, parked_at text, reason)`.
     pub fn parked_sql(&self) -> String {
         format!(

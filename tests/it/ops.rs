@@ -141,3 +141,56 @@ async fn the_backlog_sample_counts_pending_rows_and_ages_the_oldest() {
     assert!((90.0..3600.0).contains(&oldest), "{oldest}");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn send_writes_a_test_event_and_status_follows_it_through() {
+    let env = TestEnv::new("sendstatus").await;
+    env.create_seed_tables("uuid", "jsonb").await;
+    env.migrate().await;
+    let config = env.write_config();
+    let cli = |args: &'static [&'static str]| {
+        let config = config.clone();
+        async move {
+            let out = pushoccurrence(&config, args).output().await.unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let (code, first, _) = cli(&["send"]).await;
+    assert_eq!(code, Some(0));
+    let (_, second, _) = cli(&["send", r#"{"n": 2}"#]).await;
+    let ids = vec![first.trim().to_owned(), second.trim().to_owned()];
+    let (code, _, stderr) = cli(&["send", "not json"]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("invalid input syntax for type json"),
+        "{stderr}"
+    );
+
+    let (code, status, _) = cli(&["status"]).await;
+    assert_eq!(code, Some(0));
+    assert!(status.contains("pending                   2\n"), "{status}");
+    assert!(status.contains("transferred, last minute  0\n"), "{status}");
+
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    consumer.wait_for_all(&ids).await;
+    assert_eq!(
+        consumer.get(&ids[0]).body,
+        br#"{"pushoccurrence": "test event"}"#
+    );
+    wait_until("nothing is pending", || async { env.pending().await == 0 }).await;
+    let (_, status, _) = cli(&["status"]).await;
+    assert!(
+        status.contains("pending                   0\n")
+            && status.contains("parked                    0\n")
+            && status.contains("transferred, last minute  2\n")
+            && status.contains("transferred, last hour    2\n"),
+        "{status}"
+    );
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
