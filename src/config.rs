@@ -89,6 +89,9 @@ pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("relay.max_batch_bytes", EnvKind::Number),
     ("log.format", EnvKind::Text),
     ("admin.listen", EnvKind::Text),
+    ("retention.transferred_after_sec", EnvKind::Number),
+    ("retention.batch_size", EnvKind::Number),
+    ("retention.interval_sec", EnvKind::Number),
 ];
 
 /// The environment variable that overrides `key`.
@@ -139,6 +142,19 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where the admin HTTP endpoint listens; `None` turns it off.
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// Deletion of old transferred rows; `None` keeps them forever.
+    pub retention: Option<RetentionConfig>,
+}
+
+/// Which transferred rows are deleted, and how gently.
+#[derive(Debug, Clone)]
+pub struct RetentionConfig {
+    /// Rows transferred longer ago than this are deleted, with their bodies.
+    pub transferred_after: Duration,
+    /// Rows deleted per transaction.
+    pub batch_size: i64,
+    /// Pause between deletion runs.
+    pub interval: Duration,
 }
 
 /// How log lines are written to stderr.
@@ -271,7 +287,7 @@ impl Config {
         env: &BTreeMap<String, String>,
         origin: &str,
     ) -> Result<Self, ConfigError> {
-        let mut json: Value = serde_json::from_str(text)
+        let mut json: Value = serde_json::from_str(&blank_comment_lines(text))
             .map_err(|e| ConfigError::new(format!("{origin} is not valid JSON: {e}")))?;
         apply_env(&mut json, env)?;
         let raw: RawConfig = serde_path_to_error::deserialize(json).map_err(|e| {
@@ -295,7 +311,32 @@ impl Config {
             relay,
             log,
             admin,
+            retention,
         } = raw;
+        let retention = if retention.transferred_after_sec > 0.0 {
+            if retention.batch_size == 0 {
+                return Err(ConfigError::new(
+                    "key retention.batch_size: must be at least 1 (rows deleted per transaction)",
+                ));
+            }
+            Some(RetentionConfig {
+                // Days or weeks, so not bounded like the other durations.
+                transferred_after: Duration::try_from_secs_f64(retention.transferred_after_sec)
+                    .map_err(|_| {
+                        ConfigError::new(
+                            "key retention.transferred_after_sec: too large; give seconds, e.g. 604800 for a week",
+                        )
+                    })?,
+                batch_size: i64::try_from(retention.batch_size).unwrap_or(i64::MAX),
+                interval: positive_secs("retention.interval_sec", retention.interval_sec)?,
+            })
+        } else if retention.transferred_after_sec < 0.0 {
+            return Err(ConfigError::new(
+                "key retention.transferred_after_sec: must not be negative (0 keeps rows forever)",
+            ));
+        } else {
+            None
+        };
         let admin_listen = if admin.listen.trim().is_empty() {
             None
         } else {
@@ -448,6 +489,7 @@ impl Config {
             channels: listener.channels,
             log_format,
             admin_listen,
+            retention,
             relay: RelayConfig {
                 buffer_size: retry.buffer_size,
                 batch_size,
@@ -468,6 +510,23 @@ impl Config {
 /// The most batches in flight at once, whatever `buffer_size` says: each
 /// holds a database connection.
 const MAX_WORKERS: usize = 16;
+
+/// Blanks lines whose first non-blank characters are `//`, so a config file
+/// can explain itself. A JSON string cannot hold a raw line break, so such a
+/// line is never inside a string; blanking (not removing) keeps the line
+/// numbers of parse errors right.
+fn blank_comment_lines(text: &str) -> String {
+    text.lines()
+        .map(|line| {
+            if line.trim_start().starts_with("//") {
+                ""
+            } else {
+                line
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
 
 /// Replaces the password of a URL's user info with `***`.
 pub fn redact_url(url: &str) -> String {
@@ -639,6 +698,8 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    retention: RawRetention,
 }
 
 #[derive(Debug, Deserialize)]
@@ -703,6 +764,24 @@ impl Default for RawRetry {
             buffer_size: 1024,
             retry_delay_sec: 5.0,
             idle_sleep_ms: 100,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRetention {
+    transferred_after_sec: f64,
+    batch_size: usize,
+    interval_sec: f64,
+}
+
+impl Default for RawRetention {
+    fn default() -> Self {
+        Self {
+            transferred_after_sec: 0.0,
+            batch_size: 1000,
+            interval_sec: 60.0,
         }
     }
 }
@@ -848,6 +927,15 @@ pub(crate) mod tests {
         assert_eq!(c.relay.workers, 2);
         assert_eq!(c.relay.idle_sleep, Duration::from_millis(100));
         assert_eq!(c.channels, vec!["your_notify_channel"]);
+    }
+
+    #[test]
+    fn whole_line_comments_are_allowed_and_errors_keep_their_line() {
+        let text = "// the relay's config\n{\n  // where the outbox lives\n  \"postgres\": {\"database\": \"d\", \"user\": \"u\", \"password\": \"a//b\"},\n  \"rabbitmq\": {\"url\": \"amqp://h/\", \"queue\": {\"name\": \"q\"}},\n  \"listener\": {\"channels\": [\"c\"]}\n}";
+        let c = parse(text, &[]).unwrap();
+        assert_eq!(c.postgres.password.unwrap().expose(), "a//b");
+        let e = err("// comment\n{\n  \"postgres\": nope\n}", &[]);
+        assert!(e.contains("line 3"), "{e}");
     }
 
     #[test]

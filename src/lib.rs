@@ -14,6 +14,7 @@
 //!   [`mq::publisher`] confirm-mode publishing, [`mq::table`] JSON → AMQP tables.
 //! * [`worker`]: claim, publish, confirm, mark, commit.
 //! * [`service`]: wiring, start-up and the ordered shutdown.
+//! * [`retention`]: optional deletion of old transferred rows.
 //! * [`metrics`], [`admin`]: Prometheus metrics and the `/metrics`,
 //!   `/healthz`, `/readyz` endpoint.
 //! * [`backoff`], [`shutdown`]: reconnection delays and the stop signal.
@@ -28,6 +29,7 @@ pub mod db;
 pub mod metrics;
 pub mod mq;
 pub mod relay;
+pub mod retention;
 pub mod routing;
 pub mod service;
 pub mod shutdown;

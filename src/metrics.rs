@@ -71,6 +71,8 @@ pub struct Metrics {
     pub reconnects: Family<ConnectionLabel, Counter>,
     /// Claim sessions replaced after an error.
     pub session_reconnects: Counter,
+    /// Transferred rows deleted by retention.
+    pub rows_deleted: Counter,
 }
 
 impl Default for Metrics {
@@ -116,6 +118,11 @@ impl Metrics {
             "Rows parked after relay.max_attempts failed attempts",
         );
         let batches = counter(r, "batches", "Batches committed");
+        let rows_deleted = counter(
+            r,
+            "rows_deleted",
+            "Transferred rows deleted by retention, with their bodies",
+        );
         let session_reconnects = counter(
             r,
             "claim_session_reconnects",
@@ -190,6 +197,7 @@ impl Metrics {
             connected,
             reconnects,
             session_reconnects,
+            rows_deleted,
         }
     }
 

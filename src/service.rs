@@ -118,6 +118,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .run(stop.clone()),
     );
     link_tasks.spawn(sweep(wake.clone(), config.relay.idle_sleep, stop.clone()));
+    if let Some(retention) = config.retention.clone() {
+        link_tasks.spawn(crate::retention::run(
+            config.clone(),
+            outbox.clone(),
+            retention,
+            metrics.clone(),
+            stop.clone(),
+        ));
+    }
     link_tasks.spawn(sample_backlog(
         config.clone(),
         outbox.clone(),

@@ -330,6 +330,27 @@ impl Outbox {
         )
     }
 
+    /// Retention, step 1: locks up to `$2` rows transferred more than `$1`
+    /// seconds ago (skipping rows anyone holds) and returns their ids.
+    pub fn expired_sql(&self) -> String {
+        format!(
+            "SELECT message_id::text FROM {log}
+              WHERE transferred IS TRUE AND transfer_time < localtimestamp - $1::float8 * interval '1 second'
+              LIMIT $2 FOR UPDATE SKIP LOCKED",
+            log = self.table(LOG_TABLE),
+        )
+    }
+
+    /// Retention, step 2 then 3: deletes the rows of `table` (the body table
+    /// first, which references the status table) whose ids are in `$1`.
+    pub fn delete_ids_sql(&self, table: &str) -> String {
+        format!(
+            "DELETE FROM {t} WHERE message_id = ANY($1::text[]::{id}[])",
+            t = self.table(table),
+            id = self.id_type,
+        )
+    }
+
     /// Lists up to `$1` parked rows: `(id, attempts, parked_at text, reason)`.
     pub fn parked_sql(&self) -> String {
         format!(

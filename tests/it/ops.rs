@@ -194,3 +194,87 @@ async fn send_writes_a_test_event_and_status_follows_it_through() {
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn retention_deletes_only_rows_transferred_long_enough_ago_with_their_bodies() {
+    let mut env = TestEnv::new("retention").await;
+    env.config["retention"] =
+        serde_json::json!({"transferred_after_sec": 3600, "batch_size": 2, "interval_sec": 0.2});
+    env.migrate().await;
+    let old = env.insert_many(5, 5).await;
+    let recent = env.insert_many(2, 2).await;
+    let waiting = env.insert_many(1, 1).await;
+    let s = &env.name;
+    let mark = |ids: &[String], ago: &str| {
+        format!(
+            "UPDATE \"{s}\".message_queue_log SET transferred = true, transfer_time = localtimestamp - interval '{ago}'
+              WHERE message_id::text IN ({});",
+            ids.iter().map(|i| format!("'{i}'")).collect::<Vec<_>>().join(",")
+        )
+    };
+    env.pg
+        .batch_execute(&format!(
+            "{}{}UPDATE \"{s}\".message_queue_log SET relay_enqueued_at = now() - interval '2 days'
+              WHERE message_id::text = '{}';",
+            mark(&old, "2 days"),
+            mark(&recent, "1 minute"),
+            waiting[0]
+        ))
+        .await
+        .unwrap();
+    let count = |table: &'static str| {
+        let env = &env;
+        async move {
+            let n: i64 = env
+                .pg
+                .query_one(
+                    &format!("SELECT count(*) FROM \"{}\".{table}", env.name),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            n
+        }
+    };
+    assert_eq!(
+        (
+            count("message_queue_log").await,
+            count("message_queue_log_data").await
+        ),
+        (8, 8)
+    );
+
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let admin = relay.admin().await;
+    wait_until("old rows are deleted", || async {
+        count("message_queue_log").await == 3
+    })
+    .await;
+    assert_eq!(count("message_queue_log_data").await, 3);
+    let left: Vec<String> = env
+        .pg
+        .query(
+            &format!("SELECT message_id::text FROM \"{s}\".message_queue_log ORDER BY 1"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut kept = [recent, waiting.clone()].concat();
+    kept.sort();
+    assert_eq!(left, kept);
+    // An old pending row is the relay's, not retention's.
+    consumer.wait_for_all(&waiting).await;
+    let (_, text) = http_get(&admin, "/metrics").await;
+    assert_eq!(
+        metric(&text, "pushoccurrence_rows_deleted_total"),
+        Some(5.0),
+        "{text}"
+    );
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}

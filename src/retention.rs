@@ -1,0 +1,89 @@
+//! Retention (off by default): deletes rows transferred longer ago than
+//! `retention.transferred_after_sec`, with their bodies, a small batch per
+//! transaction. It locks only old transferred rows, with `SKIP LOCKED`, so
+//! producers (who insert new rows) and workers (who claim pending ones)
+//! never wait for it.
+
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, RetentionConfig};
+use crate::db::outbox::{DATA_TABLE, LOG_TABLE, Outbox};
+use crate::db::{self, SessionKind, describe};
+use crate::metrics::Metrics;
+
+/// Deletes expired rows every `retention.interval` until `token` is cancelled.
+pub async fn run(
+    config: Arc<Config>,
+    outbox: Arc<Outbox>,
+    retention: RetentionConfig,
+    metrics: Arc<Metrics>,
+    token: CancellationToken,
+) {
+    let mut session: Option<Client> = None;
+    loop {
+        if session.as_ref().is_none_or(Client::is_closed) {
+            session = db::connect(&config.postgres, SessionKind::Plain).await.ok();
+        }
+        if let Some(client) = &mut session {
+            let run = delete_expired(client, &outbox, &retention, &metrics, &token);
+            match tokio::time::timeout(config.postgres.query_timeout * 10, run).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(deleted)) => info!(deleted, "retention deleted transferred rows"),
+                Ok(Err(e)) => {
+                    warn!(error = %describe(&e), "retention failed; it tries again later");
+                    session = None;
+                }
+                Err(_) => {
+                    warn!("retention took too long; it tries again later");
+                    session = None;
+                }
+            }
+        }
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = tokio::time::sleep(retention.interval) => {}
+        }
+    }
+}
+
+/// Deletes expired rows batch by batch until none is left (or the relay
+/// stops); returns how many were deleted.
+async fn delete_expired(
+    client: &mut Client,
+    outbox: &Outbox,
+    retention: &RetentionConfig,
+    metrics: &Metrics,
+    token: &CancellationToken,
+) -> Result<u64, tokio_postgres::Error> {
+    let age = retention.transferred_after.as_secs_f64();
+    let expired = client.prepare(&outbox.expired_sql()).await?;
+    let delete_data = client.prepare(&outbox.delete_ids_sql(DATA_TABLE)).await?;
+    let delete_log = client.prepare(&outbox.delete_ids_sql(LOG_TABLE)).await?;
+    let mut total = 0;
+    while !token.is_cancelled() {
+        let tx = client.transaction().await?;
+        let ids: Vec<String> = tx
+            .query(&expired, &[&age, &retention.batch_size])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if ids.is_empty() {
+            break;
+        }
+        tx.execute(&delete_data, &[&ids]).await?;
+        let deleted = tx.execute(&delete_log, &[&ids]).await?;
+        tx.commit().await?;
+        metrics.rows_deleted.inc_by(deleted);
+        total += deleted;
+        debug!(deleted, "retention batch committed");
+        if ids.len() < usize::try_from(retention.batch_size).unwrap_or(usize::MAX) {
+            break;
+        }
+    }
+    Ok(total)
+}
