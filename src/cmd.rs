@@ -133,6 +133,24 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
         }
     );
 
+    let missing = outbox
+        .missing_privileges(&client, config.retention.is_some())
+        .await
+        .context("check the role's privileges")?;
+    if !missing.is_empty() {
+        let msg = format!(
+            "privileges: role {} lacks {}; grant them as in deploy/relay-role.sql",
+            pg.user,
+            missing.join(", ")
+        );
+        println!("FAIL  {msg}");
+        return Err(Unavailable(msg).into());
+    }
+    println!(
+        "ok    privileges: role {} may claim, mark and record rows",
+        pg.user
+    );
+
     let mq = &config.rabbitmq;
     let connection = match tokio::time::timeout(Duration::from_secs(30), mq::connect(mq)).await {
         Ok(Ok(connection)) => connection,

@@ -198,6 +198,63 @@ impl Outbox {
         })
     }
 
+    /// The privileges the relay uses that the session's role lacks, in
+    /// words (empty when it has them all): SELECT on both tables, UPDATE of
+    /// the columns it writes, and DELETE on both when `retention` is on.
+    ///
+    /// # Errors
+    /// The catalog could not be read.
+    pub async fn missing_privileges(
+        &self,
+        client: &Client,
+        retention: bool,
+    ) -> Result<Vec<String>, tokio_postgres::Error> {
+        let log = self.table(LOG_TABLE);
+        let data = self.table(DATA_TABLE);
+        let mut needed: Vec<(String, Option<&str>, &str)> = vec![
+            (log.clone(), None, "SELECT"),
+            (data.clone(), None, "SELECT"),
+        ];
+        for column in ["transferred", "transfer_time"].into_iter().chain(
+            RELAY_COLUMNS
+                .iter()
+                .map(|(name, _)| *name)
+                .filter(|n| *n != "relay_enqueued_at"),
+        ) {
+            needed.push((log.clone(), Some(column), "UPDATE"));
+        }
+        if retention {
+            needed.push((log.clone(), None, "DELETE"));
+            needed.push((data, None, "DELETE"));
+        }
+        let mut missing = Vec::new();
+        for (table, column, privilege) in needed {
+            let granted: bool = match column {
+                None => {
+                    client
+                        .query_one("SELECT has_table_privilege($1, $2)", &[&table, &privilege])
+                        .await?
+                }
+                Some(column) => {
+                    client
+                        .query_one(
+                            "SELECT has_column_privilege($1, $2, $3)",
+                            &[&table, &column, &privilege],
+                        )
+                        .await?
+                }
+            }
+            .get(0);
+            if !granted {
+                missing.push(match column {
+                    None => format!("{privilege} on {table}"),
+                    Some(column) => format!("{privilege} ({column}) on {table}"),
+                });
+            }
+        }
+        Ok(missing)
+    }
+
     /// `schema.table`, quoted.
     pub fn table(&self, table: &str) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(table))

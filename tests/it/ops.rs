@@ -278,3 +278,88 @@ async fn retention_deletes_only_rows_transferred_long_enough_ago_with_their_bodi
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_documented_least_privilege_role_runs_the_relay() {
+    let mut env = TestEnv::new("leastpriv").await;
+    env.migrate().await;
+    let role = format!("{}_relay", env.name);
+    let grants = include_str!("../../deploy/relay-role.sql")
+        .replace("pushoccurrence_relay", &format!("\"{role}\""))
+        .replace("data_exchange", &format!("\"{}\"", env.name));
+    env.pg.batch_execute(&grants).await.unwrap();
+    env.config["postgres"]["user"] = role.clone().into();
+    env.config["postgres"]["auto_migrate"] = false.into();
+    env.config["retention"] =
+        serde_json::json!({"transferred_after_sec": 3600, "interval_sec": 0.2});
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let ids = env.insert_many(30, 10).await;
+    env.pg
+        .execute(
+            &format!(
+                "INSERT INTO \"{}\".message_queue_log (message_id) VALUES ('00000000-0000-4000-8000-0000000000bb')",
+                env.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    consumer.wait_for_all(&ids).await;
+    wait_until(
+        "the good rows are marked and the bad one failed",
+        || async {
+            env.pending().await == 1
+                && env
+                    .row_state("00000000-0000-4000-8000-0000000000bb")
+                    .await
+                    .0
+                    >= 1
+        },
+    )
+    .await;
+    assert_exactly_once(&consumer, &ids);
+    let sessions: i64 = env
+        .pg
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(sessions >= 2, "the relay runs as {role}");
+    assert_eq!(
+        relay.log_count("permission denied"),
+        0,
+        "{}",
+        relay.log_text()
+    );
+    assert!(relay.terminate().await.success());
+
+    // Without the grants the same relay cannot even read the outbox.
+    let text = format!(
+        "REVOKE ALL ON ALL TABLES IN SCHEMA \"{}\" FROM \"{role}\"",
+        env.name
+    );
+    env.pg.batch_execute(&text).await.unwrap();
+    let out = pushoccurrence(&env.write_config(), &["check"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success()
+            && stdout.contains(&format!(
+                "FAIL  privileges: role {role} lacks SELECT on \"{}\".\"message_queue_log\"",
+                env.name
+            ))
+            && stdout.contains("deploy/relay-role.sql"),
+        "{stdout}"
+    );
+    env.pg
+        .batch_execute(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\""))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
