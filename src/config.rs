@@ -59,6 +59,7 @@ pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("postgres.user", EnvKind::Text),
     ("postgres.password", EnvKind::Secret),
     ("postgres.ssl_mode", EnvKind::Text),
+    ("postgres.ssl_root_cert", EnvKind::Text),
     ("postgres.schema", EnvKind::Text),
     ("postgres.auto_migrate", EnvKind::Bool),
     ("postgres.application_name", EnvKind::Text),
@@ -66,6 +67,7 @@ pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("postgres.query_timeout_ms", EnvKind::Number),
     ("rabbitmq.url", EnvKind::Secret),
     ("rabbitmq.connection_name", EnvKind::Text),
+    ("rabbitmq.ca_file", EnvKind::Text),
     ("rabbitmq.queue.name", EnvKind::Text),
     ("rabbitmq.queue.durable", EnvKind::Bool),
     ("rabbitmq.queue.auto_delete", EnvKind::Bool),
@@ -181,6 +183,10 @@ pub struct PostgresConfig {
     pub password: Option<Secret>,
     /// TLS mode.
     pub ssl_mode: SslMode,
+    /// CA certificates (PEM) the server's certificate must chain to.
+    pub ssl_root_cert: Option<std::path::PathBuf>,
+    /// The TLS connector built from `ssl_mode` and `ssl_root_cert`.
+    pub tls: crate::db::tls::Connector,
     /// Schema holding the two outbox tables.
     pub schema: String,
     /// Whether `run` applies the migrations at start.
@@ -194,13 +200,20 @@ pub struct PostgresConfig {
     pub query_timeout: Duration,
 }
 
-/// The libpq `sslmode` words the seed's `ssl_mode` key takes.
+/// The libpq `sslmode` words the seed's `ssl_mode` key takes (see
+/// `db::tls` for what each checks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {
     /// Plain TCP.
     Disable,
-    /// TLS if the server offers it. This build connects in plain TCP.
+    /// TLS if the server offers it, plain TCP otherwise.
     Prefer,
+    /// TLS always.
+    Require,
+    /// TLS, and the certificate chains to `ssl_root_cert`.
+    VerifyCa,
+    /// TLS, the certificate chains to `ssl_root_cert` and names the host.
+    VerifyFull,
 }
 
 /// How to reach RabbitMQ and what to declare there.
@@ -212,6 +225,8 @@ pub struct RabbitConfig {
     pub url_redacted: String,
     /// Connection name shown in the management UI.
     pub connection_name: String,
+    /// CA certificates (PEM) trusted for `amqps://` besides the system's.
+    pub ca_file: Option<std::path::PathBuf>,
     /// The seed's queue: declared first, and the default routing key.
     pub queue: QueueConfig,
     /// Further queues to declare.
@@ -360,18 +375,27 @@ impl Config {
         let ssl_mode = match pg.ssl_mode.as_str() {
             "disable" => SslMode::Disable,
             "prefer" => SslMode::Prefer,
-            "require" | "verify-ca" | "verify-full" => {
-                return Err(ConfigError::new(format!(
-                    "key postgres.ssl_mode: '{}' needs TLS, which this build does not support yet; use 'disable' or 'prefer'",
-                    pg.ssl_mode
-                )));
-            }
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
             other => {
                 return Err(ConfigError::new(format!(
                     "key postgres.ssl_mode: unknown mode '{other}'; expected one of disable, prefer, require, verify-ca, verify-full"
                 )));
             }
         };
+        let ssl_root_cert = pg
+            .ssl_root_cert
+            .filter(|p| !p.trim().is_empty())
+            .map(std::path::PathBuf::from);
+        if ssl_root_cert.is_none() && matches!(ssl_mode, SslMode::VerifyCa | SslMode::VerifyFull) {
+            return Err(ConfigError::new(format!(
+                "key postgres.ssl_root_cert: ssl_mode '{}' checks the server's certificate against a CA; give the CA's PEM file",
+                pg.ssl_mode
+            )));
+        }
+        let tls = crate::db::tls::connector(ssl_mode, ssl_root_cert.as_deref())
+            .map_err(|e| ConfigError::new(format!("key postgres.ssl_root_cert: {e}")))?;
         check_identifier("postgres.schema", &pg.schema)?;
         non_empty("postgres.host", &pg.host)?;
         non_empty("postgres.database", &pg.database)?;
@@ -390,10 +414,18 @@ impl Config {
                 "key rabbitmq.url: '{url_redacted}' is not an AMQP URL ({e}); expected amqp://user:password@host:port/vhost"
             ))
         })?;
-        if mq.url.starts_with("amqps://") {
-            return Err(ConfigError::new(
-                "key rabbitmq.url: amqps:// needs TLS, which this build does not support yet; use amqp://",
-            ));
+        let ca_file = mq
+            .ca_file
+            .filter(|p| !p.trim().is_empty())
+            .map(std::path::PathBuf::from);
+        if let Some(path) = &ca_file {
+            if !mq.url.starts_with("amqps://") {
+                return Err(ConfigError::new(
+                    "key rabbitmq.ca_file: set, but rabbitmq.url is not amqps://, so no TLS would use it",
+                ));
+            }
+            crate::db::tls::read_roots(path)
+                .map_err(|e| ConfigError::new(format!("key rabbitmq.ca_file: {e}")))?;
         }
         let queue = routing::queue("rabbitmq.queue", mq.queue)?;
         let queues = mq
@@ -468,6 +500,8 @@ impl Config {
                 user: pg.user,
                 password: pg.password.map(Secret),
                 ssl_mode,
+                ssl_root_cert,
+                tls,
                 schema: pg.schema,
                 auto_migrate: pg.auto_migrate,
                 application_name: pg.application_name,
@@ -478,6 +512,7 @@ impl Config {
                 url: Secret(mq.url),
                 url_redacted,
                 connection_name: mq.connection_name,
+                ca_file,
                 queue,
                 queues,
                 exchanges,
@@ -715,6 +750,8 @@ struct RawPostgres {
     password: Option<String>,
     #[serde(default = "default_ssl_mode")]
     ssl_mode: String,
+    #[serde(default)]
+    ssl_root_cert: Option<String>,
     #[serde(default = "default_schema")]
     schema: String,
     #[serde(default = "default_true")]
@@ -733,6 +770,8 @@ struct RawRabbit {
     url: String,
     #[serde(default = "default_name")]
     connection_name: String,
+    #[serde(default)]
+    ca_file: Option<String>,
     queue: routing::RawQueue,
     #[serde(default)]
     retry: RawRetry,
@@ -1190,6 +1229,70 @@ pub(crate) mod tests {
             let e = err(&edit(f), &[]);
             assert!(e.starts_with(expected), "expected '{expected}' in: {e}");
         }
+    }
+
+    /// A CA certificate for tests that need a readable PEM file.
+    const TEST_CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBoTCCAUegAwIBAgIUOm8ri7SKVuox4NEK0ozQgmK0tQAwCgYIKoZIzj0EAwIw\nJTEjMCEGA1UEAwwacHVzaG9jY3VycmVuY2UgY29uZmlnIHRlc3QwIBcNMjYxMTI1\nMTMxMTAyWhgPMjEyNjExMDExMzExMDJaMCUxIzAhBgNVBAMMGnB1c2hvY2N1cnJl\nbmNlIGNvbmZpZyB0ZXN0MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEeOldJW+p\nP3TuojcieGXC7z1hzDw3RFaY+qHld5bNQNj1IpuDmXcU99qFU5DJQwdlSzkNr3bu\nNpkjpNTWI7fd0aNTMFEwHQYDVR0OBBYEFLaVCytwkj3Adufwccy7/dV0JQJ3MB8G\nA1UdIwQYMBaAFLaVCytwkj3Adufwccy7/dV0JQJ3MA8GA1UdEwEB/wQFMAMBAf8w\nCgYIKoZIzj0EAwIDSAAwRQIgWjLVEEzFLMAjfn2YPxDc7nSeGPgXPppl7Lz/fgjm\nx8kCIQCvfodb6LVP7JdaubWKKfHkDTpcELessdKvbQc2BupGyw==\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn the_example_production_config_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, TEST_CA).unwrap();
+        let ca = ca.to_str().unwrap();
+        let c = parse(
+            include_str!("../deploy/config.production.json"),
+            &[
+                ("PUSHOCCURRENCE_POSTGRES_SSL_ROOT_CERT", ca),
+                ("PUSHOCCURRENCE_RABBITMQ_CA_FILE", ca),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.postgres.ssl_mode, SslMode::VerifyFull);
+        assert!(!c.postgres.auto_migrate);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(
+            c.retention.unwrap().transferred_after,
+            Duration::from_secs(7 * 24 * 3600)
+        );
+        assert_eq!(
+            c.rabbitmq.queue.arguments.inner()["x-queue-type"],
+            lapin::types::AMQPValue::LongString("quorum".into())
+        );
+    }
+
+    #[test]
+    fn tls_settings_are_checked_when_loaded() {
+        let e = err(
+            &edit(|v| v["postgres"]["ssl_mode"] = "verify-ca".into()),
+            &[],
+        );
+        assert!(
+            e.starts_with("key postgres.ssl_root_cert: ssl_mode 'verify-ca' checks"),
+            "{e}"
+        );
+        let e = err(
+            SEED,
+            &[(
+                "PUSHOCCURRENCE_POSTGRES_SSL_ROOT_CERT",
+                "/nonexistent/ca.pem",
+            )],
+        );
+        assert!(
+            e.starts_with("key postgres.ssl_root_cert: cannot read /nonexistent/ca.pem"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, TEST_CA).unwrap();
+        let e = err(
+            SEED,
+            &[("PUSHOCCURRENCE_RABBITMQ_CA_FILE", ca.to_str().unwrap())],
+        );
+        assert!(
+            e.starts_with("key rabbitmq.ca_file: set, but rabbitmq.url is not amqps://"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -7,10 +7,11 @@
 pub mod listener;
 pub mod migrate;
 pub mod outbox;
+pub mod tls;
 
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tracing::debug;
 
 use crate::config::{PostgresConfig, SslMode};
@@ -36,7 +37,7 @@ pub async fn connect(
     pg: &PostgresConfig,
     kind: SessionKind,
 ) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = session_config(pg, kind).connect(NoTls).await?;
+    let (client, connection) = session_config(pg, kind).connect(pg.tls.0.clone()).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             debug!(%error, "postgres session ended");
@@ -62,13 +63,14 @@ pub fn session_config(pg: &PostgresConfig, kind: SessionKind) -> tokio_postgres:
     if let Some(password) = &pg.password {
         cfg.password(password.expose());
     }
-    // This build has no TLS connector: `prefer` connects in plain TCP, as libpq
-    // does when the server offers no TLS.
-    match pg.ssl_mode {
-        SslMode::Disable | SslMode::Prefer => {
-            cfg.ssl_mode(tokio_postgres::config::SslMode::Disable)
+    // The driver knows three modes; what verify-* add is in the connector.
+    cfg.ssl_mode(match pg.ssl_mode {
+        SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+        SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+            tokio_postgres::config::SslMode::Require
         }
-    };
+    });
     if let SessionKind::Claim {
         idle_in_transaction,
     } = kind
@@ -119,7 +121,21 @@ pub fn quote_literal(text: &str) -> String {
 pub fn describe(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => error.to_string(),
+        None => {
+            // The driver's text names only the step ("error performing TLS
+            // handshake"); the cause (which certificate check failed) is in
+            // the sources.
+            let mut text = error.to_string();
+            let mut source = std::error::Error::source(error);
+            while let Some(cause) = source {
+                let cause_text = cause.to_string();
+                if !text.contains(&cause_text) {
+                    text = format!("{text}: {cause_text}");
+                }
+                source = cause.source();
+            }
+            text
+        }
     }
 }
 

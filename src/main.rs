@@ -22,6 +22,11 @@ const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One crypto provider for every TLS connection (PostgreSQL and AMQP). It
+    // fails only when a provider is already installed, which is as good.
+    let _already_installed = rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err();
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(error) => {

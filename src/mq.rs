@@ -17,9 +17,12 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
-use lapin::{Channel, Connection, ConnectionProperties, Event, ExchangeKind};
+use lapin::{
+    Channel, Connection, ConnectionProperties, DefaultConnectionBuilder, Event, ExchangeKind,
+};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -78,7 +81,24 @@ pub async fn connect(cfg: &RabbitConfig) -> Result<Connection, String> {
         .get_or_insert(DEFAULT_CONNECT_TIMEOUT_MS);
     let properties =
         ConnectionProperties::default().with_connection_name(cfg.connection_name.clone().into());
-    let connection = Connection::connect_uri(uri, properties)
+    // amqps:// trusts the system's CAs, and rabbitmq.ca_file's when given
+    // (read at every connect, so a rotated file is picked up).
+    let tls = match &cfg.ca_file {
+        Some(path) => OwnedTLSConfig {
+            identity: None,
+            cert_chain: Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("read rabbitmq.ca_file {}: {e}", path.display()))?,
+            ),
+        },
+        None => OwnedTLSConfig::default(),
+    };
+    let connection = DefaultConnectionBuilder::new()
+        .map_err(|e| format!("connect to {}: {e}", cfg.url_redacted))?
+        .with_uri(uri)
+        .with_properties(properties)
+        .with_tls_config(tls)
+        .connect()
         .await
         .map_err(|e| format!("connect to {}: {e}", cfg.url_redacted))?;
     if let Err(e) = declare_topology(&connection, cfg).await {

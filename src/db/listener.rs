@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::{Notify, watch};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -85,7 +85,7 @@ impl Listener {
         let session = session_config(&self.pg, SessionKind::Plain);
         // A peer that accepts and never answers must not hang the listener.
         let limit = self.pg.query_timeout;
-        let connect = tokio::time::timeout(limit, session.connect(NoTls));
+        let connect = tokio::time::timeout(limit, session.connect(self.pg.tls.0.clone()));
         let (client, mut connection) = tokio::select! {
             () = token.cancelled() => return Ok(()),
             res = connect => res

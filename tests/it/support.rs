@@ -633,6 +633,13 @@ pub struct PrivateBroker {
 
 impl PrivateBroker {
     pub async fn start() -> Self {
+        Self::start_with(|_| String::new()).await
+    }
+
+    /// Starts a node whose `rabbitmq.conf` is what `conf` returns, given
+    /// the node's own directory (owned by the rabbitmq user; put files the
+    /// node must read there first).
+    pub async fn start_with(conf: impl FnOnce(&Path) -> String) -> Self {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let node = format!(
             "po-{}-{}@localhost",
@@ -644,6 +651,7 @@ impl PrivateBroker {
         let dir = std::env::temp_dir().join(format!("po-broker-{}", node.replace('@', "-")));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("enabled_plugins"), "[].").unwrap();
+        std::fs::write(dir.join("rabbitmq.conf"), conf(&dir)).unwrap();
         // The server runs as the rabbitmq user and must own its directory.
         let owned = std::process::Command::new("chown")
             .args(["-R", "rabbitmq"])
@@ -703,6 +711,11 @@ impl PrivateBroker {
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
+
+    /// The node's own directory (certificates written by `start_with`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
 }
 
 impl Drop for PrivateBroker {
@@ -712,7 +725,7 @@ impl Drop for PrivateBroker {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
