@@ -6,7 +6,6 @@
 //! texts (unbounded cardinality); the only label is the connection's name.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -134,21 +133,21 @@ impl Metrics {
             "Rows claimed per batch",
             batch_size.clone(),
         );
-        // 0.5 ms to about 16 s.
-        let seconds = || Histogram::new(exponential_buckets(0.0005, 2.0, 16));
-        let claim_seconds = seconds();
-        r.register_with_unit(
+        let seconds = |r: &mut Registry, name: &str, help: &str| {
+            // 0.5 ms to about 16 s.
+            let h = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+            r.register_with_unit(name, help, Unit::Seconds, h.clone());
+            h
+        };
+        let claim_seconds = seconds(
+            r,
             "claim_duration",
             "Time to claim a batch and fetch its bodies",
-            Unit::Seconds,
-            claim_seconds.clone(),
         );
-        let confirm_seconds = seconds();
-        r.register_with_unit(
+        let confirm_seconds = seconds(
+            r,
             "confirm_duration",
             "Time from publishing a batch to its last confirm",
-            Unit::Seconds,
-            confirm_seconds.clone(),
         );
         let pending_rows = Gauge::default();
         r.register(
@@ -228,9 +227,6 @@ impl Metrics {
                 () = token.cancelled() => return,
                 changed = broker.changed() => if changed.is_err() { return },
                 changed = listening.changed() => if changed.is_err() { return },
-                // The broker's state flips without a watch update when its
-                // connection dies between events; look again now and then.
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }

@@ -7,7 +7,8 @@
 //! a crashed worker's locks vanish with its session. A row is marked
 //! transferred only in the transaction that claimed it, and only after a
 //! bare `basic.ack`. Bad input (no data row, NULL or ambiguous body, an
-//! oversized body, an id too long for AMQP, an unroutable message) is
+//! oversized body, an id too long for AMQP, an unroutable message, an
+//! exchange that is missing or refused, a property the broker refuses) is
 //! recorded on the row in the same transaction: the row waits out a
 //! doubling delay and is parked after `relay.max_attempts`, so it never
 //! blocks the stream. Faults that are not the row's (nack, timeout, lost

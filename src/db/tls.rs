@@ -64,15 +64,15 @@ pub fn connector(ssl_mode: SslMode, root_cert: Option<&Path>) -> Result<Connecto
         Some(path) => Some(Arc::new(read_roots(path)?)),
         None => None,
     };
-    let verifier: Arc<dyn ServerCertVerifier> = match (ssl_mode, roots) {
-        (SslMode::VerifyFull, Some(roots)) => webpki(roots, &provider)?,
+    let check = match (ssl_mode, roots) {
+        (SslMode::VerifyFull, Some(roots)) => Check::ChainAndName(webpki(roots, &provider)?),
         (SslMode::VerifyCa | SslMode::Prefer | SslMode::Require, Some(roots)) => {
-            Arc::new(AnyName(webpki(roots, &provider)?))
+            Check::Chain(webpki(roots, &provider)?)
         }
         // verify-* without a root file is refused by the config.
-        (_, None) => Arc::new(Unchecked(algorithms)),
-        (SslMode::Disable, Some(_)) => Arc::new(Unchecked(algorithms)),
+        (_, None) | (SslMode::Disable, Some(_)) => Check::Nothing,
     };
+    let verifier = Arc::new(Verifier { check, algorithms });
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS set-up: {e}"))?
@@ -91,11 +91,27 @@ fn webpki(
         .map_err(|e| format!("TLS set-up: {e}"))
 }
 
-/// `verify-ca`: the chain must lead to a trusted root; the name is not checked.
+/// What is checked of the server's certificate.
 #[derive(Debug)]
-struct AnyName(Arc<WebPkiServerVerifier>);
+enum Check {
+    /// `verify-full`: the chain leads to a trusted root and names the host.
+    ChainAndName(Arc<WebPkiServerVerifier>),
+    /// `verify-ca` (and `prefer`/`require` with a root file): the chain only.
+    Chain(Arc<WebPkiServerVerifier>),
+    /// `prefer`/`require` without a root file: nothing, as libpq; the
+    /// connection is encrypted but not authenticated.
+    Nothing,
+}
 
-impl ServerCertVerifier for AnyName {
+/// The certificate check of one `ssl_mode`; the handshake's signatures are
+/// verified in every mode.
+#[derive(Debug)]
+struct Verifier {
+    check: Check,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -104,14 +120,28 @@ impl ServerCertVerifier for AnyName {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
+        match &self.check {
+            Check::ChainAndName(webpki) => webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            ),
+            Check::Chain(webpki) => match webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            ) {
+                Err(Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. },
+                )) => Ok(ServerCertVerified::assertion()),
+                other => other,
+            },
+            Check::Nothing => Ok(ServerCertVerified::assertion()),
         }
     }
 
@@ -121,7 +151,7 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -130,50 +160,10 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer` / `require` without a root certificate: encrypted, not
-/// authenticated (libpq's behaviour); handshake signatures still checked.
-#[derive(Debug)]
-struct Unchecked(WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for Unchecked {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_schemes()
+        self.algorithms.supported_schemes()
     }
 }

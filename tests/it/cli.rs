@@ -261,3 +261,25 @@ async fn json_logs_are_one_object_per_line_by_config_flag_or_environment() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_taken_admin_port_stops_run_with_exit_78_naming_the_key() {
+    let mut env = TestEnv::new("adminport").await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    env.config["admin"]["listen"] = addr.clone().into();
+    let (code, text) = run_with(&env, &["run"], &[]).await;
+    assert_eq!(code, Some(78), "{text}");
+    assert!(
+        text.contains(&format!("key admin.listen: cannot listen on {addr}")),
+        "{text}"
+    );
+    env.config["admin"]["listen"] = "localhost".into();
+    let (code, text) = run_with(&env, &["run"], &[]).await;
+    assert_eq!(code, Some(78), "{text}");
+    assert!(
+        text.contains("key admin.listen: 'localhost' is not an address and port"),
+        "{text}"
+    );
+    env.cleanup().await;
+}
