@@ -183,9 +183,8 @@ pub struct PostgresConfig {
     pub password: Option<Secret>,
     /// TLS mode.
     pub ssl_mode: SslMode,
-    /// CA certificates (PEM) the server's certificate must chain to.
-    pub ssl_root_cert: Option<std::path::PathBuf>,
-    /// The TLS connector built from `ssl_mode` and `ssl_root_cert`.
+    /// The TLS connector built from `ssl_mode` and `postgres.ssl_root_cert`
+    /// (the CA certificates the server's certificate must chain to).
     pub tls: crate::db::tls::Connector,
     /// Schema holding the two outbox tables.
     pub schema: String,
@@ -384,10 +383,7 @@ impl Config {
                 )));
             }
         };
-        let ssl_root_cert = pg
-            .ssl_root_cert
-            .filter(|p| !p.trim().is_empty())
-            .map(std::path::PathBuf::from);
+        let ssl_root_cert = optional_path(pg.ssl_root_cert);
         if ssl_root_cert.is_none() && matches!(ssl_mode, SslMode::VerifyCa | SslMode::VerifyFull) {
             return Err(ConfigError::new(format!(
                 "key postgres.ssl_root_cert: ssl_mode '{}' checks the server's certificate against a CA; give the CA's PEM file",
@@ -414,10 +410,7 @@ impl Config {
                 "key rabbitmq.url: '{url_redacted}' is not an AMQP URL ({e}); expected amqp://user:password@host:port/vhost"
             ))
         })?;
-        let ca_file = mq
-            .ca_file
-            .filter(|p| !p.trim().is_empty())
-            .map(std::path::PathBuf::from);
+        let ca_file = optional_path(mq.ca_file);
         if let Some(path) = &ca_file {
             if !mq.url.starts_with("amqps://") {
                 return Err(ConfigError::new(
@@ -500,7 +493,6 @@ impl Config {
                 user: pg.user,
                 password: pg.password.map(Secret),
                 ssl_mode,
-                ssl_root_cert,
                 tls,
                 schema: pg.schema,
                 auto_migrate: pg.auto_migrate,
@@ -545,6 +537,13 @@ impl Config {
 /// The most batches in flight at once, whatever `buffer_size` says: each
 /// holds a database connection.
 const MAX_WORKERS: usize = 16;
+
+/// A file path key: absent or blank means none.
+fn optional_path(value: Option<String>) -> Option<std::path::PathBuf> {
+    value
+        .filter(|p| !p.trim().is_empty())
+        .map(std::path::PathBuf::from)
+}
 
 /// Blanks lines whose first non-blank characters are `//`, so a config file
 /// can explain itself. A JSON string cannot hold a raw line break, so such a
@@ -1169,7 +1168,7 @@ pub(crate) mod tests {
             (billing.exchange.as_str(), billing.routing_key.as_str()),
             ("events", "billing")
         );
-        assert_eq!(mq.exchanges[0].kind, "topic");
+        assert_eq!(mq.exchanges[0].kind, lapin::ExchangeKind::Topic);
         assert!(mq.exchanges[0].durable);
         assert_eq!(
             mq.queue.arguments.inner()["x-max-length"],

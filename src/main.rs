@@ -11,7 +11,7 @@ use tracing_subscriber::prelude::*;
 
 use pushoccurrence::cli::{Cli, Command};
 use pushoccurrence::cmd::{self, Unavailable};
-use pushoccurrence::config::{Config, ConfigError, LogFormat};
+use pushoccurrence::config::{Config, LogFormat};
 use pushoccurrence::db::{migrate::MigrateError, outbox::SchemaError};
 use pushoccurrence::service::StartError;
 
@@ -79,11 +79,9 @@ async fn dispatch(cli: &Cli, config: Config) -> anyhow::Result<()> {
 }
 
 fn exit_code(error: &anyhow::Error) -> u8 {
-    if error.is::<ConfigError>()
-        || error.is::<SchemaError>()
-        || error.is::<MigrateError>()
-        || error.is::<StartError>()
-    {
+    // Config errors never get here: the config is loaded (and exits 78)
+    // before the command runs.
+    if error.is::<SchemaError>() || error.is::<MigrateError>() || error.is::<StartError>() {
         EX_CONFIG
     } else if error.is::<Unavailable>() {
         EX_UNAVAILABLE

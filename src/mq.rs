@@ -236,17 +236,10 @@ async fn declare_exchange(
         internal: exchange.internal,
         nowait: false,
     };
-    let kind = match exchange.kind.as_str() {
-        "direct" => ExchangeKind::Direct,
-        "topic" => ExchangeKind::Topic,
-        "fanout" => ExchangeKind::Fanout,
-        "headers" => ExchangeKind::Headers,
-        other => ExchangeKind::Custom(other.to_owned()),
-    };
     channel
         .exchange_declare(
             exchange.name.as_str().into(),
-            kind,
+            exchange.kind.clone(),
             options,
             exchange.arguments.clone(),
         )

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use lapin::ExchangeKind;
 use lapin::types::FieldTable;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -37,7 +38,7 @@ pub struct ExchangeConfig {
     /// Exchange name.
     pub name: String,
     /// `direct`, `topic`, `fanout`, `headers`, or a plugin's `x-` type.
-    pub kind: String,
+    pub kind: ExchangeKind,
     /// Survives a broker restart.
     pub durable: bool,
     /// Deleted when its last binding goes.
@@ -136,7 +137,12 @@ fn default_exchange_type() -> String {
 }
 
 /// The exchange types RabbitMQ ships; plugins add `x-` types.
-const EXCHANGE_TYPES: [&str; 4] = ["direct", "topic", "fanout", "headers"];
+const EXCHANGE_TYPES: [(&str, ExchangeKind); 4] = [
+    ("direct", ExchangeKind::Direct),
+    ("topic", ExchangeKind::Topic),
+    ("fanout", ExchangeKind::Fanout),
+    ("headers", ExchangeKind::Headers),
+];
 
 fn short_string(key: &str, value: &str) -> Result<(), ConfigError> {
     if value.len() > AMQP_MAX_SHORT_STRING {
@@ -205,13 +211,17 @@ pub(super) fn exchanges(raw: Vec<RawExchange>) -> Result<Vec<ExchangeConfig>, Co
                 x.name
             )));
         }
-        if !EXCHANGE_TYPES.contains(&x.kind.as_str()) && !x.kind.starts_with("x-") {
-            return Err(ConfigError::new(format!(
-                "key {key}.type: unknown exchange type '{}'; expected one of {}, or a plugin's x- type",
-                x.kind,
-                EXCHANGE_TYPES.join(", ")
-            )));
-        }
+        let kind = match EXCHANGE_TYPES.iter().find(|(name, _)| *name == x.kind) {
+            Some((_, kind)) => kind.clone(),
+            None if x.kind.starts_with("x-") => ExchangeKind::Custom(x.kind),
+            None => {
+                return Err(ConfigError::new(format!(
+                    "key {key}.type: unknown exchange type '{}'; expected one of {}, or a plugin's x- type",
+                    x.kind,
+                    EXCHANGE_TYPES.map(|(name, _)| name).join(", ")
+                )));
+            }
+        };
         if out.iter().any(|e| e.name == x.name) {
             return Err(ConfigError::new(format!(
                 "key {key}.name: exchange '{}' is listed twice",
@@ -221,7 +231,7 @@ pub(super) fn exchanges(raw: Vec<RawExchange>) -> Result<Vec<ExchangeConfig>, Co
         out.push(ExchangeConfig {
             arguments: arguments(&key, &x.arguments)?,
             name: x.name,
-            kind: x.kind,
+            kind,
             durable: x.durable,
             auto_delete: x.auto_delete,
             internal: x.internal,
