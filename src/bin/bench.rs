@@ -98,9 +98,9 @@ async fn main() -> anyhow::Result<()> {
         args.rows
     );
     report.bare_lapin = Some(bench.bare_lapin(args.rows, window).await?);
-    println!("  lapin: {:.0} msg/s", report.bare_lapin.unwrap());
+    println!("  lapin: {}", report.bare_lapin.as_ref().unwrap());
     report.bare_amqprs = Some(bench.bare_amqprs(args.rows, window).await?);
-    println!("  amqprs: {:.0} msg/s", report.bare_amqprs.unwrap());
+    println!("  amqprs: {}", report.bare_amqprs.as_ref().unwrap());
 
     println!("seed algorithm: {} messages, one at a time", args.seed_rows);
     report.seed = Some(bench.seed_algorithm(args.seed_rows).await?);
@@ -277,6 +277,7 @@ impl Bench {
         self.reset().await?;
         self.fill(n).await?;
         let consumer = Consumer::start(&self.amqp_url, false).await?;
+        let cpu_before = CpuSplit::read(None);
         let started = Instant::now();
         let mut relay = self.spawn_relay(bin)?;
         let pid = relay.id().context("relay pid")?;
@@ -287,6 +288,7 @@ impl Bench {
         .await?;
         let elapsed = started.elapsed();
         let (cpu, peak_rss) = process_usage(pid)?;
+        let cpu_split = CpuSplit::read(Some(pid)).per_10k_since(&cpu_before, n);
         // Idle: no notifications, only the sweep timer.
         tokio::time::sleep(Duration::from_secs(5)).await;
         let (cpu_after, _) = process_usage(pid)?;
@@ -295,7 +297,7 @@ impl Bench {
         consumer.close().await;
         Ok(Drain {
             rate: n as f64 / elapsed.as_secs_f64(),
-            cpu_per_10k: cpu / (n as f64 / 10_000.0),
+            cpu: cpu_split,
             peak_rss_mib: peak_rss as f64 / 1024.0,
             idle_cpu_percent: (cpu_after - cpu) / 5.0 * 100.0,
             received,
@@ -303,10 +305,11 @@ impl Bench {
     }
 
     /// Baseline: lapin publishing `n` messages with `window` confirms in flight.
-    async fn bare_lapin(&self, n: usize, window: usize) -> anyhow::Result<f64> {
+    async fn bare_lapin(&self, n: usize, window: usize) -> anyhow::Result<Bare> {
         self.reset().await?;
         let consumer = Consumer::start(&self.amqp_url, false).await?;
         let (conn, ch) = confirm_channel(&self.amqp_url).await?;
+        let cpu_before = CpuSplit::read(None);
         let started = Instant::now();
         let mut in_flight = FuturesUnordered::new();
         for i in 0..n {
@@ -324,13 +327,14 @@ impl Bench {
         }
         let rate = n as f64 / started.elapsed().as_secs_f64();
         wait_until(Duration::from_secs(60), || async { consumer.count() >= n }).await?;
+        let cpu = CpuSplit::read(None).per_10k_since(&cpu_before, n);
         consumer.close().await;
         conn.close(200, "done".into()).await?;
-        Ok(rate)
+        Ok(Bare { rate, cpu })
     }
 
     /// Baseline: amqprs publishing `n` messages with `window` confirms in flight.
-    async fn bare_amqprs(&self, n: usize, window: usize) -> anyhow::Result<f64> {
+    async fn bare_amqprs(&self, n: usize, window: usize) -> anyhow::Result<Bare> {
         use amqprs::channel::{BasicPublishArguments, ConfirmSelectArguments};
         use amqprs::connection::{Connection as AmqprsConnection, OpenConnectionArguments};
         self.reset().await?;
@@ -359,6 +363,7 @@ impl Bench {
         })
         .await?;
         ch.confirm_select(ConfirmSelectArguments::default()).await?;
+        let cpu_before = CpuSplit::read(None);
         let started = Instant::now();
         for i in 0..n {
             permits.acquire().await?.forget();
@@ -380,10 +385,11 @@ impl Bench {
         .await?;
         let rate = n as f64 / started.elapsed().as_secs_f64();
         wait_until(Duration::from_secs(60), || async { consumer.count() >= n }).await?;
+        let cpu = CpuSplit::read(None).per_10k_since(&cpu_before, n);
         consumer.close().await;
         let _ = ch.close().await;
         let _ = conn.close().await;
-        Ok(rate)
+        Ok(Bare { rate, cpu })
     }
 
     /// Baseline: the seed's algorithm, one message per transaction and confirm.
@@ -684,7 +690,7 @@ impl Consumer {
 
 struct Drain {
     rate: f64,
-    cpu_per_10k: f64,
+    cpu: CpuSplit,
     peak_rss_mib: f64,
     idle_cpu_percent: f64,
     received: usize,
@@ -694,9 +700,21 @@ impl std::fmt::Display for Drain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:.0} msg/s, {:.2} CPU s per 10k messages, peak RSS {:.1} MiB, idle CPU {:.2} %, received {}",
-            self.rate, self.cpu_per_10k, self.peak_rss_mib, self.idle_cpu_percent, self.received
+            "{:.0} msg/s, peak RSS {:.1} MiB, idle CPU {:.2} %, received {}; {}",
+            self.rate, self.peak_rss_mib, self.idle_cpu_percent, self.received, self.cpu
         )
+    }
+}
+
+/// A bare publisher's rate and what the machine spent on it.
+struct Bare {
+    rate: f64,
+    cpu: CpuSplit,
+}
+
+impl std::fmt::Display for Bare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.0} msg/s; {}", self.rate, self.cpu)
     }
 }
 
@@ -741,17 +759,21 @@ type Series = (&'static str, &'static str, fn(&Latency) -> f64);
 #[derive(Default)]
 struct Report {
     drain: Option<Drain>,
-    bare_lapin: Option<f64>,
-    bare_amqprs: Option<f64>,
+    bare_lapin: Option<Bare>,
+    bare_amqprs: Option<Bare>,
     seed: Option<f64>,
     latency: Vec<Latency>,
 }
 
 impl Report {
+    fn rate(bare: Option<&Bare>) -> f64 {
+        bare.map_or(0.0, |b| b.rate)
+    }
+
     fn ratios(&self) -> (f64, f64) {
         let relay = self.drain.as_ref().map_or(0.0, |d| d.rate);
         (
-            relay / self.bare_lapin.unwrap_or(f64::NAN),
+            relay / Self::rate(self.bare_lapin.as_ref()),
             relay / self.seed.unwrap_or(f64::NAN),
         )
     }
@@ -765,8 +787,8 @@ impl Report {
         }
         println!(
             "bare lapin: {:.0} msg/s; bare amqprs: {:.0} msg/s; seed algorithm: {:.0} msg/s",
-            self.bare_lapin.unwrap_or(0.0),
-            self.bare_amqprs.unwrap_or(0.0),
+            Self::rate(self.bare_lapin.as_ref()),
+            Self::rate(self.bare_amqprs.as_ref()),
             self.seed.unwrap_or(0.0)
         );
         println!(
@@ -806,8 +828,8 @@ impl Report {
              | bare publisher, amqprs, {w} confirms in flight | {:.0} | the other maintained Rust client |\n\
              | seed algorithm (lock, read, publish, wait, mark, commit per message) | {:.0} | the floor; {} messages |\n\n\
              **Ratios:** relay / bare publisher = **{vs_bare:.2}x**; relay / seed algorithm = **{vs_seed:.1}x**.\n\n",
-            self.bare_lapin.unwrap_or(0.0),
-            self.bare_amqprs.unwrap_or(0.0),
+            Self::rate(self.bare_lapin.as_ref()),
+            Self::rate(self.bare_amqprs.as_ref()),
             self.seed.unwrap_or(0.0),
             args.seed_rows,
             w = bench.config.relay.buffer_size,
@@ -817,11 +839,42 @@ impl Report {
                 "**Relay resources during the drain:** peak RSS {:.1} MiB; {:.2} CPU seconds per 10 000 messages; \
                  {:.2} % of one core when idle afterwards (sweeps every {} ms, no notifications).\n\n",
                 d.peak_rss_mib,
-                d.cpu_per_10k,
+                d.cpu.relay,
                 d.idle_cpu_percent,
                 bench.config.relay.idle_sleep.as_millis()
             );
         }
+        md += "## Where the CPU goes\n\n\
+               CPU seconds per 10 000 messages, read from `/proc` for every process on the machine\n\
+               during each scenario. Everything shares the same two cores, so the machine's\n\
+               throughput is bounded by the total: the relay is faster than a bare publisher only if\n\
+               its whole path (its own work, PostgreSQL's and the broker's) costs less per message.\n\n\
+               | scenario | relay | PostgreSQL | RabbitMQ | bench process | total |\n\
+               | --- | ---: | ---: | ---: | ---: | ---: |\n";
+        let rows = [
+            ("relay: backlog drain (bench = consumer)", d.map(|d| d.cpu)),
+            (
+                "bare lapin (bench = publisher + consumer)",
+                self.bare_lapin.as_ref().map(|b| b.cpu),
+            ),
+            (
+                "bare amqprs (bench = publisher + consumer)",
+                self.bare_amqprs.as_ref().map(|b| b.cpu),
+            ),
+        ];
+        for (name, cpu) in rows {
+            if let Some(c) = cpu {
+                md += &format!(
+                    "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+                    c.relay,
+                    c.postgres,
+                    c.rabbitmq,
+                    c.bench,
+                    c.total()
+                );
+            }
+        }
+        md += "\n";
         md += "## Live latency\n\nProducers insert + NOTIFY through `push_occurrence()` on a fixed schedule (one event per\n\
                transaction up to 1 000 events/s, then several: PostgreSQL serializes NOTIFYing commits, about\n\
                2 000 per second on this machine); latency runs from each producer's commit to the consumer's receipt.\n\n\
@@ -852,7 +905,7 @@ impl Report {
              confirm future per message, which maps onto \"mark after ack\" directly. The relay reaches\n\
              {vs_bare:.2}x lapin's bare publisher while also claiming and marking every row in PostgreSQL on the\n\
              same two cores; switching to amqprs is worth it once it can receive `connection.blocked`.\n\n",
-            self.bare_amqprs.unwrap_or(0.0) / self.bare_lapin.unwrap_or(f64::NAN),
+            Self::rate(self.bare_amqprs.as_ref()) / Self::rate(self.bare_lapin.as_ref()),
         );
         md
     }
@@ -1008,6 +1061,91 @@ fn process_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
         .unwrap_or(0);
     // CLK_TCK is 100 on Linux.
     Ok((ticks / 100.0, hwm))
+}
+
+/// CPU seconds the processes sharing the machine have used so far, by role.
+/// Subtracting two readings gives what a scenario cost each of them.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuSplit {
+    postgres: f64,
+    rabbitmq: f64,
+    /// This process: the consumer, and the publisher in the bare runs.
+    bench: f64,
+    relay: f64,
+}
+
+impl CpuSplit {
+    /// Reads /proc. PostgreSQL's and RabbitMQ's exited children count through
+    /// their parents' `cutime`; the relay and this process count alone.
+    fn read(relay: Option<u32>) -> Self {
+        let mut split = Self::default();
+        let me = std::process::id();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return split;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let comm = &stat[open + 1..close];
+            let fields: Vec<f64> = stat[close + 1..]
+                .split_whitespace()
+                .map(|f| f.parse().unwrap_or(0.0))
+                .collect();
+            // utime, stime, cutime, cstime are fields 14-17 of stat.
+            let (own, children) = (fields[11] + fields[12], fields[13] + fields[14]);
+            // CLK_TCK is 100 on Linux.
+            if pid == me {
+                split.bench += own / 100.0;
+            } else if Some(pid) == relay {
+                split.relay += own / 100.0;
+            } else if comm == "postgres" {
+                split.postgres += (own + children) / 100.0;
+            } else if comm == "beam.smp" {
+                split.rabbitmq += (own + children) / 100.0;
+            }
+        }
+        split
+    }
+
+    /// What was used between `before` and `self`, per 10 000 of `n` messages.
+    fn per_10k_since(&self, before: &Self, n: usize) -> Self {
+        let scale = 10_000.0 / n as f64;
+        Self {
+            postgres: (self.postgres - before.postgres) * scale,
+            rabbitmq: (self.rabbitmq - before.rabbitmq) * scale,
+            bench: (self.bench - before.bench) * scale,
+            relay: (self.relay - before.relay) * scale,
+        }
+    }
+
+    fn total(&self) -> f64 {
+        self.postgres + self.rabbitmq + self.bench + self.relay
+    }
+}
+
+impl std::fmt::Display for CpuSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CPU s per 10k messages: relay {:.2}, PostgreSQL {:.2}, RabbitMQ {:.2}, bench {:.2}, total {:.2}",
+            self.relay,
+            self.postgres,
+            self.rabbitmq,
+            self.bench,
+            self.total()
+        )
+    }
 }
 
 fn unix_secs() -> u64 {
