@@ -2,7 +2,7 @@
 //! PostgreSQL or RabbitMQ: which claimed rows are published, which are held
 //! back and why, and where the next claim starts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::config::AMQP_MAX_SHORT_STRING;
 use crate::db::outbox::ClaimedRow;
@@ -161,6 +161,36 @@ pub struct Fetched {
     pub fields: MessageFields,
 }
 
+/// Takes the bodies a claim brought along (one per claimed row, `None` where
+/// the claim withheld it) for the ids the plan publishes. A planned id with a
+/// withheld body, which happens when the claim's byte budget counted a body
+/// the plan holds back, comes back in the second list, to be fetched apart:
+/// none of its rows is taken, so a partly read id is never mistaken for a
+/// whole one.
+pub fn take_bodies(
+    plan: &Plan,
+    rows: &[ClaimedRow],
+    bodies: Vec<Option<Fetched>>,
+) -> (Vec<Fetched>, Vec<String>) {
+    let planned: HashSet<&str> = plan.fetch.iter().map(String::as_str).collect();
+    let mut taken = Vec::with_capacity(plan.fetch.len());
+    let mut withheld = Vec::new();
+    let mut bodies = bodies.into_iter();
+    for group in rows.chunk_by(|a, b| a.id == b.id) {
+        let group_bodies: Vec<Option<Fetched>> = bodies.by_ref().take(group.len()).collect();
+        let id = &group[0].id;
+        if !planned.contains(id.as_str()) {
+            continue;
+        }
+        if group_bodies.iter().all(Option::is_some) {
+            taken.extend(group_bodies.into_iter().flatten());
+        } else {
+            withheld.push(id.clone());
+        }
+    }
+    (taken, withheld)
+}
+
 /// Joins a [`Plan`] with the fetched rows (one per data row) and routes each
 /// message. Identical duplicate data rows publish once; differing ones are
 /// held, and so are rows whose routing or properties the broker would refuse.
@@ -223,6 +253,45 @@ mod tests {
             body: b.as_bytes().to_vec(),
             fields: MessageFields::default(),
         }
+    }
+
+    #[test]
+    fn bodies_the_claim_brought_are_taken_for_planned_ids_only() {
+        let rows = [
+            row("a", Some(3), true),
+            row("b", Some(30), true),
+            row("c", Some(3), true),
+        ];
+        let p = plan(&rows, MAX, BUDGET);
+        let bodies = vec![Some(body("a", "aaa")), None, Some(body("c", "ccc"))];
+        let (taken, withheld) = take_bodies(&p, &rows, bodies);
+        assert_eq!(taken, vec![body("a", "aaa"), body("c", "ccc")]);
+        assert!(withheld.is_empty());
+    }
+
+    #[test]
+    fn a_planned_id_with_a_withheld_body_is_fetched_apart_whole() {
+        // The claim counted a body the plan holds back (an id too long for
+        // AMQP), so its budget ran out before the plan's did: "c"'s second
+        // data row came without its body.
+        let long = "L".repeat(300);
+        let rows = [
+            row(&long, Some(8), true),
+            row("b", Some(8), true),
+            row("c", Some(5), true),
+            row("c", Some(5), true),
+        ];
+        let p = plan(&rows, MAX, BUDGET);
+        assert_eq!(p.fetch, vec!["b", "c"]);
+        let bodies = vec![
+            Some(body(&long, "llllllll")),
+            Some(body("b", "bbbbbbbb")),
+            Some(body("c", "ccccc")),
+            None,
+        ];
+        let (taken, withheld) = take_bodies(&p, &rows, bodies);
+        assert_eq!(taken, vec![body("b", "bbbbbbbb")]);
+        assert_eq!(withheld, vec!["c"]);
     }
 
     fn router() -> Router {

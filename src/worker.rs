@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 use tokio_postgres::Client;
+use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -33,7 +34,7 @@ use crate::db::{self, SessionKind, describe};
 use crate::metrics::Metrics;
 use crate::mq::publisher::{Delivery, Message, Publisher};
 use crate::mq::{self, BrokerState};
-use crate::relay::{Fetched, Hold, assemble, plan};
+use crate::relay::{Fetched, Hold, assemble, plan, take_bodies};
 use crate::routing::Router;
 
 /// Extra time a claim transaction may stay open beyond the confirm timeout
@@ -237,17 +238,24 @@ impl Worker {
             let batch_size = i64::try_from(relay.batch_size).unwrap_or(i64::MAX);
             let started = Instant::now();
             let tx = within(limit, client.transaction()).await?;
-            let (plan, wrapped) = {
+            let (plan, wrapped, rows, bodies) = {
                 // One claim at a time per relay: consecutive claims take
                 // adjacent ranges instead of wading through each other's rows.
                 let mut position = cursor.0.lock().await;
+                let max_message = i64::try_from(relay.max_message_bytes).unwrap_or(i64::MAX);
+                let max_batch = i64::try_from(relay.max_batch_bytes).unwrap_or(i64::MAX);
                 let rows = match position.as_deref() {
-                    None => within(limit, tx.query(&statements.claim_first, &[&batch_size])).await?,
+                    None => {
+                        let params: [&(dyn ToSql + Sync); 3] = [&batch_size, &max_message, &max_batch];
+                        within(limit, tx.query(&statements.claim_first, &params)).await?
+                    }
                     Some(after) => {
-                        within(limit, tx.query(&statements.claim_after, &[&batch_size, &after])).await?
+                        let params: [&(dyn ToSql + Sync); 4] = [&batch_size, &max_message, &max_batch, &after];
+                        within(limit, tx.query(&statements.claim_after, &params)).await?
                     }
                 };
-                let rows = rows.iter().map(ClaimedRow::from_row).collect::<Result<Vec<_>, _>>()?;
+                let (rows, bodies): (Vec<ClaimedRow>, Vec<Option<Fetched>>) =
+                    rows.iter().map(ClaimedRow::decode).collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
                 let plan = plan(&rows, relay.max_message_bytes, relay.max_batch_bytes);
                 // A short claim after a cursor reached the end of the id
                 // space: the next claim starts a new pass from the lowest id.
@@ -257,7 +265,7 @@ impl Worker {
                 } else if plan.cursor.is_some() {
                     position.clone_from(&plan.cursor);
                 }
-                (plan, wrapped)
+                (plan, wrapped, rows, bodies)
             };
             let mut summary = BatchSummary {
                 wrapped,
@@ -267,12 +275,13 @@ impl Worker {
             if plan.claimed == 0 {
                 return Ok(summary);
             }
-            let fetched = if plan.fetch.is_empty() {
-                Vec::new()
-            } else {
-                let rows = within(limit, tx.query(&statements.bodies, &[&plan.fetch])).await?;
-                rows.iter().map(Fetched::from_row).collect::<Result<Vec<_>, _>>()?
-            };
+            let (mut fetched, withheld) = take_bodies(&plan, &rows, bodies);
+            if !withheld.is_empty() {
+                let rows = within(limit, tx.query(&statements.bodies, &[&withheld])).await?;
+                for row in &rows {
+                    fetched.push(Fetched::from_row(row)?);
+                }
+            }
             let claimed_at = started.elapsed();
             let mut batch = assemble(plan, fetched, router);
             // Exchanges named by rows that would close the channel: rows

@@ -262,57 +262,74 @@ impl Outbox {
 
     /// Locks up to `$1` claimable rows (skipping rows other sessions hold,
     /// parked rows and rows waiting out a retry delay) and returns one row
-    /// per data row, in id order: `(id text, has_data bool, size int4)`; a row without a data row comes back once with
-    /// `has_data = false`. Bodies are fetched apart ([`Outbox::bodies_sql`])
-    /// once the sizes show which fit the batch, so an oversized body never
-    /// leaves the database.
+    /// per data row, in id order, decoded by [`ClaimedRow::decode`]:
+    /// `(id text, has_data bool, size int4, body bytea, ` then the message
+    /// columns as [`Outbox::bodies_sql`] returns them`)`. A row without a data
+    /// row comes back once with `has_data = false`.
+    ///
+    /// The body comes along only while it fits: at most `$2` bytes, and
+    /// within `$3` bytes counted from the first row (whose body always
+    /// comes). So one statement claims and reads a whole batch, while an
+    /// oversized body, or one past the batch's budget, never leaves the
+    /// database. The budget here counts every body; [`crate::relay::plan`]
+    /// counts only those it publishes, so a planned body this withheld is
+    /// fetched apart ([`crate::relay::take_bodies`]).
     ///
     /// Rows are taken in `message_id` order through the partial index, which
     /// lets the scan stop after `$1` rows; with `after_cursor` only ids after
-    /// `$2` are taken, so claims walk the id space round-robin and no row
+    /// `$4` are taken, so claims walk the id space round-robin and no row
     /// waits longer than one pass, however large the backlog.
     pub fn claim_sql(&self, after_cursor: bool) -> String {
         let cursor = if after_cursor {
-            format!("AND l.message_id > $2::text::{}", self.id_type)
+            format!("AND l.message_id > $4::text::{}", self.id_type)
         } else {
             String::new()
         };
         format!(
             "WITH claimed AS MATERIALIZED (
-                 SELECT l.message_id FROM {log} l
+                 SELECT l.message_id, {message_columns} FROM {log} l
                   WHERE l.{pending} {cursor}
                     AND (l.relay_next_attempt_at IS NULL OR l.relay_next_attempt_at <= now())
                   ORDER BY l.message_id
                   LIMIT $1
-                    FOR UPDATE SKIP LOCKED)
-             SELECT c.message_id::text, d.message_id IS NOT NULL, octet_length({body})
-               FROM claimed c LEFT JOIN {data} d ON d.message_id = c.message_id
-              ORDER BY c.message_id",
+                    FOR UPDATE SKIP LOCKED),
+                  sized AS (
+                 -- OFFSET 0 keeps the body expression evaluated once per row.
+                 SELECT c.*, d.message_id IS NOT NULL AS has_data, {body} AS bytes
+                   FROM claimed c LEFT JOIN {data} d ON d.message_id = c.message_id
+                 OFFSET 0)
+             SELECT s.message_id::text, s.has_data, octet_length(s.bytes),
+                    CASE WHEN octet_length(s.bytes) <= $2::int8
+                          AND (sum(octet_length(s.bytes)) FILTER (WHERE octet_length(s.bytes) <= $2::int8) OVER w <= $3::int8
+                               OR row_number() OVER w = 1)
+                         THEN s.bytes END,
+                    {fields}
+               FROM sized s
+             WINDOW w AS (ORDER BY s.message_id ROWS UNBOUNDED PRECEDING)
+              ORDER BY s.message_id",
             log = self.table(LOG_TABLE),
             data = self.table(DATA_TABLE),
             body = self.body_type.bytes_expr(),
             pending = PENDING_PREDICATE.replace(" AND ", " AND l."),
+            message_columns = MESSAGE_COLUMNS.map(|(name, _, _)| name).join(", "),
+            fields = fields_sql("s"),
         )
     }
 
     /// The bodies of the ids (as text) in `$1`, one row per data row, with
-    /// the status row's message columns ([`Fetched::from_row`] reads them).
-    /// Headers whose JSON is over [`HEADERS_FETCH_LIMIT`] bytes stay in the
-    /// database; only their size comes back.
+    /// the status row's message columns ([`Fetched::from_row`] reads them):
+    /// for the rare planned id whose body the claim withheld.
     pub fn bodies_sql(&self) -> String {
         format!(
             "SELECT d.message_id::text, {body},
-                    l.exchange::text, l.routing_key::text,
-                    CASE WHEN octet_length(l.headers::text) <= {HEADERS_FETCH_LIMIT} THEN l.headers::text END,
-                    octet_length(l.headers::text),
-                    l.content_type::text, l.correlation_id::text, l.reply_to::text, l.message_type::text,
-                    l.expiration_ms::int8, l.priority::int4, l.notify_channel::text
+                    {fields}
                FROM {data} d JOIN {log} l ON l.message_id = d.message_id
               WHERE d.message_id = ANY($1::text[]::{id}[])",
             data = self.table(DATA_TABLE),
             log = self.table(LOG_TABLE),
             body = self.body_type.bytes_expr(),
             id = self.id_type,
+            fields = fields_sql("l"),
         )
     }
 
@@ -445,6 +462,20 @@ impl Outbox {
     }
 }
 
+/// The status row's message columns (from table alias `t`) as
+/// [`decode_fields`] reads them. Headers whose JSON is over
+/// [`HEADERS_FETCH_LIMIT`] bytes stay in the database; only their size
+/// comes back.
+fn fields_sql(t: &str) -> String {
+    format!(
+        "{t}.exchange::text, {t}.routing_key::text,
+         CASE WHEN octet_length({t}.headers::text) <= {HEADERS_FETCH_LIMIT} THEN {t}.headers::text END,
+         octet_length({t}.headers::text),
+         {t}.content_type::text, {t}.correlation_id::text, {t}.reply_to::text, {t}.message_type::text,
+         {t}.expiration_ms::int8, {t}.priority::int4, {t}.notify_channel::text"
+    )
+}
+
 /// The prepared statements of one session.
 #[derive(Debug, Clone)]
 pub struct Statements {
@@ -472,16 +503,27 @@ pub struct ClaimedRow {
 }
 
 impl ClaimedRow {
-    /// Decodes one row of the claim query.
+    /// Decodes one row of the claim query: the claimed row, and its body
+    /// with the message columns when the claim brought the body along.
     ///
     /// # Errors
     /// A type mismatch, which would mean the claim query changed.
-    pub fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error> {
-        Ok(Self {
+    pub fn decode(row: &Row) -> Result<(Self, Option<Fetched>), tokio_postgres::Error> {
+        let claimed = Self {
             id: row.try_get(0)?,
             has_data: row.try_get(1)?,
             size: row.try_get(2)?,
-        })
+        };
+        let body: Option<Vec<u8>> = row.try_get(3)?;
+        let fetched = match body {
+            Some(body) => Some(Fetched {
+                id: claimed.id.clone(),
+                body,
+                fields: decode_fields(row, 4)?,
+            }),
+            None => None,
+        };
+        Ok((claimed, fetched))
     }
 }
 
@@ -494,21 +536,26 @@ impl Fetched {
         Ok(Self {
             id: row.try_get(0)?,
             body: row.try_get(1)?,
-            fields: MessageFields {
-                exchange: row.try_get(2)?,
-                routing_key: row.try_get(3)?,
-                headers: row.try_get(4)?,
-                headers_size: row.try_get(5)?,
-                content_type: row.try_get(6)?,
-                correlation_id: row.try_get(7)?,
-                reply_to: row.try_get(8)?,
-                message_type: row.try_get(9)?,
-                expiration_ms: row.try_get(10)?,
-                priority: row.try_get(11)?,
-                notify_channel: row.try_get(12)?,
-            },
+            fields: decode_fields(row, 2)?,
         })
     }
+}
+
+/// Reads the columns [`fields_sql`] selects, starting at column `first`.
+fn decode_fields(row: &Row, first: usize) -> Result<MessageFields, tokio_postgres::Error> {
+    Ok(MessageFields {
+        exchange: row.try_get(first)?,
+        routing_key: row.try_get(first + 1)?,
+        headers: row.try_get(first + 2)?,
+        headers_size: row.try_get(first + 3)?,
+        content_type: row.try_get(first + 4)?,
+        correlation_id: row.try_get(first + 5)?,
+        reply_to: row.try_get(first + 6)?,
+        message_type: row.try_get(first + 7)?,
+        expiration_ms: row.try_get(first + 8)?,
+        priority: row.try_get(first + 9)?,
+        notify_channel: row.try_get(first + 10)?,
+    })
 }
 
 #[cfg(test)]
@@ -528,8 +575,8 @@ mod tests {
     fn statements_quote_the_schema_and_follow_the_types() {
         let o = outbox(BodyType::Jsonb);
         let claim = o.claim_sql(true);
-        assert!(claim.contains("l.message_id > $2::text::uuid"), "{claim}");
-        assert!(!o.claim_sql(false).contains("$2"));
+        assert!(claim.contains("l.message_id > $4::text::uuid"), "{claim}");
+        assert!(!o.claim_sql(false).contains("$4"));
         assert!(
             claim.contains("\"Data\".\"message_queue_log\" l"),
             "{claim}"
@@ -545,11 +592,7 @@ mod tests {
         assert!(claim.contains("FOR UPDATE SKIP LOCKED"), "{claim}");
         assert!(o.mark_sql().contains("ANY($1::text[]::uuid[])"));
         let bytea = outbox(BodyType::Bytea);
-        assert!(
-            bytea
-                .claim_sql(false)
-                .contains("octet_length(d.message_body)")
-        );
+        assert!(bytea.claim_sql(false).contains("d.message_body AS bytes"));
         assert!(
             bytea
                 .bodies_sql()

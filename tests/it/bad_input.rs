@@ -218,6 +218,48 @@ async fn oversized_bodies_are_parked_and_large_legal_ones_arrive_intact() {
 }
 
 #[tokio::test]
+async fn a_body_the_claim_withheld_is_fetched_apart_and_published_in_the_same_batch() {
+    // The claim reads bodies while its byte count stays within
+    // max_batch_bytes; the plan counts only bodies it publishes. A body
+    // under an id too long for AMQP counts for the claim but not the plan,
+    // so the claim withholds "c-" while the plan publishes it.
+    let env = TestEnv::new("withheld").await;
+    env.create_seed_tables("text", "bytea").await;
+    let mut env = env;
+    env.config["relay"]["max_message_bytes"] = 2000.into();
+    env.config["relay"]["max_batch_bytes"] = 3000.into();
+    let s = &env.name;
+    let long = format!("a-{}", "L".repeat(300));
+    env.pg
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO \"{s}\".message_queue_log (message_id) VALUES ('{long}'), ('b-1'), ('c-1');
+             INSERT INTO \"{s}\".message_queue_log_data VALUES
+                 ('{long}', decode(repeat('aa', 1500), 'hex')),
+                 ('b-1', decode(repeat('bb', 1500), 'hex')),
+                 ('c-1', decode(repeat('cc', 1500), 'hex'));
+             COMMIT;"
+        ))
+        .await
+        .unwrap();
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let published = ["b-1".to_owned(), "c-1".to_owned()];
+    consumer.wait_for_all(&published).await;
+    assert_eq!(consumer.get("b-1").body, vec![0xbb; 1500]);
+    assert_eq!(consumer.get("c-1").body, vec![0xcc; 1500]);
+    // Published at its first attempt: never held for a missing body.
+    wait_until("c-1 is marked", || async { env.row_state("c-1").await.3 }).await;
+    assert_eq!(env.row_state("c-1").await, (0, None, false, true));
+    let (attempts, reason, _, transferred) = env.row_state(&long).await;
+    assert!(attempts >= 1 && !transferred, "{attempts} {transferred}");
+    assert!(reason.unwrap().contains("longer than 255 bytes"));
+    assert_exactly_once(&consumer, &published);
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn an_id_too_long_for_amqp_is_parked_not_crashing_the_relay() {
     let env = TestEnv::new("longid").await;
     env.create_seed_tables("text", "bytea").await;

@@ -108,7 +108,9 @@ async fn the_claim_query_uses_the_partial_index_not_a_scan_of_history() {
     let sql = outbox
         .claim_sql(true)
         .replace("$1", "100")
-        .replace("$2", "'00000000-0000-0000-0000-000000000000'");
+        .replace("$2", "1000000")
+        .replace("$3", "16000000")
+        .replace("$4", "'00000000-0000-0000-0000-000000000000'");
     let plan: Vec<String> = env
         .pg
         .query(&format!("EXPLAIN {sql}"), &[])
