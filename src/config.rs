@@ -799,7 +799,7 @@ struct RawRetry {
 impl Default for RawRetry {
     fn default() -> Self {
         Self {
-            buffer_size: 1024,
+            buffer_size: 256,
             retry_delay_sec: 5.0,
             idle_sleep_ms: 100,
         }
@@ -877,7 +877,7 @@ struct RawRelay {
 impl Default for RawRelay {
     fn default() -> Self {
         Self {
-            batch_size: 256,
+            batch_size: 128,
             confirm_timeout_ms: 30_000,
             shutdown_grace_ms: 10_000,
             max_retry_delay_sec: 60.0,
