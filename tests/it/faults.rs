@@ -137,7 +137,7 @@ async fn terminating_every_relay_session_again_and_again_loses_nothing() {
         .await;
         assert!(env.terminate_relay_sessions().await > 0);
         wait_until("the listener is back", || async {
-            relay.log_count("listening") > round
+            relay.log_count("db::listener: listening") > round
         })
         .await;
     }
@@ -161,7 +161,7 @@ async fn database_link_cut_and_stalled_is_survived() {
     wait_until("the stream flows", || async { consumer.count() >= 300 }).await;
     proxy.cut();
     wait_until("the listener is back", || async {
-        relay.log_count("listening") >= 2
+        relay.log_count("db::listener: listening") >= 2
     })
     .await;
 
