@@ -236,14 +236,14 @@ impl Worker {
         let result = async {
             let relay = &config.relay;
             let batch_size = i64::try_from(relay.batch_size).unwrap_or(i64::MAX);
+            let max_message = i64::try_from(relay.max_message_bytes).unwrap_or(i64::MAX);
+            let max_batch = i64::try_from(relay.max_batch_bytes).unwrap_or(i64::MAX);
             let started = Instant::now();
             let tx = within(limit, client.transaction()).await?;
             let (plan, wrapped, rows, bodies) = {
                 // One claim at a time per relay: consecutive claims take
                 // adjacent ranges instead of wading through each other's rows.
                 let mut position = cursor.0.lock().await;
-                let max_message = i64::try_from(relay.max_message_bytes).unwrap_or(i64::MAX);
-                let max_batch = i64::try_from(relay.max_batch_bytes).unwrap_or(i64::MAX);
                 let rows = match position.as_deref() {
                     None => {
                         let params: [&(dyn ToSql + Sync); 3] = [&batch_size, &max_message, &max_batch];

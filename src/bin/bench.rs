@@ -1139,19 +1139,41 @@ async fn stop(child: &mut tokio::process::Child) {
 
 /// CPU seconds (user + system) and peak RSS (KiB) of a process, from /proc.
 fn process_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after_name = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the name.
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let times = CpuTimes::read(pid).with_context(|| format!("no process {pid}"))?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let hwm = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0);
-    // CLK_TCK is 100 on Linux.
-    Ok((ticks / 100.0, hwm))
+    Ok((times.own, hwm))
+}
+
+/// A process's name and CPU seconds, from `/proc/<pid>/stat`.
+struct CpuTimes {
+    comm: String,
+    /// User and system time of the process itself.
+    own: f64,
+    /// User and system time of its exited, reaped children.
+    children: f64,
+}
+
+impl CpuTimes {
+    fn read(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+        let fields: Vec<f64> = stat[close + 1..]
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0.0))
+            .collect();
+        // utime, stime, cutime, cstime are fields 14-17 of stat, 11-14
+        // after the name; CLK_TCK is 100 on Linux.
+        Some(Self {
+            comm: stat[open + 1..close].to_owned(),
+            own: (fields.get(11)? + fields.get(12)?) / 100.0,
+            children: (fields.get(13)? + fields.get(14)?) / 100.0,
+        })
+    }
 }
 
 /// CPU seconds the processes sharing the machine have used so far, by role.
@@ -1182,28 +1204,17 @@ impl CpuSplit {
             else {
                 continue;
             };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            let Some(t) = CpuTimes::read(pid) else {
                 continue;
             };
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-                continue;
-            };
-            let comm = &stat[open + 1..close];
-            let fields: Vec<f64> = stat[close + 1..]
-                .split_whitespace()
-                .map(|f| f.parse().unwrap_or(0.0))
-                .collect();
-            // utime, stime, cutime, cstime are fields 14-17 of stat.
-            let (own, children) = (fields[11] + fields[12], fields[13] + fields[14]);
-            // CLK_TCK is 100 on Linux.
             if pid == me {
-                split.bench += own / 100.0;
+                split.bench += t.own;
             } else if Some(pid) == relay {
-                split.relay += own / 100.0;
-            } else if comm == "postgres" {
-                split.postgres += (own + children) / 100.0;
-            } else if comm == "beam.smp" {
-                split.rabbitmq += (own + children) / 100.0;
+                split.relay += t.own;
+            } else if t.comm == "postgres" {
+                split.postgres += t.own + t.children;
+            } else if t.comm == "beam.smp" {
+                split.rabbitmq += t.own + t.children;
             }
         }
         split
