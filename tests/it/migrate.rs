@@ -105,15 +105,21 @@ async fn the_claim_query_uses_the_partial_index_not_a_scan_of_history() {
             .await
             .unwrap();
     }
-    let sql = outbox
-        .claim_sql(true)
-        .replace("$1", "100")
-        .replace("$2", "1000000")
-        .replace("$3", "16000000")
-        .replace("$4", "'00000000-0000-0000-0000-000000000000'");
+    // The generic plan of the prepared statement, which is what those
+    // settings make the sessions run.
+    env.pg
+        .batch_execute(&format!(
+            "PREPARE claim(int8, int8, int8, text) AS {}",
+            outbox.claim_sql(true)
+        ))
+        .await
+        .unwrap();
     let plan: Vec<String> = env
         .pg
-        .query(&format!("EXPLAIN {sql}"), &[])
+        .query(
+            "EXPLAIN EXECUTE claim(100, 1000000, 16000000, '00000000-0000-0000-0000-000000000000')",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -126,6 +132,18 @@ async fn the_claim_query_uses_the_partial_index_not_a_scan_of_history() {
         plan.contains("message_queue_log_data_message_id_idx"),
         "{plan}"
     );
+    let (generic, custom): (i64, i64) = {
+        let row = env
+            .pg
+            .query_one(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = 'claim'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((generic, custom), (1, 0), "{plan}");
     eprintln!("{plan}");
     env.cleanup().await;
 }
