@@ -54,7 +54,7 @@ pub async fn migrate(config: Config) -> anyhow::Result<()> {
     let (report, outbox) =
         migrate::run(&client, &config.postgres.schema, &config.channels[0]).await?;
     println!(
-        "outbox {}: tables {}, indexes created: {}, message_id {}, message_body {}",
+        "outbox {}: tables {}, indexes created: {}{}, message_id {}, message_body {}",
         outbox.schema,
         if report.created_tables {
             "created"
@@ -65,6 +65,14 @@ pub async fn migrate(config: Config) -> anyhow::Result<()> {
             "none".to_owned()
         } else {
             report.created_indexes.join(", ")
+        },
+        if report.dropped_indexes.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", dropped (superseded): {}",
+                report.dropped_indexes.join(", ")
+            )
         },
         outbox.id_type,
         outbox.body_type_sql,

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::config::AMQP_MAX_SHORT_STRING;
-use crate::db::outbox::ClaimedRow;
+use crate::db::outbox::{ClaimedRow, EnqueuedAt};
 use crate::mq::publisher::Message;
 use crate::routing::{MessageFields, Router};
 
@@ -82,12 +82,25 @@ pub struct Plan {
     pub held: Vec<(String, Hold)>,
     /// How many distinct ids were claimed.
     pub claimed: usize,
-    /// Where the next claim should start: the last id before the first one
+    /// Where the next claim should start: the last row before the first one
     /// deferred for the byte budget (deferred rows go in the next batch).
-    pub cursor: Option<String>,
+    /// `None` when that row has no `relay_enqueued_at`: such rows come first
+    /// in a pass, so the claim that took it started from the beginning, and
+    /// the next one does too.
+    pub cursor: Option<ClaimPosition>,
 }
 
-/// Sorts a claim (one row per data row, in id order) into ids to fetch and
+/// A row's place in the order claims take rows in
+/// ([`crate::db::outbox::CLAIM_ORDER`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimPosition {
+    /// The row's `relay_enqueued_at`.
+    pub enqueued_at: EnqueuedAt,
+    /// The row's `message_id` as text.
+    pub id: String,
+}
+
+/// Sorts a claim (one row per data row, in claim order) into ids to fetch and
 /// ids held back: no data row, a NULL body, a body over `max_message_bytes`,
 /// an id too long for AMQP, or (not a failure) past the batch's
 /// `max_batch_bytes`, which always admits the first body.
@@ -126,7 +139,13 @@ pub fn plan(rows: &[ClaimedRow], max_message_bytes: u64, max_batch_bytes: u64) -
             None
         };
         if !deferring {
-            out.cursor = Some(id.clone());
+            out.cursor = group[0]
+                .enqueued_at
+                .clone()
+                .map(|enqueued_at| ClaimPosition {
+                    enqueued_at,
+                    id: id.clone(),
+                });
         }
         match hold {
             Some(hold) => out.held.push((id.clone(), hold)),
@@ -242,9 +261,14 @@ mod tests {
     fn row(id: &str, size: Option<i32>, has_data: bool) -> ClaimedRow {
         ClaimedRow {
             id: id.into(),
+            enqueued_at: Some(EnqueuedAt(id.as_bytes().to_vec())),
             has_data,
             size,
         }
+    }
+
+    fn cursor_id(p: &Plan) -> Option<&str> {
+        p.cursor.as_ref().map(|c| c.id.as_str())
     }
 
     fn body(id: &str, b: &str) -> Fetched {
@@ -315,7 +339,12 @@ mod tests {
             BUDGET,
         );
         assert_eq!(p.fetch, ["a", "b"]);
-        assert_eq!((p.claimed, p.cursor.as_deref()), (2, Some("b")));
+        assert_eq!((p.claimed, cursor_id(&p)), (2, Some("b")));
+        assert_eq!(
+            p.cursor.as_ref().unwrap().enqueued_at,
+            EnqueuedAt(b"b".to_vec()),
+            "the cursor resumes after the row's own relay_enqueued_at"
+        );
         let a = assemble(p, vec![body("b", "2"), body("a", "1")], &router());
         assert_eq!(a.messages, vec![message("a", "1"), message("b", "2")]);
         assert!(a.held.is_empty());
@@ -342,8 +371,22 @@ mod tests {
             ]
         );
         assert_eq!(p.fetch, ["d"]);
-        assert_eq!(p.cursor.as_deref(), Some("d"));
+        assert_eq!(cursor_id(&p), Some("d"));
         assert!(!Hold::Deferred.is_failure() && Hold::NoData.is_failure());
+    }
+
+    #[test]
+    fn a_row_without_relay_enqueued_at_leaves_no_cursor_behind() {
+        let unstamped = |id| ClaimedRow {
+            enqueued_at: None,
+            ..row(id, Some(1), true)
+        };
+        // Such rows sort first: a claim of only them started from the
+        // beginning, and so does the next.
+        let p = plan(&[unstamped("a"), unstamped("b")], MAX, BUDGET);
+        assert_eq!((p.fetch.len(), cursor_id(&p)), (2, None));
+        let p = plan(&[unstamped("a"), row("b", Some(1), true)], MAX, BUDGET);
+        assert_eq!(cursor_id(&p), Some("b"));
     }
 
     #[test]
@@ -360,7 +403,7 @@ mod tests {
             p.held,
             vec![("c".into(), Hold::Deferred), ("d".into(), Hold::Deferred)]
         );
-        assert_eq!(p.cursor.as_deref(), Some("b"));
+        assert_eq!(cursor_id(&p), Some("b"));
         // The first body always fits, whatever the budget.
         assert_eq!(plan(&[row("big", Some(10), true)], MAX, 1).fetch, ["big"]);
     }

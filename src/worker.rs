@@ -34,7 +34,7 @@ use crate::db::{self, SessionKind, describe};
 use crate::metrics::Metrics;
 use crate::mq::publisher::{Delivery, Message, Publisher};
 use crate::mq::{self, BrokerState};
-use crate::relay::{Fetched, Hold, assemble, plan, take_bodies};
+use crate::relay::{ClaimPosition, Fetched, Hold, assemble, plan, take_bodies};
 use crate::routing::Router;
 
 /// Extra time a claim transaction may stay open beyond the confirm timeout
@@ -114,11 +114,12 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
 }
 
-/// The position of a relay's claims in the id space, shared by its workers.
-/// Claims walk the pending rows in id order from here and wrap around at the
-/// end, so no row waits longer than one pass, however large the backlog.
+/// The position of a relay's claims in the backlog, shared by its workers.
+/// Claims walk the pending rows in claim order (oldest first) from here and
+/// wrap around at the end, so no row waits longer than one pass, however
+/// large the backlog.
 #[derive(Debug, Default)]
-pub struct ClaimCursor(tokio::sync::Mutex<Option<String>>);
+pub struct ClaimCursor(tokio::sync::Mutex<Option<ClaimPosition>>);
 
 impl Worker {
     /// Worker number `index` of a relay.
@@ -244,21 +245,22 @@ impl Worker {
                 // One claim at a time per relay: consecutive claims take
                 // adjacent ranges instead of wading through each other's rows.
                 let mut position = cursor.0.lock().await;
-                let rows = match position.as_deref() {
+                let rows = match position.as_ref() {
                     None => {
                         let params: [&(dyn ToSql + Sync); 3] = [&batch_size, &max_message, &max_batch];
                         within(limit, tx.query(&statements.claim_first, &params)).await?
                     }
                     Some(after) => {
-                        let params: [&(dyn ToSql + Sync); 4] = [&batch_size, &max_message, &max_batch, &after];
+                        let params: [&(dyn ToSql + Sync); 5] =
+                            [&batch_size, &max_message, &max_batch, &after.enqueued_at, &after.id];
                         within(limit, tx.query(&statements.claim_after, &params)).await?
                     }
                 };
                 let (rows, bodies): (Vec<ClaimedRow>, Vec<Option<Fetched>>) =
                     rows.iter().map(ClaimedRow::decode).collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
                 let plan = plan(&rows, relay.max_message_bytes, relay.max_batch_bytes);
-                // A short claim after a cursor reached the end of the id
-                // space: the next claim starts a new pass from the lowest id.
+                // A short claim after a cursor reached the end of the
+                // backlog: the next claim starts a new pass from the oldest.
                 let wrapped = position.is_some() && plan.claimed < relay.batch_size;
                 if wrapped {
                     *position = None;

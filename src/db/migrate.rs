@@ -19,8 +19,9 @@ use tokio_postgres::Client;
 use tracing::info;
 
 use super::outbox::{
-    DATA_INDEX, DATA_TABLE, LOG_TABLE, MESSAGE_COLUMNS, Outbox, PENDING_INDEX, PENDING_PREDICATE,
-    PRODUCER_FUNCTION, RELAY_COLUMNS, SchemaError,
+    CLAIM_ORDER, DATA_INDEX, DATA_TABLE, ENQUEUED_AT_DEFAULT, LOG_TABLE, MESSAGE_COLUMNS, Outbox,
+    PENDING_INDEX, PENDING_PREDICATE, PRODUCER_FUNCTION, RELAY_COLUMNS, SUPERSEDED_INDEXES,
+    SchemaError,
 };
 use super::{quote_ident, quote_literal};
 
@@ -33,6 +34,8 @@ pub struct Report {
     pub added_columns: bool,
     /// Indexes created (or rebuilt) by this run.
     pub created_indexes: Vec<&'static str>,
+    /// Indexes of earlier releases dropped by this run.
+    pub dropped_indexes: Vec<&'static str>,
 }
 
 /// Errors of a migration run.
@@ -88,8 +91,13 @@ async fn migrate_locked(
     let log = format!("{s}.{}", quote_ident(LOG_TABLE));
     let data = format!("{s}.{}", quote_ident(DATA_TABLE));
     let pending_index = format!(
-        "{} ON {log} (message_id) WHERE {PENDING_PREDICATE}",
-        quote_ident(PENDING_INDEX)
+        "{} ON {log} ({}) WHERE {PENDING_PREDICATE}",
+        quote_ident(PENDING_INDEX),
+        CLAIM_ORDER.join(", ")
+    );
+    // Changing a default never rewrites the table; the lock is brief.
+    let enqueued_at_default = format!(
+        "ALTER TABLE {log} ALTER COLUMN relay_enqueued_at SET DEFAULT {ENQUEUED_AT_DEFAULT}"
     );
     let columns: Vec<(&str, &str)> = RELAY_COLUMNS
         .into_iter()
@@ -146,6 +154,22 @@ async fn migrate_locked(
                 .map_err(step("add the relay's columns to the status table"))?;
             report.added_columns = true;
         }
+        let default: Option<String> = client
+            .query_one(
+                "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a
+                   LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                  WHERE a.attrelid = $1::text::regclass AND a.attname = 'relay_enqueued_at'",
+                &[&log],
+            )
+            .await
+            .map_err(step("read the default of relay_enqueued_at"))?
+            .get(0);
+        if default.as_deref() != Some(ENQUEUED_AT_DEFAULT) {
+            client
+                .batch_execute(&enqueued_at_default)
+                .await
+                .map_err(step("set the default of relay_enqueued_at"))?;
+        }
         // Existing tables may be large and busy: build without blocking writers.
         for (name, definition) in [(PENDING_INDEX, &pending_index), (DATA_INDEX, &data_index)] {
             let invalid: bool = client
@@ -186,6 +210,29 @@ async fn migrate_locked(
                 report.created_indexes.push(name);
             }
         }
+        // Only once the index that replaces them is valid: until then the
+        // old one keeps claims off a scan of the history.
+        for name in SUPERSEDED_INDEXES {
+            let present: bool = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind = 'i')",
+                    &[&schema, &name],
+                )
+                .await
+                .map_err(step("check the outbox indexes"))?
+                .get(0);
+            if present {
+                client
+                    .batch_execute(&format!(
+                        "DROP INDEX CONCURRENTLY IF EXISTS {s}.{}",
+                        quote_ident(name)
+                    ))
+                    .await
+                    .map_err(step("drop an index of an earlier release"))?;
+                report.dropped_indexes.push(name);
+            }
+        }
     } else {
         client
             .batch_execute(&format!(
@@ -199,6 +246,7 @@ async fn migrate_locked(
                      message_id UUID REFERENCES {log}(message_id),
                      message_body BYTEA);
                  {add_columns};
+                 {enqueued_at_default};
                  CREATE INDEX IF NOT EXISTS {pending_index};
                  CREATE INDEX IF NOT EXISTS {data_index};
                  COMMIT;"
@@ -220,6 +268,7 @@ async fn migrate_locked(
                 created_tables = report.created_tables,
         added_columns = report.added_columns,
         created_indexes = ?report.created_indexes,
+        dropped_indexes = ?report.dropped_indexes,
         "outbox schema is up to date"
     );
     Ok((report, outbox))

@@ -26,7 +26,7 @@ async fn migrate_creates_the_seed_schema_and_is_idempotent() {
         index_names(&env).await,
         [
             "message_queue_log_data_message_id_idx",
-            "message_queue_log_pending_idx",
+            "message_queue_log_pending_enqueued_idx",
             "message_queue_log_pkey"
         ]
     );
@@ -62,7 +62,7 @@ async fn migrate_adds_to_an_existing_seed_schema_without_changing_its_types() {
     assert!(
         index_names(&env)
             .await
-            .contains(&"message_queue_log_pending_idx".to_owned())
+            .contains(&"message_queue_log_pending_enqueued_idx".to_owned())
     );
     // The helper follows the table's types: a text id and a jsonb body.
     env.pg
@@ -109,7 +109,7 @@ async fn the_claim_query_uses_the_partial_index_not_a_scan_of_history() {
     // settings make the sessions run.
     env.pg
         .batch_execute(&format!(
-            "PREPARE claim(int8, int8, int8, text) AS {}",
+            "PREPARE claim(int8, int8, int8, timestamptz, text) AS {}",
             outbox.claim_sql(true)
         ))
         .await
@@ -117,7 +117,7 @@ async fn the_claim_query_uses_the_partial_index_not_a_scan_of_history() {
     let plan: Vec<String> = env
         .pg
         .query(
-            "EXPLAIN EXECUTE claim(100, 1000000, 16000000, '00000000-0000-0000-0000-000000000000')",
+            "EXPLAIN EXECUTE claim(100, 1000000, 16000000, '-infinity', '00000000-0000-0000-0000-000000000000')",
             &[],
         )
         .await
@@ -126,7 +126,10 @@ async fn the_claim_query_uses_the_partial_index_not_a_scan_of_history() {
         .map(|r| r.get(0))
         .collect();
     let plan = plan.join("\n");
-    assert!(plan.contains("message_queue_log_pending_idx"), "{plan}");
+    assert!(
+        plan.contains("message_queue_log_pending_enqueued_idx"),
+        "{plan}"
+    );
     assert!(!plan.contains("Seq Scan"), "{plan}");
     assert!(
         plan.contains("message_queue_log_data_message_id_idx"),
@@ -145,6 +148,96 @@ async fn the_claim_query_uses_the_partial_index_not_a_scan_of_history() {
     };
     assert_eq!((generic, custom), (1, 0), "{plan}");
     eprintln!("{plan}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn claims_take_the_oldest_rows_first_and_an_earlier_pending_index_is_replaced() {
+    use pushoccurrence::db::outbox::{ClaimedRow, Outbox};
+    let env = TestEnv::new("order").await;
+    env.migrate().await;
+    let s = &env.name;
+    // What the release before claim order left behind: the pending index on
+    // message_id and a relay_enqueued_at stamped at transaction start.
+    env.pg
+        .batch_execute(&format!(
+            "DROP INDEX \"{s}\".message_queue_log_pending_enqueued_idx;
+             CREATE INDEX message_queue_log_pending_idx ON \"{s}\".message_queue_log (message_id)
+                 WHERE transferred IS NOT TRUE AND relay_parked_at IS NULL;
+             ALTER TABLE \"{s}\".message_queue_log ALTER COLUMN relay_enqueued_at SET DEFAULT now();"
+        ))
+        .await
+        .unwrap();
+    let stdout = env.migrate().await;
+    assert!(
+        stdout.contains("indexes created: message_queue_log_pending_enqueued_idx, dropped (superseded): message_queue_log_pending_idx"),
+        "{stdout}"
+    );
+    assert_eq!(
+        index_names(&env).await,
+        [
+            "message_queue_log_data_message_id_idx",
+            "message_queue_log_pending_enqueued_idx",
+            "message_queue_log_pkey"
+        ]
+    );
+    // One transaction writes three events, their ids out of order: each row
+    // is stamped when it is inserted, so claims take them as written.
+    let ids = [
+        "ffffffff-0000-4000-8000-000000000000",
+        "00000000-0000-4000-8000-000000000000",
+        "88888888-0000-4000-8000-000000000000",
+    ];
+    let inserts: String = ids
+        .iter()
+        .map(|id| {
+            format!(
+                "INSERT INTO \"{s}\".message_queue_log (message_id) VALUES ('{id}');
+                 INSERT INTO \"{s}\".message_queue_log_data VALUES ('{id}', '\\x01');"
+            )
+        })
+        .collect();
+    env.pg
+        .batch_execute(&format!("BEGIN; {inserts} COMMIT;"))
+        .await
+        .unwrap();
+    let outbox = Outbox::inspect(&env.pg, s).await.unwrap();
+    let first = env.pg.prepare(&outbox.claim_sql(false)).await.unwrap();
+    let after = env.pg.prepare(&outbox.claim_sql(true)).await.unwrap();
+    let (limit, max) = (2_i64, 1_000_000_i64);
+    let claimed = |rows: Vec<tokio_postgres::Row>| -> Vec<ClaimedRow> {
+        rows.iter()
+            .map(|r| ClaimedRow::decode(r).unwrap().0)
+            .collect()
+    };
+    let batch = claimed(env.pg.query(&first, &[&limit, &max, &max]).await.unwrap());
+    let taken: Vec<&str> = batch.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(taken, ids[..2]);
+    // The cursor resumes after the last row taken.
+    let last = batch.last().unwrap();
+    let cursor = last.enqueued_at.as_ref().unwrap();
+    let batch = claimed(
+        env.pg
+            .query(&after, &[&limit, &max, &max, cursor, &last.id])
+            .await
+            .unwrap(),
+    );
+    let taken: Vec<&str> = batch.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(taken, ids[2..]);
+    // A row a producer stamped NULL itself comes first in a pass, not never.
+    let unstamped = "44444444-0000-4000-8000-000000000000";
+    env.pg
+        .batch_execute(&format!(
+            "INSERT INTO \"{s}\".message_queue_log (message_id, relay_enqueued_at) VALUES ('{unstamped}', NULL);
+             INSERT INTO \"{s}\".message_queue_log_data VALUES ('{unstamped}', '\\x01');"
+        ))
+        .await
+        .unwrap();
+    let batch = claimed(env.pg.query(&first, &[&limit, &max, &max]).await.unwrap());
+    assert_eq!(
+        (batch[0].id.as_str(), batch[0].enqueued_at.is_none()),
+        (unstamped, true)
+    );
     env.cleanup().await;
 }
 
