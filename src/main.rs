@@ -35,16 +35,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.log_format.unwrap_or(config.log_format));
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    // One worker thread unless TOKIO_WORKER_THREADS says otherwise: the
-    // relay spends about 0.11 CPU seconds per 10 000 messages, so one
-    // thread keeps up with several times what a queue takes, and on a host
-    // shared with PostgreSQL and RabbitMQ a second one only adds thread
-    // switches (measured: drains 3 % faster with one; docs/benchmarks.md).
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        runtime.worker_threads(1);
-    }
-    let runtime = match runtime.enable_all().build() {
+    let runtime = match pushoccurrence::service::runtime() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

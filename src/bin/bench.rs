@@ -98,8 +98,14 @@ struct Args {
 
 const NAME: &str = "po_bench";
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// On the relay's runtime (one worker thread unless `TOKIO_WORKER_THREADS`
+/// says otherwise), so the bare publishers and the consumer get what the
+/// relay gets.
+fn main() -> anyhow::Result<()> {
+    pushoccurrence::service::runtime()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let relay_bin = relay_binary()?;
     let bench = Bench::new(&args).await?;
