@@ -183,24 +183,11 @@ async fn migrate_locked(
                 .map_err(step("check the outbox indexes"))?
                 .get(0);
             if invalid {
-                client
-                    .batch_execute(&format!(
-                        "DROP INDEX CONCURRENTLY IF EXISTS {s}.{}",
-                        quote_ident(name)
-                    ))
+                drop_index(client, schema, name)
                     .await
                     .map_err(step("drop an index left invalid by an interrupted build"))?;
             }
-            let present: bool = client
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                     WHERE n.nspname = $1 AND c.relname = $2)",
-                    &[&schema, &name],
-                )
-                .await
-                .map_err(step("check the outbox indexes"))?
-                .get(0);
-            if !present {
+            if !index_exists(client, schema, name).await? {
                 client
                     .batch_execute(&format!(
                         "CREATE INDEX CONCURRENTLY IF NOT EXISTS {definition}"
@@ -213,21 +200,8 @@ async fn migrate_locked(
         // Only once the index that replaces them is valid: until then the
         // old one keeps claims off a scan of the history.
         for name in SUPERSEDED_INDEXES {
-            let present: bool = client
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                     WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind = 'i')",
-                    &[&schema, &name],
-                )
-                .await
-                .map_err(step("check the outbox indexes"))?
-                .get(0);
-            if present {
-                client
-                    .batch_execute(&format!(
-                        "DROP INDEX CONCURRENTLY IF EXISTS {s}.{}",
-                        quote_ident(name)
-                    ))
+            if index_exists(client, schema, name).await? {
+                drop_index(client, schema, name)
                     .await
                     .map_err(step("drop an index of an earlier release"))?;
                 report.dropped_indexes.push(name);
@@ -272,6 +246,34 @@ async fn migrate_locked(
         "outbox schema is up to date"
     );
     Ok((report, outbox))
+}
+
+/// Whether index `name` exists in `schema`.
+async fn index_exists(client: &Client, schema: &str, name: &str) -> Result<bool, MigrateError> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind = 'i')",
+            &[&schema, &name],
+        )
+        .await
+        .map_err(step("check the outbox indexes"))?
+        .get(0))
+}
+
+/// Drops index `name` of `schema` without blocking writers.
+async fn drop_index(
+    client: &Client,
+    schema: &str,
+    name: &str,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(&format!(
+            "DROP INDEX CONCURRENTLY IF EXISTS {}.{}",
+            quote_ident(schema),
+            quote_ident(name)
+        ))
+        .await
 }
 
 /// `schema.push_occurrence(body, id, channel, routing_key, exchange, headers,
