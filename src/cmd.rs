@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::db::outbox::{Outbox, PENDING_INDEX};
+use crate::db::outbox::Outbox;
 use crate::db::{self, SessionKind, describe, migrate};
 use crate::{mq, service, shutdown};
 
@@ -119,16 +119,10 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
-    let indexed: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              JOIN pg_index i ON i.indexrelid = c.oid
-             WHERE n.nspname = $1 AND c.relname = $2 AND i.indisvalid)",
-            &[&pg.schema, &PENDING_INDEX],
-        )
+    let indexed = outbox
+        .pending_index_ready(&client)
         .await
-        .context("look for the pending-rows index")?
-        .get(0);
+        .context("look for the pending-rows index")?;
     println!(
         "ok    outbox schema {}: message_id {}, message_body {}{}",
         outbox.schema,

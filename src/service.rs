@@ -20,7 +20,7 @@ use crate::admin::{self, AdminState};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::db::listener::Listener;
-use crate::db::outbox::Outbox;
+use crate::db::outbox::{Outbox, PENDING_INDEX};
 use crate::db::{self, SessionKind, describe, migrate};
 use crate::metrics::Metrics;
 use crate::mq::{BrokerLink, BrokerState};
@@ -219,7 +219,16 @@ async fn prepare_outbox(config: &Config) -> Result<Outbox, StartError> {
         let (_report, outbox) = migrate::run(&client, schema, &config.channels[0]).await?;
         Ok(outbox)
     } else {
-        Ok(Outbox::inspect(&client, schema).await?)
+        let outbox = Outbox::inspect(&client, schema).await?;
+        if !outbox.pending_index_ready(&client).await.unwrap_or(true) {
+            warn!(
+                schema = %schema,
+                index = PENDING_INDEX,
+                "the outbox lacks the pending-rows index of this release, so every claim sorts the whole backlog; \
+                 run `pushoccurrence migrate` as the tables' owner"
+            );
+        }
+        Ok(outbox)
     }
 }
 

@@ -276,6 +276,27 @@ impl Outbox {
         Ok(missing)
     }
 
+    /// Whether [`PENDING_INDEX`] exists and is valid. Without it (an outbox
+    /// `migrate` has not brought up to this release) claims still work, but
+    /// sort every pending row to find the oldest.
+    ///
+    /// # Errors
+    /// The catalog could not be read.
+    pub async fn pending_index_ready(
+        &self,
+        client: &Client,
+    ) -> Result<bool, tokio_postgres::Error> {
+        Ok(client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  JOIN pg_index i ON i.indexrelid = c.oid
+                 WHERE n.nspname = $1 AND c.relname = $2 AND i.indisvalid)",
+                &[&self.schema, &PENDING_INDEX],
+            )
+            .await?
+            .get(0))
+    }
+
     /// `schema.table`, quoted.
     pub fn table(&self, table: &str) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(table))

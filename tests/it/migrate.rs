@@ -151,14 +151,10 @@ async fn the_claim_query_uses_the_partial_index_not_a_scan_of_history() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn claims_take_the_oldest_rows_first_and_an_earlier_pending_index_is_replaced() {
-    use pushoccurrence::db::outbox::{ClaimedRow, Outbox};
-    let env = TestEnv::new("order").await;
-    env.migrate().await;
+/// What the release before claim order left behind: the pending index on
+/// message_id and a relay_enqueued_at stamped at transaction start.
+async fn as_the_release_before_claim_order_left_it(env: &TestEnv) {
     let s = &env.name;
-    // What the release before claim order left behind: the pending index on
-    // message_id and a relay_enqueued_at stamped at transaction start.
     env.pg
         .batch_execute(&format!(
             "DROP INDEX \"{s}\".message_queue_log_pending_enqueued_idx;
@@ -168,6 +164,48 @@ async fn claims_take_the_oldest_rows_first_and_an_earlier_pending_index_is_repla
         ))
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_relay_without_auto_migrate_warns_about_the_old_index_and_migrate_replaces_it_under_load()
+{
+    let mut env = TestEnv::new("oldidx").await;
+    env.migrate().await;
+    as_the_release_before_claim_order_left_it(&env).await;
+    env.config["postgres"]["auto_migrate"] = false.into();
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    relay
+        .wait_log("lacks the pending-rows index of this release")
+        .await;
+    // It still relays, through the old index.
+    let mut ids = env.insert_many(30, 10).await;
+    consumer.wait_for_all(&ids).await;
+    // The owner migrates while the relay runs: the index is built and the
+    // old one dropped without blocking it, and events keep flowing.
+    let stdout = env.migrate().await;
+    assert!(
+        stdout.contains("dropped (superseded): message_queue_log_pending_idx"),
+        "{stdout}"
+    );
+    ids.extend(env.insert_many(30, 10).await);
+    consumer.wait_for_all(&ids).await;
+    wait_until("every row is marked transferred", || async {
+        env.pending().await == 0
+    })
+    .await;
+    assert_exactly_once(&consumer, &ids);
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn claims_take_the_oldest_rows_first_and_an_earlier_pending_index_is_replaced() {
+    use pushoccurrence::db::outbox::{ClaimedRow, Outbox};
+    let env = TestEnv::new("order").await;
+    env.migrate().await;
+    let s = &env.name;
+    as_the_release_before_claim_order_left_it(&env).await;
     let stdout = env.migrate().await;
     assert!(
         stdout.contains("indexes created: message_queue_log_pending_enqueued_idx, dropped (superseded): message_queue_log_pending_idx"),
