@@ -76,7 +76,7 @@ impl Hold {
 /// body leaves the database.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Ids whose bodies to fetch and publish, in id order.
+    /// Ids whose bodies to fetch and publish, in claim order.
     pub fetch: Vec<String>,
     /// Claimed ids not published this time, with the reason.
     pub held: Vec<(String, Hold)>,
@@ -161,7 +161,7 @@ pub fn plan(rows: &[ClaimedRow], max_message_bytes: u64, max_batch_bytes: u64) -
 /// The rows of one claim, sorted into messages and held rows.
 #[derive(Debug, Default, PartialEq)]
 pub struct Assembled {
-    /// Messages to publish, one per fetched id, in id order.
+    /// Messages to publish, one per fetched id, in claim order.
     pub messages: Vec<Message>,
     /// Claimed ids that are not published this time.
     pub held: Vec<(String, Hold)>,
