@@ -108,6 +108,8 @@ pub fn plan(rows: &[ClaimedRow], max_message_bytes: u64, max_batch_bytes: u64) -
     let mut out = Plan::default();
     let mut bytes: u64 = 0;
     let mut deferring = false;
+    // The last row before the deferred ones: where the next claim starts.
+    let mut last_taken: Option<&ClaimedRow> = None;
     for group in rows.chunk_by(|a, b| a.id == b.id) {
         let id = &group[0].id;
         out.claimed += 1;
@@ -139,13 +141,7 @@ pub fn plan(rows: &[ClaimedRow], max_message_bytes: u64, max_batch_bytes: u64) -
             None
         };
         if !deferring {
-            out.cursor = group[0]
-                .enqueued_at
-                .clone()
-                .map(|enqueued_at| ClaimPosition {
-                    enqueued_at,
-                    id: id.clone(),
-                });
+            last_taken = Some(&group[0]);
         }
         match hold {
             Some(hold) => out.held.push((id.clone(), hold)),
@@ -155,6 +151,12 @@ pub fn plan(rows: &[ClaimedRow], max_message_bytes: u64, max_batch_bytes: u64) -
             }
         }
     }
+    out.cursor = last_taken.and_then(|row| {
+        row.enqueued_at.clone().map(|enqueued_at| ClaimPosition {
+            enqueued_at,
+            id: row.id.clone(),
+        })
+    });
     out
 }
 
