@@ -4,16 +4,11 @@
 use crate::support::*;
 
 async fn index_names(env: &TestEnv) -> Vec<String> {
-    env.pg
-        .query(
-            "SELECT indexname::text FROM pg_indexes WHERE schemaname = $1 ORDER BY 1",
-            &[&env.name],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    env.texts(
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = $1 ORDER BY 1",
+        &[&env.name],
+    )
+    .await
 }
 
 #[tokio::test]
@@ -114,18 +109,13 @@ async fn the_claim_query_uses_the_partial_index_not_a_scan_of_history() {
         ))
         .await
         .unwrap();
-    let plan: Vec<String> = env
-        .pg
-        .query(
+    let plan = env
+        .texts(
             "EXPLAIN EXECUTE claim(100, 1000000, 16000000, '-infinity', '00000000-0000-0000-0000-000000000000')",
             &[],
         )
         .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let plan = plan.join("\n");
+        .join("\n");
     assert!(
         plan.contains("message_queue_log_pending_enqueued_idx"),
         "{plan}"

@@ -253,17 +253,12 @@ async fn retention_deletes_only_rows_transferred_long_enough_ago_with_their_bodi
     })
     .await;
     assert_eq!(count("message_queue_log_data").await, 3);
-    let left: Vec<String> = env
-        .pg
-        .query(
+    let left = env
+        .texts(
             &format!("SELECT message_id::text FROM \"{s}\".message_queue_log ORDER BY 1"),
             &[],
         )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .await;
     let mut kept = [recent, waiting.clone()].concat();
     kept.sort();
     assert_eq!(left, kept);

@@ -21,6 +21,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
 /// The binary under test.
@@ -258,6 +259,17 @@ impl TestEnv {
             .await
             .unwrap()
             .len() as i64
+    }
+
+    /// The first column of every row `sql` returns (a text column).
+    pub async fn texts(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Vec<String> {
+        self.pg
+            .query(sql, params)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
     }
 
     /// Rows not yet transferred.
