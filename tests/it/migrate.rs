@@ -180,10 +180,7 @@ async fn a_relay_without_auto_migrate_warns_about_the_old_index_and_migrate_repl
     );
     ids.extend(env.insert_many(30, 10).await);
     consumer.wait_for_all(&ids).await;
-    wait_until("every row is marked transferred", || async {
-        env.pending().await == 0
-    })
-    .await;
+    env.wait_all_transferred().await;
     assert_exactly_once(&consumer, &ids);
     assert!(relay.terminate().await.success());
     env.cleanup().await;

@@ -24,10 +24,7 @@ async fn notified_events_arrive_exactly_once_with_ids_bodies_and_properties() {
         consumer.wait_for_all(std::slice::from_ref(&id)).await;
         ids.push(id);
     }
-    wait_until("every row is marked transferred", || async {
-        env.pending().await == 0
-    })
-    .await;
+    env.wait_all_transferred().await;
     assert_exactly_once(&consumer, &ids);
     for (i, id) in ids.iter().enumerate() {
         let m = consumer.get(id);
@@ -63,10 +60,7 @@ async fn rows_written_while_no_relay_ran_are_delivered_at_start_up() {
     let consumer = env.consumer().await;
     let relay = env.relay().await;
     consumer.wait_for_all(&ids).await;
-    wait_until("every row is marked transferred", || async {
-        env.pending().await == 0
-    })
-    .await;
+    env.wait_all_transferred().await;
     assert_exactly_once(&consumer, &ids);
     assert!(relay.terminate().await.success());
     env.cleanup().await;
@@ -85,10 +79,7 @@ async fn rows_written_without_notify_are_found_by_the_idle_sweep() {
         consumer.wait_for_all(std::slice::from_ref(&id)).await;
         ids.push(id);
     }
-    wait_until("every row is marked transferred", || async {
-        env.pending().await == 0
-    })
-    .await;
+    env.wait_all_transferred().await;
     assert_exactly_once(&consumer, &ids);
     assert_eq!(consumer.get(&ids[0]).body, vec![0x00, 0xff]);
     assert!(relay.terminate().await.success());
@@ -161,10 +152,7 @@ async fn all_six_id_and_body_type_combinations_arrive_byte_exact() {
                 ids.push(id);
             }
             consumer.wait_for_all(&ids).await;
-            wait_until("every row is marked transferred", || async {
-                env.pending().await == 0
-            })
-            .await;
+            env.wait_all_transferred().await;
             assert_exactly_once(&consumer, &ids);
             let content_type = match body_type {
                 "bytea" => "application/octet-stream",
@@ -194,10 +182,7 @@ async fn two_relays_on_one_outbox_deliver_each_event_once() {
     let second = env.relay().await;
     let ids = env.insert_many(3000, 25).await;
     consumer.wait_for_all(&ids).await;
-    wait_until("every row is marked transferred", || async {
-        env.pending().await == 0
-    })
-    .await;
+    env.wait_all_transferred().await;
     // Both took part, and neither published what the other had claimed.
     assert_exactly_once(&consumer, &ids);
     assert!(first.terminate().await.success());
@@ -248,10 +233,7 @@ async fn sigterm_during_a_stream_loses_nothing_and_duplicates_nothing() {
     let ids = producer.await.unwrap();
     let successor = env.relay().await;
     consumer.wait_for_all(&ids).await;
-    wait_until("every row is marked transferred", || async {
-        env.pending().await == 0
-    })
-    .await;
+    env.wait_all_transferred().await;
     assert_exactly_once(&consumer, &ids);
     assert!(successor.terminate().await.success());
     env.cleanup().await;

@@ -272,6 +272,14 @@ impl TestEnv {
             .collect()
     }
 
+    /// Waits until no row is left untransferred.
+    pub async fn wait_all_transferred(&self) {
+        wait_until("every row is marked transferred", || async {
+            self.pending().await == 0
+        })
+        .await;
+    }
+
     /// Rows not yet transferred.
     pub async fn pending(&self) -> i64 {
         self.pg
