@@ -4,9 +4,9 @@
 //! * `/healthz`: 200 while the process answers. It never depends on
 //!   PostgreSQL or RabbitMQ, so an outage of either cannot turn into a
 //!   restart loop.
-//! * `/readyz`: 200 when the broker connection is up and not blocked and the
-//!   listener is listening (which also shows PostgreSQL answers); 503 with
-//!   what is missing otherwise.
+//! * `/readyz`: 200 when the broker connection is up and not blocked, the
+//!   configured topology works and the listener is listening (which also
+//!   shows PostgreSQL answers); 503 with what is missing otherwise.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -86,16 +86,19 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 /// What keeps the relay from being ready, in words.
-fn not_ready(broker: &BrokerState, listening: bool) -> Vec<&'static str> {
+fn not_ready(broker: &BrokerState, listening: bool) -> Vec<String> {
     let mut missing = Vec::new();
     match &broker.connection {
-        None => missing.push("rabbitmq not connected"),
-        Some(c) if !c.status().connected() => missing.push("rabbitmq not connected"),
-        Some(_) if broker.blocked => missing.push("rabbitmq blocked publishing"),
+        None => missing.push("rabbitmq not connected".to_owned()),
+        Some(c) if !c.status().connected() => missing.push("rabbitmq not connected".to_owned()),
+        Some(_) if broker.blocked => missing.push("rabbitmq blocked publishing".to_owned()),
         Some(_) => {}
     }
+    if let Some(fault) = &broker.topology_fault {
+        missing.push(format!("rabbitmq topology: {fault}"));
+    }
     if !listening {
-        missing.push("postgres listener not listening");
+        missing.push("postgres listener not listening".to_owned());
     }
     missing
 }

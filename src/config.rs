@@ -1086,6 +1086,55 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn queues_whose_length_limit_drops_confirmed_messages_are_refused_unless_allowed() {
+        let with = |queue: &str, arguments: Value| {
+            edit(|v| {
+                if queue == "queue" {
+                    v["rabbitmq"]["queue"]["arguments"] = arguments;
+                } else {
+                    v["rabbitmq"]["queues"] =
+                        serde_json::json!([{"name": "more", "arguments": arguments}]);
+                }
+            })
+        };
+        for (queue, arguments, key) in [
+            (
+                "queue",
+                serde_json::json!({"x-max-length": 1}),
+                "key rabbitmq.queue:",
+            ),
+            (
+                "queues",
+                serde_json::json!({"x-max-length-bytes": 1024}),
+                "key rabbitmq.queues[0]:",
+            ),
+            (
+                "queue",
+                serde_json::json!({"x-max-length": 1, "x-overflow": "drop-head"}),
+                "key rabbitmq.queue:",
+            ),
+        ] {
+            let e = err(&with(queue, arguments), &[]);
+            assert!(
+                e.starts_with(key) && e.contains("x-overflow") && e.contains("allow_unsafe"),
+                "{e}"
+            );
+        }
+        for overflow in ["reject-publish", "reject-publish-dlx"] {
+            let text = with(
+                "queues",
+                serde_json::json!({"x-max-length": 1, "x-overflow": overflow}),
+            );
+            assert!(parse(&text, &[]).is_ok(), "{overflow}");
+        }
+        let text = edit(|v| {
+            v["rabbitmq"]["queue"]["arguments"] = serde_json::json!({"x-max-length": 1});
+            v["rabbitmq"]["queue"]["allow_unsafe"] = Value::Bool(true);
+        });
+        assert!(parse(&text, &[]).is_ok());
+    }
+
+    #[test]
     fn out_of_range_values_are_refused() {
         type Edit = Box<dyn Fn(&mut Value)>;
         let cases: Vec<(Edit, &str)> = vec![
@@ -1150,8 +1199,7 @@ pub(crate) mod tests {
             v["listener"]["channels"] = serde_json::json!(["your_notify_channel", "billing"]);
             v["rabbitmq"]["exchange"] = "events".into();
             v["rabbitmq"]["exchanges"] = serde_json::json!([{"name": "events", "type": "topic"}]);
-            v["rabbitmq"]["queue"]["arguments"] =
-                serde_json::json!({"x-queue-type": "quorum", "x-max-length": 1000});
+            v["rabbitmq"]["queue"]["arguments"] = serde_json::json!({"x-queue-type": "quorum", "x-max-length": 1000, "x-overflow": "reject-publish"});
             v["rabbitmq"]["routes"] = serde_json::json!({"billing": {"routing_key": "billing"}});
         });
         let c = parse(&text, &[("PUSHOCCURRENCE_RABBITMQ_ROUTING_KEY", "all")]).unwrap();
@@ -1202,8 +1250,7 @@ pub(crate) mod tests {
             ),
             (
                 Box::new(|v| {
-                    v["rabbitmq"]["queue"]["arguments"] =
-                        serde_json::json!({"x-max-length": u64::MAX})
+                    v["rabbitmq"]["queue"]["arguments"] = serde_json::json!({"x-max-length": u64::MAX, "x-overflow": "reject-publish"})
                 }),
                 "key rabbitmq.queue.arguments: 'x-max-length'",
             ),

@@ -90,7 +90,10 @@ fn exit_code(error: &anyhow::Error) -> u8 {
 /// Logs go to stderr, filtered by RUST_LOG (default `info`). The client
 /// libraries are capped at INFO whatever RUST_LOG says: lapin logs the AMQP
 /// password at TRACE, tokio-postgres logs statement parameters (bodies) at
-/// DEBUG, and lapin logs returned messages with their body at WARN.
+/// DEBUG, and lapin logs returned messages with their body at WARN. Their
+/// ERROR lines are dropped: lapin writes several for every failed reconnect
+/// ("Connection closed", "... aborting recovery"), operators alert on
+/// ERROR, and the relay logs each outage once itself.
 fn init_logging(format: LogFormat) {
     let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let cap = filter_fn(|meta| {
@@ -103,7 +106,9 @@ fn init_logging(format: LogFormat) {
             || target.starts_with("tokio_postgres")
         {
             // lapin reports our own orderly close as a connection error.
-            return *meta.level() <= Level::INFO && !pushoccurrence::shutdown::is_closing();
+            return *meta.level() <= Level::INFO
+                && *meta.level() > Level::ERROR
+                && !pushoccurrence::shutdown::is_closing();
         }
         true
     });

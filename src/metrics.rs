@@ -68,6 +68,8 @@ pub struct Metrics {
     pub connected: Family<ConnectionLabel, Gauge>,
     /// Times a connection came back after being lost.
     pub reconnects: Family<ConnectionLabel, Counter>,
+    /// 1 while part of the configured topology is missing or refused.
+    pub topology_broken: Gauge,
     /// Claim sessions replaced after an error.
     pub session_reconnects: Counter,
     /// Transferred rows deleted by retention.
@@ -174,6 +176,12 @@ impl Metrics {
             "Times a connection came back after being lost",
             reconnects.clone(),
         );
+        let topology_broken = Gauge::default();
+        r.register(
+            "topology_broken",
+            "1 while part of the configured topology (a queue, an exchange) is missing or refused; rows wait, uncharged",
+            topology_broken.clone(),
+        );
         for label in [RABBITMQ, LISTENER] {
             // Every series exists from the start, so a scrape sees zeros.
             connected.get_or_create(&label).set(0);
@@ -195,6 +203,7 @@ impl Metrics {
             oldest_pending_seconds,
             connected,
             reconnects,
+            topology_broken,
             session_reconnects,
             rows_deleted,
         }
@@ -219,7 +228,11 @@ impl Metrics {
         let mut broker_seen = false;
         let mut listener_seen = false;
         loop {
-            let broker_up = broker.borrow_and_update().usable().is_some();
+            let (broker_up, topology_broken) = {
+                let state = broker.borrow_and_update();
+                (state.usable().is_some(), state.topology_fault.is_some())
+            };
+            self.topology_broken.set(i64::from(topology_broken));
             let listener_up = *listening.borrow_and_update();
             self.track(&RABBITMQ, broker_up, &mut broker_seen);
             self.track(&LISTENER, listener_up, &mut listener_seen);

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::AMQPSoftError;
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
@@ -29,6 +30,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{ExchangeConfig, QueueConfig, RabbitConfig};
+use publisher::{channel_error, soft_kind};
 
 /// Heartbeat asked for when the URL sets none: a dead broker is noticed in
 /// about two intervals.
@@ -45,6 +47,10 @@ pub struct BrokerState {
     pub connection: Option<Arc<Connection>>,
     /// The broker blocked publishing (memory or disk alarm).
     pub blocked: bool,
+    /// Part of the configured topology is gone (messages on a configured
+    /// route come back unroutable, or its exchange is missing): what the
+    /// workers saw, until a message on a configured route is confirmed.
+    pub topology_fault: Option<String>,
 }
 
 impl BrokerState {
@@ -61,6 +67,7 @@ impl std::fmt::Debug for BrokerState {
         f.debug_struct("BrokerState")
             .field("connected", &self.connection.is_some())
             .field("blocked", &self.blocked)
+            .field("topology_fault", &self.topology_fault)
             .finish()
     }
 }
@@ -190,7 +197,9 @@ pub async fn exchange_exists(connection: &Connection, name: &str) -> Result<bool
             let _closed = channel.close(200, "checked".into()).await;
             Ok(true)
         }
-        Err(e) if e.to_string().contains("NOT_FOUND") => Ok(false),
+        Err(e) if channel_error(&e).and_then(soft_kind) == Some(&AMQPSoftError::NOTFOUND) => {
+            Ok(false)
+        }
         Err(e) => Err(format!("check exchange '{name}': {e}")),
     }
 }
@@ -206,20 +215,17 @@ async fn open_channel(connection: &Connection) -> Result<Channel, String> {
 /// configured at `key`, as an operator can act on it.
 fn explain(what: &str, key: &str, error: &lapin::Error) -> String {
     let text = error.to_string();
-    if text.contains("PRECONDITION_FAILED") {
-        format!(
+    match channel_error(error).and_then(soft_kind) {
+        Some(AMQPSoftError::PRECONDITIONFAILED) => format!(
             "{what} already exists with other settings ({text}); make {key} match it, or delete the {what} so the relay can declare it"
-        )
-    } else if text.contains("ACCESS_REFUSED") {
-        format!(
+        ),
+        Some(AMQPSoftError::ACCESSREFUSED) => format!(
             "declaring {what} was refused ({text}); grant the user configure rights on it, or create it and set {key}.passive to true"
-        )
-    } else if text.contains("NOT_FOUND") {
-        format!(
+        ),
+        Some(AMQPSoftError::NOTFOUND) => format!(
             "{what} does not exist ({text}); create it, or set {key}.passive to false so the relay declares it"
-        )
-    } else {
-        format!("declaring {what} ({key}): {text}")
+        ),
+        _ => format!("declaring {what} ({key}): {text}"),
     }
 }
 
@@ -291,6 +297,10 @@ impl BrokerLink {
     }
 
     /// Keeps a connection up until `token` is cancelled, then closes it.
+    ///
+    /// An outage is logged at ERROR once, at its first failed attempt; a
+    /// later attempt failing for another reason is a WARN, the same reason
+    /// again is DEBUG (operators alert on ERROR).
     pub async fn run(mut self, token: CancellationToken) {
         let mut last_failure: Option<String> = None;
         loop {
@@ -309,14 +319,15 @@ impl BrokerLink {
                     }
                 }
                 Err(reason) => {
-                    // Say it loudly once; repeats of the same reason are debug.
                     let attempt = self.backoff.attempts();
-                    if last_failure.as_ref() == Some(&reason) {
-                        debug!(%reason, attempt, "cannot connect to rabbitmq");
-                    } else {
-                        error!(%reason, attempt, "cannot connect to rabbitmq");
-                        last_failure = Some(reason);
+                    match &last_failure {
+                        None => error!(%reason, attempt, "cannot connect to rabbitmq"),
+                        Some(last) if *last == reason => {
+                            debug!(%reason, attempt, "cannot connect to rabbitmq");
+                        }
+                        Some(_) => warn!(%reason, attempt, "cannot connect to rabbitmq"),
                     }
+                    last_failure = Some(reason);
                 }
             }
             let delay = self.backoff.next_delay();
@@ -335,6 +346,7 @@ impl BrokerLink {
         self.state.send_replace(BrokerState {
             connection: Some(connection.clone()),
             blocked: connection.status().blocked(),
+            topology_fault: None,
         });
         info!(url = %self.cfg.url_redacted, queue = %self.cfg.queue.name, "connected to rabbitmq");
         self.wake.notify_one();
@@ -355,6 +367,11 @@ impl BrokerLink {
                         info!("rabbitmq unblocked publishing; resuming");
                         self.state.send_modify(|s| s.blocked = false);
                         self.wake.notify_one();
+                    }
+                    // A channel-level error closed one channel; its owner
+                    // replaces it, and the connection carries on.
+                    Some(Event::Error(e)) if channel_error(&e).is_some() => {
+                        debug!(error = %e, "the broker closed a channel");
                     }
                     Some(Event::Error(e)) => {
                         warn!(error = %e, "rabbitmq connection lost");

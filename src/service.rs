@@ -121,8 +121,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let links = CancellationToken::new();
     let link_tasks = TaskTracker::new();
     link_tasks.spawn(
-        BrokerLink::new(config.rabbitmq.clone(), backoff(), broker_tx, wake.clone())
-            .run(links.clone()),
+        BrokerLink::new(
+            config.rabbitmq.clone(),
+            backoff(),
+            broker_tx.clone(),
+            wake.clone(),
+        )
+        .run(links.clone()),
     );
     link_tasks.spawn(
         Listener::new(
@@ -156,7 +161,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let shared = Shared {
         config: config.clone(),
         outbox: outbox.clone(),
-        broker: broker_rx.clone(),
+        broker: broker_tx,
         wake: wake.clone(),
         cursor: Arc::new(ClaimCursor::default()),
         metrics: metrics.clone(),

@@ -11,10 +11,15 @@
 //! exchange that is missing or refused, a property the broker refuses) is
 //! recorded on the row in the same transaction: the row waits out a
 //! doubling delay and is parked after `relay.max_attempts`, so it never
-//! blocks the stream. Faults that are not the row's (nack, timeout, lost
-//! connection) leave rows pending untouched and back the worker off. The
-//! worker never claims while the broker is down or blocked, so no
-//! transaction spans an outage.
+//! blocks the stream. A message the broker refuses by closing the channel
+//! is found by publishing the batch's unsettled messages one by one
+//! ([`Publisher::isolate`]) and charged alone. Faults that are not the row's
+//! (nack, timeout, lost connection, a configured queue or exchange gone)
+//! leave rows pending untouched and back the worker off; a channel the
+//! broker closed is replaced without touching the connection or the other
+//! workers. The worker never claims while the broker is down or blocked, so
+//! no transaction spans an outage, and it keeps its claim transaction alive
+//! while a blocked broker holds back the confirms of a batch already sent.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -32,16 +37,15 @@ use crate::config::Config;
 use crate::db::outbox::{ClaimedRow, Outbox, Statements};
 use crate::db::{self, SessionKind, describe};
 use crate::metrics::Metrics;
-use crate::mq::publisher::{Delivery, Message, Publisher};
+use crate::mq::publisher::{ChannelFailure, Delivery, Message, Publisher, soft_kind};
 use crate::mq::{self, BrokerState};
 use crate::relay::{ClaimPosition, Fetched, Hold, assemble, plan, take_bodies};
 use crate::routing::Router;
+use lapin::protocol::AMQPSoftError;
 
 /// Extra time a claim transaction may stay open beyond the confirm timeout
 /// before the server ends it (and releases its locks).
 const TRANSACTION_MARGIN: Duration = Duration::from_secs(30);
-/// AMQP reply code of an unroutable mandatory message.
-const NO_ROUTE: u16 = 312;
 /// How long rows naming an exchange the broker refused fail without being
 /// published; after it, one more try shows whether the refusal still holds.
 const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
@@ -53,6 +57,10 @@ enum BatchError {
     Database(String),
     #[error("rabbitmq: {0}")]
     Broker(String),
+    /// Part of the configured topology is gone; reported through the
+    /// broker state, not per batch.
+    #[error("rabbitmq topology: {0}")]
+    Topology(String),
     #[error("stopping")]
     Stopping,
 }
@@ -69,10 +77,13 @@ struct BatchSummary {
     claimed: usize,
     deferred: usize,
     nacked: usize,
-    /// A message on a configured route came back unroutable.
-    no_route: bool,
+    /// Part of the configured topology is gone: a message on a configured
+    /// route came back unroutable, or its exchange is missing or refused.
+    topology_fault: Option<String>,
+    /// A message on a configured route was confirmed: the topology works.
+    configured_route_confirmed: bool,
     wrapped: bool,
-    channel_failure: Option<String>,
+    channel_failure: Option<ChannelFailure>,
     /// An exchange named by a row whose messages the broker refused, with
     /// the broker's words.
     refused_exchange: Option<(String, String)>,
@@ -85,6 +96,8 @@ pub struct Worker {
     outbox: Arc<Outbox>,
     router: Router,
     broker: watch::Receiver<BrokerState>,
+    /// Where a topology fault is reported (and cleared).
+    broker_state: watch::Sender<BrokerState>,
     wake: Arc<Notify>,
     backoff: Backoff,
     session: Option<(Client, Statements)>,
@@ -104,8 +117,8 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// The outbox's tables and statements.
     pub outbox: Arc<Outbox>,
-    /// The broker link's state.
-    pub broker: watch::Receiver<BrokerState>,
+    /// The broker link's state; workers add topology faults to it.
+    pub broker: watch::Sender<BrokerState>,
     /// Wakes a worker: a notification, a sweep, a reconnection.
     pub wake: Arc<Notify>,
     /// Where the relay's next claim starts.
@@ -138,7 +151,8 @@ impl Worker {
             config,
             outbox,
             router,
-            broker,
+            broker: broker.subscribe(),
+            broker_state: broker,
             wake,
             backoff,
             session: None,
@@ -174,7 +188,12 @@ impl Worker {
                     Err(BatchError::Stopping) => return,
                     Err(error) => {
                         let delay = self.backoff.next_delay();
-                        warn!(worker = self.index, %error, retry_in = ?delay, "batch failed; its rows stay pending");
+                        if matches!(error, BatchError::Topology(_)) {
+                            // Reported once through the broker state.
+                            debug!(worker = self.index, %error, retry_in = ?delay, "batch failed; its rows stay pending");
+                        } else {
+                            warn!(worker = self.index, %error, retry_in = ?delay, "batch failed; its rows stay pending");
+                        }
                         tokio::select! {
                             () = token.cancelled() => return,
                             () = tokio::time::sleep(delay) => {}
@@ -190,21 +209,20 @@ impl Worker {
     /// Reacts to what a committed batch reported; `Ok(true)` when more rows
     /// are known to be waiting.
     fn after_commit(&mut self, summary: BatchSummary) -> Result<bool, BatchError> {
-        if summary.no_route {
-            self.redeclare_topology("a message on a configured route was returned as unroutable");
-        }
         if let Some((exchange, reason)) = summary.refused_exchange {
             warn!(%exchange, %reason, "the broker refused an exchange named by rows; those rows fail without being published for a while");
             self.refused.insert(exchange, (reason, Instant::now()));
         }
-        if let Some(reason) = summary.channel_failure {
-            if reason.contains("NOT_FOUND") {
-                // A configured exchange was deleted while the relay ran (a
-                // missing exchange named by a row is caught before publishing).
-                self.redeclare_topology("the broker reported a missing exchange or queue");
-            }
+        if let Some(reason) = summary.topology_fault {
+            self.report_topology_fault(&reason);
+            return Err(BatchError::Topology(reason));
+        }
+        if summary.configured_route_confirmed {
+            self.clear_topology_fault();
+        }
+        if let Some(failure) = summary.channel_failure {
             self.publisher = None;
-            return Err(BatchError::Broker(reason));
+            return Err(BatchError::Broker(failure.to_string()));
         }
         if summary.nacked > 0 {
             return Err(BatchError::Broker(format!(
@@ -315,8 +333,19 @@ impl Worker {
                     (m.id, hold)
                 }));
             }
-            let report = publisher
-                .publish_batch(&batch.messages, relay.confirm_timeout, || broker.borrow().blocked)
+            // While a blocked broker holds the confirms back, a statement
+            // now and then keeps PostgreSQL from ending the claim session as
+            // idle in transaction (and releasing rows already published).
+            let paused = || broker.borrow().blocked;
+            let keep_alive = || {
+                let tx = &tx;
+                async move { within(limit, tx.batch_execute("SELECT 1")).await.is_ok() }
+            };
+            let mut report = publisher
+                .publish_batch(&batch.messages, relay.confirm_timeout, paused, keep_alive)
+                .await;
+            publisher
+                .isolate(&batch.messages, &mut report, relay.confirm_timeout, paused, keep_alive)
                 .await;
             let confirmed_at = started.elapsed();
             let confirmed = report.confirmed(&batch.messages);
@@ -329,22 +358,50 @@ impl Worker {
                 }
             }
             for (message, delivery) in batch.messages.iter().zip(&report.deliveries) {
+                let d = &message.destination;
                 match delivery {
+                    // A configured route that routes nowhere: the queue is
+                    // gone, not the row's fault. The row stays pending.
+                    Delivery::Returned { code, text } if d.configured => {
+                        summary.topology_fault.get_or_insert_with(|| format!(
+                            "messages on the configured route (exchange '{}', routing key '{}') come back unroutable: {code} {text}; \
+                             the queue it should reach is missing or unbound",
+                            d.exchange, d.routing_key
+                        ));
+                    }
                     Delivery::Returned { code, text } => {
-                        summary.no_route |= *code == NO_ROUTE && message.destination.configured;
-                        let d = &message.destination;
                         let reason = format!(
                             "returned by the broker as unroutable: {code} {text} (exchange '{}', routing key '{}')",
                             d.exchange, d.routing_key
                         );
                         failed.push((&message.id, reason));
                     }
+                    Delivery::Refused(error) => {
+                        let kind = soft_kind(error);
+                        let about_exchange =
+                            matches!(kind, Some(AMQPSoftError::NOTFOUND | AMQPSoftError::ACCESSREFUSED));
+                        let words = error.get_message().to_string();
+                        if about_exchange && !d.exchange_from_row {
+                            summary.topology_fault.get_or_insert_with(|| format!(
+                                "the broker refused publishing to the configured exchange '{}' ({words})",
+                                d.exchange
+                            ));
+                        } else if about_exchange {
+                            if kind == Some(&AMQPSoftError::ACCESSREFUSED) {
+                                summary.refused_exchange = Some((d.exchange.to_string(), words.clone()));
+                            }
+                            let hold = Hold::RefusedExchange { exchange: d.exchange.to_string(), reason: words };
+                            failed.push((&message.id, hold.reason()));
+                        } else {
+                            failed.push((&message.id, format!("the broker refused the message: {} {words}", error.get_id())));
+                        }
+                    }
                     Delivery::IdTooLong => failed.push((&message.id, Hold::IdTooLong.reason())),
                     Delivery::Nacked => summary.nacked += 1,
                     Delivery::Unknown(reason) => {
                         debug!(message_id = %message.id, %reason, "confirm unknown; the row stays pending");
                     }
-                    Delivery::Confirmed => {}
+                    Delivery::Confirmed => summary.configured_route_confirmed |= d.configured,
                 }
             }
 
@@ -410,15 +467,6 @@ impl Worker {
                 commit_ms = (committed_at - marked_at).as_secs_f64() * 1e3,
                 "batch committed"
             );
-            if let Some(exchange) = report.channel_failure.as_deref().and_then(refused_exchange) {
-                let named_by_a_row = batch.messages.iter().any(|m| {
-                    m.destination.exchange_from_row && m.destination.exchange.as_str() == exchange
-                });
-                if named_by_a_row {
-                    summary.refused_exchange =
-                        Some((exchange.to_owned(), report.channel_failure.clone().unwrap_or_default()));
-                }
-            }
             summary.channel_failure = report.channel_failure;
             Ok(summary)
         }
@@ -430,22 +478,40 @@ impl Worker {
         result
     }
 
-    /// Declares the configured topology again: part of it was deleted
-    /// while the relay ran (`why` says how that showed).
-    fn redeclare_topology(&self, why: &'static str) {
+    /// Part of the configured topology is gone (`reason` says how that
+    /// showed): reports it once (log, `/readyz`, metric) until a message on
+    /// a configured route is confirmed again, and declares the topology
+    /// again. Called at most once per failed batch, so the declarations
+    /// follow the worker's back-off.
+    fn report_topology_fault(&self, reason: &str) {
+        let mut first = false;
+        self.broker_state.send_modify(|state| {
+            first = state.topology_fault.is_none();
+            state.topology_fault = Some(reason.to_owned());
+        });
+        if first {
+            error!(%reason, "the configured topology is broken; the rows stay pending, uncharged, until it is back");
+        }
         let Some(connection) = self.broker.borrow().usable().cloned() else {
             return;
         };
         let config = self.config.clone();
         tokio::spawn(async move {
             match mq::declare_topology(&connection, &config.rabbitmq).await {
-                Ok(()) => warn!(
-                    why,
-                    "declared the configured exchanges, queues and bindings again"
-                ),
-                Err(reason) => error!(why, %reason, "cannot declare the configured topology again"),
+                Ok(()) => warn!("declared the configured exchanges, queues and bindings again"),
+                Err(reason) => debug!(%reason, "cannot declare the configured topology again"),
             }
         });
+    }
+
+    /// A message on a configured route was confirmed: the topology is back.
+    fn clear_topology_fault(&self) {
+        let cleared = self
+            .broker_state
+            .send_if_modified(|state| state.topology_fault.take().is_some());
+        if cleared {
+            info!("the configured topology works again; resuming");
+        }
     }
 
     /// Opens a channel on the current connection, waiting (without holding
@@ -464,7 +530,7 @@ impl Worker {
                 state.usable().cloned().expect("checked by wait_for")
             }
         };
-        let publisher = Publisher::open(connection, self.config.rabbitmq.queue.durable)
+        let publisher = Publisher::open(connection)
             .await
             .map_err(|e| BatchError::Broker(format!("open a confirm channel: {e}")))?;
         self.publisher = Some(publisher);
@@ -492,17 +558,6 @@ impl Worker {
     }
 }
 
-/// The exchange a channel-closing `ACCESS_REFUSED` names, e.g. RabbitMQ's
-/// "cannot publish to internal exchange 'x' in vhost '/'".
-fn refused_exchange(failure: &str) -> Option<&str> {
-    if !failure.contains("ACCESS_REFUSED") {
-        return None;
-    }
-    let start = failure.find("exchange '")? + "exchange '".len();
-    let len = failure[start..].find('\'')?;
-    Some(&failure[start..start + len])
-}
-
 /// Runs one database call with a deadline: a stalled link must not hang the
 /// worker (TCP keepalives cannot see a peer that acknowledges and never answers).
 async fn within<T>(
@@ -512,25 +567,5 @@ async fn within<T>(
     match tokio::time::timeout(limit, call).await {
         Ok(result) => result.map_err(Into::into),
         Err(_) => Err(BatchError::Database(format!("no answer within {limit:?}"))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::refused_exchange;
-
-    #[test]
-    fn a_refusal_names_its_exchange() {
-        assert_eq!(
-            refused_exchange(
-                "protocol error: ACCESS_REFUSED - cannot publish to internal exchange 'po.x' in vhost '/'"
-            ),
-            Some("po.x")
-        );
-        assert_eq!(
-            refused_exchange("NOT_FOUND - no exchange 'gone' in vhost '/'"),
-            None
-        );
-        assert_eq!(refused_exchange("ACCESS_REFUSED - no exchange here"), None);
     }
 }

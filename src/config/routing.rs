@@ -154,6 +154,22 @@ fn short_string(key: &str, value: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Whether queue arguments set a length limit that, when reached, drops
+/// messages from the head of the queue: RabbitMQ's default overflow
+/// behaviour (`drop-head`), for classic and quorum queues alike. Only
+/// `reject-publish` (and `reject-publish-dlx`) make a full queue nack new
+/// messages instead, which leaves their rows pending.
+fn drops_head(arguments: &Map<String, Value>) -> bool {
+    let limited = ["x-max-length", "x-max-length-bytes"]
+        .iter()
+        .any(|k| arguments.contains_key(*k));
+    let rejects = matches!(
+        arguments.get("x-overflow").and_then(Value::as_str),
+        Some("reject-publish" | "reject-publish-dlx")
+    );
+    limited && !rejects
+}
+
 fn arguments(key: &str, raw: &Map<String, Value>) -> Result<FieldTable, ConfigError> {
     table::from_json(raw)
         .map_err(|reason| ConfigError::new(format!("key {key}.arguments: {reason}")))
@@ -176,6 +192,12 @@ pub(super) fn queue(key: &str, raw: RawQueue) -> Result<QueueConfig, ConfigError
         } else if raw.auto_delete {
             Some(
                 "auto_delete is true: the queue and its messages vanish when the last consumer leaves",
+            )
+        } else if drops_head(&raw.arguments) {
+            Some(
+                "arguments set a length limit (x-max-length or x-max-length-bytes) without \
+                 \"x-overflow\": \"reject-publish\": a full queue drops its oldest messages, \
+                 confirmed ones included; add \"x-overflow\": \"reject-publish\" (full queue: rows wait)",
             )
         } else {
             None

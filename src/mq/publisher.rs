@@ -7,13 +7,23 @@
 //! messages by their `message_id`, never by which future carried them. The
 //! channel carries one batch at a time, so every return it sees belongs to
 //! that batch.
+//!
+//! A message the broker refuses by closing the channel (a body over its
+//! `max_message_size`, a publish to an exchange that is missing or
+//! forbidden) takes the rest of its batch down with it. [`Publisher::isolate`]
+//! publishes the batch's unsettled messages again one by one on fresh
+//! channels, so the refusal is pinned on the one message that caused it.
+//! Messages are always persistent: a confirm of a transient message means
+//! nothing once the broker restarts.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
 use lapin::types::ShortString;
 use lapin::{Channel, Confirmation, Connection};
 
@@ -32,7 +42,7 @@ pub struct Message {
 }
 
 /// What became of one published message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Delivery {
     /// Acked and not returned: the broker is responsible for it now.
     Confirmed,
@@ -49,6 +59,55 @@ pub enum Delivery {
     Unknown(String),
     /// Not published: the id does not fit an AMQP short string.
     IdTooLong,
+    /// Published alone, the message made the broker close the channel (a
+    /// channel-level error such as 406 for a body over its size limit, or
+    /// 404 / 403 for its exchange).
+    Refused(AMQPError),
+}
+
+/// The channel-level (soft) AMQP error behind `error`, if that is what it is:
+/// such an error closes one channel and leaves the connection up.
+pub fn channel_error(error: &lapin::Error) -> Option<&AMQPError> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) if matches!(e.kind(), AMQPErrorKind::Soft(_)) => Some(e),
+        _ => None,
+    }
+}
+
+/// The soft error kind of a channel-level error.
+pub fn soft_kind(error: &AMQPError) -> Option<&AMQPSoftError> {
+    match error.kind() {
+        AMQPErrorKind::Soft(kind) => Some(kind),
+        AMQPErrorKind::Hard(_) => None,
+    }
+}
+
+/// Why a batch's channel can no longer be used.
+#[derive(Debug, Clone)]
+pub enum ChannelFailure {
+    /// The broker closed the channel with a channel-level error; the
+    /// connection is fine.
+    Closed(AMQPError),
+    /// The connection failed, or the broker did not confirm in time.
+    Broken(String),
+}
+
+impl ChannelFailure {
+    fn of(error: &lapin::Error) -> Self {
+        match channel_error(error) {
+            Some(e) => Self::Closed(e.clone()),
+            None => Self::Broken(error.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for ChannelFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Closed(e) => write!(f, "channel closed by the broker: {}", e.get_message()),
+            Self::Broken(reason) => f.write_str(reason),
+        }
+    }
 }
 
 /// The result of publishing one batch.
@@ -57,7 +116,7 @@ pub struct BatchReport {
     /// One entry per message, in the order given.
     pub deliveries: Vec<Delivery>,
     /// Why the channel can no longer be used, if it cannot.
-    pub channel_failure: Option<String>,
+    pub channel_failure: Option<ChannelFailure>,
 }
 
 impl BatchReport {
@@ -78,26 +137,33 @@ impl BatchReport {
 pub struct Publisher {
     connection: Arc<Connection>,
     channel: Channel,
-    delivery_mode: u8,
     known_exchanges: HashSet<String>,
 }
+
+/// AMQP delivery mode 2: the broker writes the message to disk in a durable
+/// queue before it confirms.
+const PERSISTENT: u8 = 2;
 
 impl Publisher {
     /// Opens a channel on `connection` and enables publisher confirms.
     ///
     /// # Errors
     /// The broker or connection error.
-    pub async fn open(connection: Arc<Connection>, persistent: bool) -> lapin::Result<Self> {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+    pub async fn open(connection: Arc<Connection>) -> lapin::Result<Self> {
+        let channel = confirm_channel(&connection).await?;
         Ok(Self {
             connection,
             channel,
-            delivery_mode: if persistent { 2 } else { 1 },
             known_exchanges: HashSet::new(),
         })
+    }
+
+    /// Replaces a channel the broker closed with a new one on the same
+    /// connection. The exchanges found to exist are still known: a channel
+    /// closes for one message's sake, not because the topology changed.
+    async fn reopen(&mut self) -> lapin::Result<()> {
+        self.channel = confirm_channel(&self.connection).await?;
+        Ok(())
     }
 
     /// The exchanges named by rows in `messages` that do not exist.
@@ -144,11 +210,16 @@ impl Publisher {
     /// is extended: a blocked broker is slow, not lost, and giving up would
     /// only republish the batch. On a timeout the channel is closed before
     /// returning, so no late confirm can be mistaken for this batch's.
-    pub async fn publish_batch(
+    ///
+    /// While paused, `keep_alive` runs once per `confirm_timeout` (it keeps
+    /// the claim transaction from being ended as idle); when it fails, the
+    /// wait ends as a timeout would.
+    pub async fn publish_batch<K: Future<Output = bool>>(
         &self,
         messages: &[Message],
         confirm_timeout: Duration,
         paused: impl Fn() -> bool,
+        mut keep_alive: impl FnMut() -> K,
     ) -> BatchReport {
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -173,7 +244,7 @@ impl Publisher {
             let properties = d
                 .properties
                 .clone()
-                .with_delivery_mode(self.delivery_mode)
+                .with_delivery_mode(PERSISTENT)
                 .with_timestamp(timestamp)
                 .with_message_id(id);
             publishes.push(self.channel.basic_publish(
@@ -195,7 +266,7 @@ impl Publisher {
                     confirm_slots.push(*i);
                 }
                 Err(e) => {
-                    channel_failure.get_or_insert_with(|| e.to_string());
+                    channel_failure.get_or_insert_with(|| ChannelFailure::of(&e));
                     deliveries[*i] = Delivery::Unknown(format!("publish failed: {e}"));
                 }
             }
@@ -205,7 +276,7 @@ impl Publisher {
         let results = loop {
             match tokio::time::timeout(confirm_timeout, &mut all_confirms).await {
                 Ok(results) => break Some(results),
-                Err(_) if paused() => {}
+                Err(_) if paused() && keep_alive().await => {}
                 Err(_) => break None,
             }
         };
@@ -217,7 +288,7 @@ impl Publisher {
             }
             return BatchReport {
                 deliveries,
-                channel_failure: Some(reason),
+                channel_failure: Some(ChannelFailure::Broken(reason)),
             };
         };
 
@@ -232,7 +303,7 @@ impl Publisher {
                     None,
                 ),
                 Err(e) => {
-                    channel_failure.get_or_insert_with(|| e.to_string());
+                    channel_failure.get_or_insert_with(|| ChannelFailure::of(&e));
                     (Delivery::Unknown(format!("confirm failed: {e}")), None)
                 }
             };
@@ -269,4 +340,70 @@ impl Publisher {
             channel_failure,
         }
     }
+
+    /// After the broker closed the channel on a batch (a channel-level
+    /// error), publishes each message whose fate is unknown again, alone, on
+    /// a fresh channel, and records what became of it: the message that
+    /// makes the broker close the channel again is [`Delivery::Refused`],
+    /// the others settle as they would have. Messages published before the
+    /// refused one may have reached their queue already; publishing them
+    /// again is the at-least-once duplicate the contract allows for a
+    /// channel closed by another message's error.
+    ///
+    /// Stops, leaving the rest unknown, when the connection fails or a
+    /// confirm does not come in time; `report.channel_failure` then says so.
+    /// Clears it when every message was settled.
+    pub async fn isolate<K: Future<Output = bool>>(
+        &mut self,
+        messages: &[Message],
+        report: &mut BatchReport,
+        confirm_timeout: Duration,
+        paused: impl Fn() -> bool,
+        mut keep_alive: impl FnMut() -> K,
+    ) {
+        if !matches!(report.channel_failure, Some(ChannelFailure::Closed(_))) {
+            return;
+        }
+        for (i, message) in messages.iter().enumerate() {
+            if !matches!(report.deliveries[i], Delivery::Unknown(_)) {
+                continue;
+            }
+            if !self.is_open()
+                && let Err(e) = self.reopen().await
+            {
+                report.channel_failure = Some(ChannelFailure::of(&e));
+                return;
+            }
+            let alone = self
+                .publish_batch(
+                    std::slice::from_ref(message),
+                    confirm_timeout,
+                    &paused,
+                    &mut keep_alive,
+                )
+                .await;
+            report.deliveries[i] =
+                match (alone.deliveries.into_iter().next(), alone.channel_failure) {
+                    (Some(Delivery::Unknown(_)), Some(ChannelFailure::Closed(e))) => {
+                        Delivery::Refused(e)
+                    }
+                    (_, Some(broken @ ChannelFailure::Broken(_))) => {
+                        report.channel_failure = Some(broken);
+                        return;
+                    }
+                    (Some(delivery), _) => delivery,
+                    (None, _) => unreachable!("one message in, one delivery out"),
+                };
+        }
+        report.channel_failure = None;
+    }
+}
+
+/// A new channel on `connection` in confirm mode.
+async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }

@@ -72,6 +72,14 @@ async fn broker_outage_claims_nothing_and_resumes_without_new_traffic() {
         relay.log_count("reconnecting to rabbitmq") >= 3
     })
     .await;
+    // Operators alert on ERROR: one line for the whole outage, none from
+    // the client library.
+    let log = relay.log_text();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(
+        errors.len() == 1 && errors[0].contains("cannot connect to rabbitmq"),
+        "{errors:#?}"
+    );
     assert_eq!(
         env.pending().await,
         200,

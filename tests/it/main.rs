@@ -4,6 +4,7 @@
 #![allow(clippy::let_underscore_must_use)] // clean-up and consumer acks are best effort
 
 mod bad_input; // each bad-input rule: retried, parked with a reason, stream keeps flowing
+mod broker; // channel faults, refused messages, full queues, long alarms, a lost queue: owner pays
 mod cli; // the binary's commands: bad config, check, exit codes, secrets
 mod faults; // broker, database and process faults injected for real; nothing lost
 mod migrate; // schema creation on fresh and existing seed databases

@@ -280,6 +280,14 @@ impl TestEnv {
         .await;
     }
 
+    /// Waits until exactly `left` rows are untransferred (parked ones, say).
+    pub async fn wait_all_transferred_but(&self, left: i64) {
+        wait_until(&format!("all rows but {left} are transferred"), || async {
+            self.pending().await == left
+        })
+        .await;
+    }
+
     /// Rows not yet transferred.
     pub async fn pending(&self) -> i64 {
         self.pg
