@@ -405,7 +405,7 @@ impl Config {
         let query_timeout = positive_ms("postgres.query_timeout_ms", pg.query_timeout_ms)?;
 
         let url_redacted = redact_url(&mq.url);
-        mq.url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+        amqp_uri(&mq.url).map_err(|e| {
             ConfigError::new(format!(
                 "key rabbitmq.url: '{url_redacted}' is not an AMQP URL ({e}); expected amqp://user:password@host:port/vhost"
             ))
@@ -560,6 +560,24 @@ fn blank_comment_lines(text: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Parses an AMQP URL as the seed's Go client (amqp091-go) reads it: an
+/// empty path, as in the seed's `amqp://guest:guest@localhost:5672/`, is the
+/// default vhost `/`. lapin reads that path as the vhost named `""`, which
+/// RabbitMQ does not have (`NOT_ALLOWED - vhost  not found`, forever), and
+/// no vhost can have that name, so nothing is lost by the rule. `%2f` and
+/// named vhosts keep their meaning. Both the config's validation and the
+/// broker link's `connect` parse through here.
+///
+/// # Errors
+/// The parser's message; it never contains the URL (nor its password).
+pub fn amqp_uri(url: &str) -> Result<lapin::uri::AMQPUri, String> {
+    let mut uri: lapin::uri::AMQPUri = url.parse()?;
+    if uri.vhost.is_empty() {
+        uri.vhost = "/".to_owned();
+    }
+    Ok(uri)
 }
 
 /// Replaces the password of a URL's user info with `***`.
@@ -983,6 +1001,24 @@ pub(crate) mod tests {
         assert!(!dump.contains("your_db_password"), "{dump}");
         assert!(!dump.contains("guest:guest"), "{dump}");
         assert_eq!(c.rabbitmq.url_redacted, "amqp://guest:***@localhost:5672/");
+    }
+
+    #[test]
+    fn an_empty_vhost_path_means_the_default_vhost() {
+        let vhost = |url: &str| amqp_uri(url).unwrap().vhost;
+        assert_eq!(vhost("amqp://guest:guest@localhost:5672/"), "/");
+        assert_eq!(vhost("amqp://guest:guest@localhost:5672"), "/");
+        assert_eq!(vhost("amqp://h:5672/%2f"), "/");
+        assert_eq!(vhost("amqp://h:5672/%2F?heartbeat=5"), "/");
+        assert_eq!(vhost("amqp://h:5672/?heartbeat=5"), "/");
+        assert_eq!(vhost("amqp://h:5672/orders"), "orders");
+        assert_eq!(vhost("amqps://h/team%2forders"), "team/orders");
+        let c = seed();
+        assert_eq!(amqp_uri(c.rabbitmq.url.expose()).unwrap().vhost, "/");
+        // The repository's own file keeps the seed's form, so it stays tested.
+        let c = parse(include_str!("../config/config.json"), &[]).unwrap();
+        assert_eq!(c.rabbitmq.url_redacted, "amqp://guest:***@localhost:5672/");
+        assert_eq!(amqp_uri(c.rabbitmq.url.expose()).unwrap().vhost, "/");
     }
 
     #[test]

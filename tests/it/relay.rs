@@ -238,3 +238,33 @@ async fn sigterm_during_a_stream_loses_nothing_and_duplicates_nothing() {
     assert!(successor.terminate().await.success());
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_seeds_url_with_an_empty_vhost_path_reaches_the_default_vhost() {
+    let mut env = TestEnv::new("vhost").await;
+    // The seed's form: `localhost` and a bare trailing slash, which the Go
+    // client read as the default vhost `/`.
+    env.config["rabbitmq"]["url"] = "amqp://guest:guest@localhost:5672/".into();
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let relay = env.relay_unready().await;
+    wait_until(
+        "the relay connects to rabbitmq or gives up once",
+        || async {
+            let log = relay.log_text();
+            log.contains("connected to rabbitmq") || log.contains("cannot connect to rabbitmq")
+        },
+    )
+    .await;
+    let log = relay.log_text();
+    assert!(
+        log.contains("connected to rabbitmq") && !log.contains("cannot connect"),
+        "{log}"
+    );
+    let ids = env.insert_many(20, 10).await;
+    consumer.wait_for_all(&ids).await;
+    env.wait_all_transferred().await;
+    assert_exactly_once(&consumer, &ids);
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
