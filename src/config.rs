@@ -144,6 +144,11 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where the admin HTTP endpoint listens; `None` turns it off.
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// `admin.listen` was set (file or environment), so an address that
+    /// cannot be bound stops `run`. Unset, the default address is best
+    /// effort: several instances on one host from the seed's file (which has
+    /// no admin section) all relay, the first one serving the endpoint.
+    pub admin_required: bool,
     /// Deletion of old transferred rows; `None` keeps them forever.
     pub retention: Option<RetentionConfig>,
 }
@@ -351,13 +356,14 @@ impl Config {
         } else {
             None
         };
-        let admin_listen = if admin.listen.trim().is_empty() {
+        let admin_required = admin.listen.is_some();
+        let admin_listen = admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
+        let admin_listen = if admin_listen.trim().is_empty() {
             None
         } else {
-            Some(admin.listen.trim().parse().map_err(|_| {
+            Some(admin_listen.trim().parse().map_err(|_| {
                 ConfigError::new(format!(
-                    "key admin.listen: '{}' is not an address and port like 127.0.0.1:9780 (use \"\" to turn the endpoint off)",
-                    admin.listen
+                    "key admin.listen: '{admin_listen}' is not an address and port like 127.0.0.1:9780 (use \"\" to turn the endpoint off)"
                 ))
             })?)
         };
@@ -516,6 +522,7 @@ impl Config {
             channels: listener.channels,
             log_format,
             admin_listen,
+            admin_required,
             retention,
             relay: RelayConfig {
                 buffer_size: retry.buffer_size,
@@ -842,18 +849,11 @@ impl Default for RawRetention {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawAdmin {
-    listen: String,
-}
-
-impl Default for RawAdmin {
-    fn default() -> Self {
-        Self {
-            listen: DEFAULT_ADMIN_LISTEN.to_owned(),
-        }
-    }
+    /// `None` when neither the file nor the environment sets it.
+    listen: Option<String>,
 }
 
 /// The admin endpoint's default address: local only.
@@ -1328,6 +1328,26 @@ pub(crate) mod tests {
             e.starts_with("key rabbitmq.ca_file: set, but rabbitmq.url is not amqps://"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn only_an_admin_address_that_was_set_is_required() {
+        let c = seed();
+        assert_eq!(c.admin_listen, Some(DEFAULT_ADMIN_LISTEN.parse().unwrap()));
+        assert!(!c.admin_required, "the seed's file has no admin section");
+        let c = parse(&edit(|v| v["admin"] = serde_json::json!({})), &[]).unwrap();
+        assert!(!c.admin_required);
+        let c = parse(
+            &edit(|v| v["admin"] = serde_json::json!({"listen": "127.0.0.1:9780"})),
+            &[],
+        )
+        .unwrap();
+        assert!(c.admin_required, "set in the file, even to the default");
+        let c = parse(SEED, &[("PUSHOCCURRENCE_ADMIN_LISTEN", "127.0.0.1:9781")]).unwrap();
+        assert!(c.admin_required);
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9781".parse().unwrap()));
+        let c = parse(SEED, &[("PUSHOCCURRENCE_ADMIN_LISTEN", "")]).unwrap();
+        assert_eq!(c.admin_listen, None);
     }
 
     #[test]

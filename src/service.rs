@@ -81,13 +81,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let admin_stop = CancellationToken::new();
     let admin_tasks = TaskTracker::new();
     if let Some(addr) = config.admin_listen {
-        let listener = admin::bind(addr).await.map_err(StartError::Admin)?;
-        let state = AdminState {
-            metrics: metrics.clone(),
-            broker: broker_rx.clone(),
-            listening: listening_rx.clone(),
-        };
-        admin_tasks.spawn(admin::serve(listener, state, admin_stop.clone()));
+        match admin::bind(addr).await {
+            Ok(listener) => {
+                let state = AdminState {
+                    metrics: metrics.clone(),
+                    broker: broker_rx.clone(),
+                    listening: listening_rx.clone(),
+                };
+                admin_tasks.spawn(admin::serve(listener, state, admin_stop.clone()));
+            }
+            Err(e) if config.admin_required => return Err(StartError::Admin(e)),
+            // The default address, unasked for: a second instance on the
+            // host (the seed's file has no admin section) relays without it.
+            Err(e) => warn!(
+                error = %e,
+                "admin endpoint not started: admin.listen is not set and its default address is taken                  (another instance on this host?); relaying without it"
+            ),
+        }
     }
     admin_tasks.spawn(metrics.clone().follow_connections(
         broker_rx.clone(),

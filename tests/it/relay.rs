@@ -268,3 +268,64 @@ async fn the_seeds_url_with_an_empty_vhost_path_reaches_the_default_vhost() {
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
+
+/// Waits until `relay` is ready or has exited; panics with its log if it exited.
+async fn ready_or_exited(relay: &mut Relay) {
+    wait_until("the relay is ready or has exited", || {
+        let done = !relay.is_running()
+            || (relay.log_text().contains("db::listener: listening")
+                && relay.log_text().contains("connected to rabbitmq"));
+        async move { done }
+    })
+    .await;
+    assert!(
+        relay.is_running(),
+        "the relay exited: {:?}\n{}",
+        relay.child.try_wait(),
+        relay.log_text()
+    );
+}
+
+#[tokio::test]
+async fn three_instances_on_one_host_from_the_seeds_file_all_relay() {
+    let mut env = TestEnv::new("seedfile").await;
+    // The seed's file as its users have it: no admin section, the seed's
+    // URL, retry block and defaults. Only the names are the test's own.
+    let mut config: serde_json::Value =
+        serde_json::from_str(include_str!("seed_config.json")).unwrap();
+    config["rabbitmq"]["queue"]["name"] = env.name.clone().into();
+    config["listener"]["channels"] = serde_json::json!([env.name]);
+    config["postgres"]["schema"] = env.name.clone().into();
+    env.config = config;
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let path = env.write_config();
+    let mut relays: Vec<Relay> = (0..3)
+        .map(|_| Relay::spawn(&path, env.dir.path()))
+        .collect();
+    for relay in &mut relays {
+        ready_or_exited(relay).await;
+    }
+    // At most one has the default admin port; the others say so once each.
+    let warned = relays
+        .iter()
+        .filter(|r| r.log_count("admin endpoint not started") == 1)
+        .count();
+    let serving = relays
+        .iter()
+        .filter(|r| r.log_count("admin endpoint listening") == 1)
+        .count();
+    assert!(
+        warned >= 2 && warned + serving == 3,
+        "warned {warned}, serving {serving}"
+    );
+    let ids = env.insert_many(600, 20).await;
+    consumer.wait_for_all(&ids).await;
+    env.wait_all_transferred().await;
+    assert_exactly_once(&consumer, &ids);
+    for mut relay in relays {
+        assert!(relay.is_running(), "{}", relay.log_text());
+        assert!(relay.terminate().await.success());
+    }
+    env.cleanup().await;
+}
