@@ -123,6 +123,44 @@ pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
+/// Whether a failed statement or connection may succeed when tried again,
+/// by SQLSTATE (never by message text): a transaction rollback (class 40:
+/// deadlock, serialization failure), a connection exception (class 08),
+/// `lock_not_available` (55P03), the server shutting down or starting
+/// (57P01-57P03), `too_many_connections` (53300); or no SQLSTATE at all
+/// because the session is closed or its socket failed. Everything else
+/// (privileges, missing or mistyped objects, bad SQL) needs a person.
+pub fn is_transient(error: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    match error.code() {
+        Some(code) => {
+            let class = code.code().get(..2);
+            matches!(class, Some("40" | "08"))
+                || [
+                    SqlState::LOCK_NOT_AVAILABLE,
+                    SqlState::ADMIN_SHUTDOWN,
+                    SqlState::CRASH_SHUTDOWN,
+                    SqlState::CANNOT_CONNECT_NOW,
+                    SqlState::TOO_MANY_CONNECTIONS,
+                ]
+                .contains(code)
+        }
+        None => {
+            if error.is_closed() {
+                return true;
+            }
+            let mut source = std::error::Error::source(error);
+            while let Some(cause) = source {
+                if cause.is::<std::io::Error>() {
+                    return true;
+                }
+                source = cause.source();
+            }
+            false
+        }
+    }
+}
+
 /// A one-line description of a driver error: its SQLSTATE and server text
 /// when the server sent one.
 pub fn describe(error: &tokio_postgres::Error) -> String {

@@ -13,7 +13,19 @@
 //!   typed after the real columns.
 //!
 //! A session advisory lock serialises concurrent migrations of one schema
-//! (several relays starting together).
+//! (several relays starting together). It is taken by polling
+//! `pg_try_advisory_lock`, never by waiting inside `pg_advisory_lock`: a
+//! session waiting inside a statement holds a snapshot, and the lock
+//! holder's `CREATE INDEX CONCURRENTLY` waits for every older snapshot to
+//! end, so the two would wait for each other until PostgreSQL's deadlock
+//! detector failed one of them (40P01).
+//!
+//! [`MigrateError::is_transient`] tells a failure that may pass on its own
+//! (deadlock, serialization, lock timeout, server shutting down, lost
+//! session) from one that needs the operator (privileges, unusable tables),
+//! by SQLSTATE; `run`'s start-up retries the former.
+
+use std::time::Duration;
 
 use tokio_postgres::Client;
 use tracing::info;
@@ -55,6 +67,24 @@ pub enum MigrateError {
     Schema(#[from] SchemaError),
 }
 
+impl MigrateError {
+    /// Whether the same migration may succeed if tried again (on a new
+    /// session when this one is gone): see [`super::is_transient`]. Schema
+    /// problems and refusals such as a missing privilege are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Statement { source, .. } | Self::Schema(SchemaError::Query(source)) => {
+                super::is_transient(source)
+            }
+            Self::Schema(_) => false,
+        }
+    }
+}
+
+/// How long a migration waiting for another instance's sleeps between
+/// tries of the lock: short next to a migration, long next to a try.
+const LOCK_POLL: Duration = Duration::from_millis(100);
+
 fn step(step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> MigrateError {
     move |source| MigrateError::Statement { step, source }
 }
@@ -70,10 +100,27 @@ pub async fn run(
     default_channel: &str,
 ) -> Result<(Report, Outbox), MigrateError> {
     let lock_key = format!("pushoccurrence:migrate:{schema}");
-    client
-        .execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_key])
-        .await
-        .map_err(step("take the migration lock"))?;
+    // Polled, so that no session of ours sits inside a statement while the
+    // holder builds an index concurrently (see the module's doc).
+    let mut waiting = false;
+    loop {
+        let taken: bool = client
+            .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&lock_key])
+            .await
+            .map_err(step("take the migration lock"))?
+            .get(0);
+        if taken {
+            break;
+        }
+        if !waiting {
+            info!(
+                schema,
+                "waiting for another instance's migration of this schema"
+            );
+            waiting = true;
+        }
+        tokio::time::sleep(LOCK_POLL).await;
+    }
     let result = migrate_locked(client, schema, default_channel).await;
     // The lock also ends with the session, so a failed unlock loses nothing.
     let _unlocked = client

@@ -269,23 +269,6 @@ async fn the_seeds_url_with_an_empty_vhost_path_reaches_the_default_vhost() {
     env.cleanup().await;
 }
 
-/// Waits until `relay` is ready or has exited; panics with its log if it exited.
-async fn ready_or_exited(relay: &mut Relay) {
-    wait_until("the relay is ready or has exited", || {
-        let done = !relay.is_running()
-            || (relay.log_text().contains("db::listener: listening")
-                && relay.log_text().contains("connected to rabbitmq"));
-        async move { done }
-    })
-    .await;
-    assert!(
-        relay.is_running(),
-        "the relay exited: {:?}\n{}",
-        relay.child.try_wait(),
-        relay.log_text()
-    );
-}
-
 #[tokio::test]
 async fn three_instances_on_one_host_from_the_seeds_file_all_relay() {
     let mut env = TestEnv::new("seedfile").await;
@@ -304,7 +287,7 @@ async fn three_instances_on_one_host_from_the_seeds_file_all_relay() {
         .map(|_| Relay::spawn(&path, env.dir.path()))
         .collect();
     for relay in &mut relays {
-        ready_or_exited(relay).await;
+        relay.wait_ready_or_exit().await;
     }
     // At most one has the default admin port; the others say so once each.
     let warned = relays
