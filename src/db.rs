@@ -118,9 +118,17 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// `text` as a SQL string literal (standard_conforming_strings is on since 9.1).
+/// `text` as a SQL string literal, as PostgreSQL's own `quote_literal`
+/// writes it: quotes doubled, and a text with backslashes written as an
+/// `E'...'` literal with them doubled, so it means the same whatever the
+/// server's `standard_conforming_strings` says.
 pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
+    let quoted = text.replace('\'', "''");
+    if text.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    }
 }
 
 /// Whether a failed statement or connection may succeed when tried again,
@@ -193,5 +201,6 @@ mod tests {
         assert_eq!(quote_ident("MyChan"), "\"MyChan\"");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal(r"a\'b"), r"E'a\\''b'");
     }
 }

@@ -336,8 +336,9 @@ fn producer_function_sql(outbox: &Outbox, default_channel: &str) -> String {
     let s = quote_ident(&outbox.schema);
     let f = quote_ident(PRODUCER_FUNCTION);
     let channel = quote_literal(default_channel);
-    let log = outbox.table(LOG_TABLE);
-    let data = outbox.table(DATA_TABLE);
+    let function_body =
+        producer_function_body(id, &outbox.table(LOG_TABLE), &outbox.table(DATA_TABLE));
+    let tag = dollar_quote_tag(&function_body);
     format!(
         "BEGIN;
          SET LOCAL client_min_messages = warning; -- no notice when there is nothing to drop
@@ -355,7 +356,18 @@ fn producer_function_sql(outbox: &Outbox, default_channel: &str) -> String {
              p_message_type text DEFAULT NULL,
              p_expiration_ms bigint DEFAULT NULL,
              p_priority smallint DEFAULT NULL)
-         RETURNS {id} LANGUAGE plpgsql AS $fn$
+         RETURNS {id} LANGUAGE plpgsql AS {tag}{function_body}{tag};
+         COMMENT ON FUNCTION {s}.{f}({body}, {id}, text, text, text, jsonb, text, text, text, text, bigint, smallint) IS
+             'Writes one outbox event (status row + body row) and notifies the relay; call it inside the business transaction. Arguments after the body are optional; name them, e.g. p_routing_key => ''order.created''.';
+         COMMIT;"
+    )
+}
+
+/// The producer helper's PL/pgSQL body, which names the tables (so the
+/// schema, a name chosen by the operator).
+fn producer_function_body(id: &str, log: &str, data: &str) -> String {
+    format!(
+        "
          DECLARE
              v_id {id} := coalesce(p_message_id, gen_random_uuid()::text::{id});
          BEGIN
@@ -369,9 +381,31 @@ fn producer_function_sql(outbox: &Outbox, default_channel: &str) -> String {
              PERFORM pg_notify(p_channel, v_id::text);
              RETURN v_id;
          END
-         $fn$;
-         COMMENT ON FUNCTION {s}.{f}({body}, {id}, text, text, text, jsonb, text, text, text, text, bigint, smallint) IS
-             'Writes one outbox event (status row + body row) and notifies the relay; call it inside the business transaction. Arguments after the body are optional; name them, e.g. p_routing_key => ''order.created''.';
-         COMMIT;"
+         "
     )
+}
+
+/// A dollar-quote tag (`$fn$`, else `$fn1$`, `$fn2$`, ...) that does not
+/// occur in `body`, so no name inside the body (a schema may be called
+/// `a$fn$b`) can end the quoted text early.
+fn dollar_quote_tag(body: &str) -> String {
+    std::iter::once("$fn$".to_owned())
+        .chain((1..).map(|n| format!("$fn{n}$")))
+        .find(|tag| !body.contains(tag.as_str()))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dollar_quote_tag_never_occurs_in_the_body() {
+        assert_eq!(dollar_quote_tag("INSERT INTO \"s\".t"), "$fn$");
+        assert_eq!(dollar_quote_tag("INSERT INTO \"a$fn$b\".t"), "$fn1$");
+        assert_eq!(dollar_quote_tag("\"$fn$\".t, \"$fn1$\".t"), "$fn2$");
+        let body = producer_function_body("uuid", "\"x$fn$y\".\"log\"", "\"x$fn$y\".\"data\"");
+        let tag = dollar_quote_tag(&body);
+        assert!(!body.contains(&tag), "{tag}");
+    }
 }

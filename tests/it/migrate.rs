@@ -504,3 +504,20 @@ async fn a_start_up_migration_whose_session_is_terminated_is_retried_not_fatal()
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_schema_named_with_the_helpers_dollar_quote_tag_migrates_and_relays() {
+    // `$fn$` was the tag quoting the producer helper's body, which names
+    // the schema.
+    let env = TestEnv::new("x$fn$y").await;
+    assert!(env.name.contains("$fn$"));
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let ids = env.insert_many(40, 10).await;
+    consumer.wait_for_all(&ids).await;
+    env.wait_all_transferred().await;
+    assert_exactly_once(&consumer, &ids);
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
