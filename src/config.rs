@@ -144,6 +144,11 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where the admin HTTP endpoint listens; `None` turns it off.
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// `admin.listen` was set (file or environment), so an address that
+    /// cannot be bound stops `run`. Unset, the default address is best
+    /// effort: several instances on one host from the seed's file (which has
+    /// no admin section) all relay, the first one serving the endpoint.
+    pub admin_required: bool,
     /// Deletion of old transferred rows; `None` keeps them forever.
     pub retention: Option<RetentionConfig>,
 }
@@ -351,13 +356,14 @@ impl Config {
         } else {
             None
         };
-        let admin_listen = if admin.listen.trim().is_empty() {
+        let admin_required = admin.listen.is_some();
+        let admin_listen = admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
+        let admin_listen = if admin_listen.trim().is_empty() {
             None
         } else {
-            Some(admin.listen.trim().parse().map_err(|_| {
+            Some(admin_listen.trim().parse().map_err(|_| {
                 ConfigError::new(format!(
-                    "key admin.listen: '{}' is not an address and port like 127.0.0.1:9780 (use \"\" to turn the endpoint off)",
-                    admin.listen
+                    "key admin.listen: '{admin_listen}' is not an address and port like 127.0.0.1:9780 (use \"\" to turn the endpoint off)"
                 ))
             })?)
         };
@@ -405,7 +411,7 @@ impl Config {
         let query_timeout = positive_ms("postgres.query_timeout_ms", pg.query_timeout_ms)?;
 
         let url_redacted = redact_url(&mq.url);
-        mq.url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+        amqp_uri(&mq.url).map_err(|e| {
             ConfigError::new(format!(
                 "key rabbitmq.url: '{url_redacted}' is not an AMQP URL ({e}); expected amqp://user:password@host:port/vhost"
             ))
@@ -516,6 +522,7 @@ impl Config {
             channels: listener.channels,
             log_format,
             admin_listen,
+            admin_required,
             retention,
             relay: RelayConfig {
                 buffer_size: retry.buffer_size,
@@ -560,6 +567,24 @@ fn blank_comment_lines(text: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Parses an AMQP URL as the seed's Go client (amqp091-go) reads it: an
+/// empty path, as in the seed's `amqp://guest:guest@localhost:5672/`, is the
+/// default vhost `/`. lapin reads that path as the vhost named `""`, which
+/// RabbitMQ does not have (`NOT_ALLOWED - vhost  not found`, forever), and
+/// no vhost can have that name, so nothing is lost by the rule. `%2f` and
+/// named vhosts keep their meaning. Both the config's validation and the
+/// broker link's `connect` parse through here.
+///
+/// # Errors
+/// The parser's message; it never contains the URL (nor its password).
+pub fn amqp_uri(url: &str) -> Result<lapin::uri::AMQPUri, String> {
+    let mut uri: lapin::uri::AMQPUri = url.parse()?;
+    if uri.vhost.is_empty() {
+        uri.vhost = "/".to_owned();
+    }
+    Ok(uri)
 }
 
 /// Replaces the password of a URL's user info with `***`.
@@ -824,18 +849,11 @@ impl Default for RawRetention {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawAdmin {
-    listen: String,
-}
-
-impl Default for RawAdmin {
-    fn default() -> Self {
-        Self {
-            listen: DEFAULT_ADMIN_LISTEN.to_owned(),
-        }
-    }
+    /// `None` when neither the file nor the environment sets it.
+    listen: Option<String>,
 }
 
 /// The admin endpoint's default address: local only.
@@ -983,6 +1001,24 @@ pub(crate) mod tests {
         assert!(!dump.contains("your_db_password"), "{dump}");
         assert!(!dump.contains("guest:guest"), "{dump}");
         assert_eq!(c.rabbitmq.url_redacted, "amqp://guest:***@localhost:5672/");
+    }
+
+    #[test]
+    fn an_empty_vhost_path_means_the_default_vhost() {
+        let vhost = |url: &str| amqp_uri(url).unwrap().vhost;
+        assert_eq!(vhost("amqp://guest:guest@localhost:5672/"), "/");
+        assert_eq!(vhost("amqp://guest:guest@localhost:5672"), "/");
+        assert_eq!(vhost("amqp://h:5672/%2f"), "/");
+        assert_eq!(vhost("amqp://h:5672/%2F?heartbeat=5"), "/");
+        assert_eq!(vhost("amqp://h:5672/?heartbeat=5"), "/");
+        assert_eq!(vhost("amqp://h:5672/orders"), "orders");
+        assert_eq!(vhost("amqps://h/team%2forders"), "team/orders");
+        let c = seed();
+        assert_eq!(amqp_uri(c.rabbitmq.url.expose()).unwrap().vhost, "/");
+        // The repository's own file keeps the seed's form, so it stays tested.
+        let c = parse(include_str!("../config/config.json"), &[]).unwrap();
+        assert_eq!(c.rabbitmq.url_redacted, "amqp://guest:***@localhost:5672/");
+        assert_eq!(amqp_uri(c.rabbitmq.url.expose()).unwrap().vhost, "/");
     }
 
     #[test]
@@ -1339,6 +1375,26 @@ pub(crate) mod tests {
             e.starts_with("key rabbitmq.ca_file: set, but rabbitmq.url is not amqps://"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn only_an_admin_address_that_was_set_is_required() {
+        let c = seed();
+        assert_eq!(c.admin_listen, Some(DEFAULT_ADMIN_LISTEN.parse().unwrap()));
+        assert!(!c.admin_required, "the seed's file has no admin section");
+        let c = parse(&edit(|v| v["admin"] = serde_json::json!({})), &[]).unwrap();
+        assert!(!c.admin_required);
+        let c = parse(
+            &edit(|v| v["admin"] = serde_json::json!({"listen": "127.0.0.1:9780"})),
+            &[],
+        )
+        .unwrap();
+        assert!(c.admin_required, "set in the file, even to the default");
+        let c = parse(SEED, &[("PUSHOCCURRENCE_ADMIN_LISTEN", "127.0.0.1:9781")]).unwrap();
+        assert!(c.admin_required);
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9781".parse().unwrap()));
+        let c = parse(SEED, &[("PUSHOCCURRENCE_ADMIN_LISTEN", "")]).unwrap();
+        assert_eq!(c.admin_listen, None);
     }
 
     #[test]

@@ -118,9 +118,55 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// `text` as a SQL string literal (standard_conforming_strings is on since 9.1).
+/// `text` as a SQL string literal, as PostgreSQL's own `quote_literal`
+/// writes it: quotes doubled, and a text with backslashes written as an
+/// `E'...'` literal with them doubled, so it means the same whatever the
+/// server's `standard_conforming_strings` says.
 pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
+    let quoted = text.replace('\'', "''");
+    if text.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    }
+}
+
+/// Whether a failed statement or connection may succeed when tried again,
+/// by SQLSTATE (never by message text): a transaction rollback (class 40:
+/// deadlock, serialization failure), a connection exception (class 08),
+/// `lock_not_available` (55P03), the server shutting down or starting
+/// (57P01-57P03), `too_many_connections` (53300); or no SQLSTATE at all
+/// because the session is closed or its socket failed. Everything else
+/// (privileges, missing or mistyped objects, bad SQL) needs a person.
+pub fn is_transient(error: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    match error.code() {
+        Some(code) => {
+            let class = code.code().get(..2);
+            matches!(class, Some("40" | "08"))
+                || [
+                    SqlState::LOCK_NOT_AVAILABLE,
+                    SqlState::ADMIN_SHUTDOWN,
+                    SqlState::CRASH_SHUTDOWN,
+                    SqlState::CANNOT_CONNECT_NOW,
+                    SqlState::TOO_MANY_CONNECTIONS,
+                ]
+                .contains(code)
+        }
+        None => {
+            if error.is_closed() {
+                return true;
+            }
+            let mut source = std::error::Error::source(error);
+            while let Some(cause) = source {
+                if cause.is::<std::io::Error>() {
+                    return true;
+                }
+                source = cause.source();
+            }
+            false
+        }
+    }
 }
 
 /// A one-line description of a driver error: its SQLSTATE and server text
@@ -155,5 +201,6 @@ mod tests {
         assert_eq!(quote_ident("MyChan"), "\"MyChan\"");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal(r"a\'b"), r"E'a\\''b'");
     }
 }

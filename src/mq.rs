@@ -77,10 +77,7 @@ impl std::fmt::Debug for BrokerState {
 /// # Errors
 /// A description of the failure that never contains the password.
 pub async fn connect(cfg: &RabbitConfig) -> Result<Connection, String> {
-    let mut uri: AMQPUri = cfg
-        .url
-        .expose()
-        .parse()
+    let mut uri: AMQPUri = crate::config::amqp_uri(cfg.url.expose())
         .map_err(|e| format!("invalid URL {}: {e}", cfg.url_redacted))?;
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     uri.query

@@ -81,13 +81,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let admin_stop = CancellationToken::new();
     let admin_tasks = TaskTracker::new();
     if let Some(addr) = config.admin_listen {
-        let listener = admin::bind(addr).await.map_err(StartError::Admin)?;
-        let state = AdminState {
-            metrics: metrics.clone(),
-            broker: broker_rx.clone(),
-            listening: listening_rx.clone(),
-        };
-        admin_tasks.spawn(admin::serve(listener, state, admin_stop.clone()));
+        match admin::bind(addr).await {
+            Ok(listener) => {
+                let state = AdminState {
+                    metrics: metrics.clone(),
+                    broker: broker_rx.clone(),
+                    listening: listening_rx.clone(),
+                };
+                admin_tasks.spawn(admin::serve(listener, state, admin_stop.clone()));
+            }
+            Err(e) if config.admin_required => return Err(StartError::Admin(e)),
+            // The default address, unasked for: a second instance on the
+            // host (the seed's file has no admin section) relays without it.
+            Err(e) => warn!(
+                error = %e,
+                "admin endpoint not started: admin.listen is not set and its default address is taken                  (another instance on this host?); relaying without it"
+            ),
+        }
     }
     admin_tasks.spawn(metrics.clone().follow_connections(
         broker_rx.clone(),
@@ -206,26 +216,62 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 }
 
 /// Connects (waiting for the database with back-off), migrates if asked,
-/// and reads the outbox's column types.
+/// and reads the outbox's column types. A failure that may pass on its own
+/// (a deadlock with another instance's migration, a lock timeout, a lost
+/// session: see [`db::is_transient`]) is retried with back-off, on a new
+/// session when the old one is gone; any other failure stops the start.
 async fn prepare_outbox(config: &Config) -> Result<Outbox, StartError> {
     let mut backoff = Backoff::new(config.rabbitmq.retry_delay, config.relay.max_retry_delay);
-    let client = loop {
-        match db::connect(&config.postgres, SessionKind::Plain).await {
-            Ok(client) => break client,
-            Err(e) => {
+    let mut session: Option<tokio_postgres::Client> = None;
+    loop {
+        let client = match session.take() {
+            Some(client) if !client.is_closed() => client,
+            _ => match db::connect(&config.postgres, SessionKind::Plain).await {
+                Ok(client) => client,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    warn!(error = %describe(&e), retry_in = ?delay, "cannot connect to postgres");
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            },
+        };
+        match prepare_on(config, &client).await {
+            Ok(outbox) => return Ok(outbox),
+            Err(e) if e.is_transient() => {
                 let delay = backoff.next_delay();
-                warn!(error = %describe(&e), retry_in = ?delay, "cannot connect to postgres");
+                warn!(error = %e, retry_in = ?delay, "cannot prepare the outbox yet; retrying");
                 tokio::time::sleep(delay).await;
+                session = Some(client);
             }
+            Err(e) => return Err(e),
         }
-    };
+    }
+}
+
+impl StartError {
+    /// Whether trying again may succeed (see [`db::is_transient`]).
+    fn is_transient(&self) -> bool {
+        match self {
+            Self::Migrate(e) => e.is_transient(),
+            Self::Schema(db::outbox::SchemaError::Query(e)) => db::is_transient(e),
+            Self::Schema(_) | Self::Admin(_) => false,
+        }
+    }
+}
+
+/// One attempt of [`prepare_outbox`] on `client`.
+async fn prepare_on(
+    config: &Config,
+    client: &tokio_postgres::Client,
+) -> Result<Outbox, StartError> {
     let schema = &config.postgres.schema;
     if config.postgres.auto_migrate {
-        let (_report, outbox) = migrate::run(&client, schema, &config.channels[0]).await?;
+        let (_report, outbox) = migrate::run(client, schema, &config.channels[0]).await?;
         Ok(outbox)
     } else {
-        let outbox = Outbox::inspect(&client, schema).await?;
-        if !outbox.pending_index_ready(&client).await.unwrap_or(true) {
+        let outbox = Outbox::inspect(client, schema).await?;
+        if !outbox.pending_index_ready(client).await.unwrap_or(true) {
             warn!(
                 schema = %schema,
                 index = PENDING_INDEX,

@@ -1210,8 +1210,12 @@ async fn pg_connect(port: u16) -> anyhow::Result<Client> {
     Ok(client)
 }
 
+/// Connects as the relay does, so `--amqp-url` takes the seed's
+/// `amqp://…:5672/` form too (an empty path is the vhost `/`).
 async fn amqp_connect(url: &str) -> anyhow::Result<Connection> {
-    Connection::connect(url, ConnectionProperties::default())
+    let uri = pushoccurrence::config::amqp_uri(url)
+        .map_err(|e| anyhow::anyhow!("--amqp-url is not an AMQP URL: {e}"))?;
+    Connection::connect_uri(uri, ConnectionProperties::default())
         .await
         .context("connect to RabbitMQ")
 }

@@ -13,7 +13,19 @@
 //!   typed after the real columns.
 //!
 //! A session advisory lock serialises concurrent migrations of one schema
-//! (several relays starting together).
+//! (several relays starting together). It is taken by polling
+//! `pg_try_advisory_lock`, never by waiting inside `pg_advisory_lock`: a
+//! session waiting inside a statement holds a snapshot, and the lock
+//! holder's `CREATE INDEX CONCURRENTLY` waits for every older snapshot to
+//! end, so the two would wait for each other until PostgreSQL's deadlock
+//! detector failed one of them (40P01).
+//!
+//! [`MigrateError::is_transient`] tells a failure that may pass on its own
+//! (deadlock, serialization, lock timeout, server shutting down, lost
+//! session) from one that needs the operator (privileges, unusable tables),
+//! by SQLSTATE; `run`'s start-up retries the former.
+
+use std::time::Duration;
 
 use tokio_postgres::Client;
 use tracing::info;
@@ -55,6 +67,24 @@ pub enum MigrateError {
     Schema(#[from] SchemaError),
 }
 
+impl MigrateError {
+    /// Whether the same migration may succeed if tried again (on a new
+    /// session when this one is gone): see [`super::is_transient`]. Schema
+    /// problems and refusals such as a missing privilege are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Statement { source, .. } | Self::Schema(SchemaError::Query(source)) => {
+                super::is_transient(source)
+            }
+            Self::Schema(_) => false,
+        }
+    }
+}
+
+/// How long a migration waiting for another instance's sleeps between
+/// tries of the lock: short next to a migration, long next to a try.
+const LOCK_POLL: Duration = Duration::from_millis(100);
+
 fn step(step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> MigrateError {
     move |source| MigrateError::Statement { step, source }
 }
@@ -70,10 +100,27 @@ pub async fn run(
     default_channel: &str,
 ) -> Result<(Report, Outbox), MigrateError> {
     let lock_key = format!("pushoccurrence:migrate:{schema}");
-    client
-        .execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_key])
-        .await
-        .map_err(step("take the migration lock"))?;
+    // Polled, so that no session of ours sits inside a statement while the
+    // holder builds an index concurrently (see the module's doc).
+    let mut waiting = false;
+    loop {
+        let taken: bool = client
+            .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&lock_key])
+            .await
+            .map_err(step("take the migration lock"))?
+            .get(0);
+        if taken {
+            break;
+        }
+        if !waiting {
+            info!(
+                schema,
+                "waiting for another instance's migration of this schema"
+            );
+            waiting = true;
+        }
+        tokio::time::sleep(LOCK_POLL).await;
+    }
     let result = migrate_locked(client, schema, default_channel).await;
     // The lock also ends with the session, so a failed unlock loses nothing.
     let _unlocked = client
@@ -289,8 +336,9 @@ fn producer_function_sql(outbox: &Outbox, default_channel: &str) -> String {
     let s = quote_ident(&outbox.schema);
     let f = quote_ident(PRODUCER_FUNCTION);
     let channel = quote_literal(default_channel);
-    let log = outbox.table(LOG_TABLE);
-    let data = outbox.table(DATA_TABLE);
+    let function_body =
+        producer_function_body(id, &outbox.table(LOG_TABLE), &outbox.table(DATA_TABLE));
+    let tag = dollar_quote_tag(&function_body);
     format!(
         "BEGIN;
          SET LOCAL client_min_messages = warning; -- no notice when there is nothing to drop
@@ -308,7 +356,18 @@ fn producer_function_sql(outbox: &Outbox, default_channel: &str) -> String {
              p_message_type text DEFAULT NULL,
              p_expiration_ms bigint DEFAULT NULL,
              p_priority smallint DEFAULT NULL)
-         RETURNS {id} LANGUAGE plpgsql AS $fn$
+         RETURNS {id} LANGUAGE plpgsql AS {tag}{function_body}{tag};
+         COMMENT ON FUNCTION {s}.{f}({body}, {id}, text, text, text, jsonb, text, text, text, text, bigint, smallint) IS
+             'Writes one outbox event (status row + body row) and notifies the relay; call it inside the business transaction. Arguments after the body are optional; name them, e.g. p_routing_key => ''order.created''.';
+         COMMIT;"
+    )
+}
+
+/// The producer helper's PL/pgSQL body, which names the tables (so the
+/// schema, a name chosen by the operator).
+fn producer_function_body(id: &str, log: &str, data: &str) -> String {
+    format!(
+        "
          DECLARE
              v_id {id} := coalesce(p_message_id, gen_random_uuid()::text::{id});
          BEGIN
@@ -322,9 +381,31 @@ fn producer_function_sql(outbox: &Outbox, default_channel: &str) -> String {
              PERFORM pg_notify(p_channel, v_id::text);
              RETURN v_id;
          END
-         $fn$;
-         COMMENT ON FUNCTION {s}.{f}({body}, {id}, text, text, text, jsonb, text, text, text, text, bigint, smallint) IS
-             'Writes one outbox event (status row + body row) and notifies the relay; call it inside the business transaction. Arguments after the body are optional; name them, e.g. p_routing_key => ''order.created''.';
-         COMMIT;"
+         "
     )
+}
+
+/// A dollar-quote tag (`$fn$`, else `$fn1$`, `$fn2$`, ...) that does not
+/// occur in `body`, so no name inside the body (a schema may be called
+/// `a$fn$b`) can end the quoted text early.
+fn dollar_quote_tag(body: &str) -> String {
+    std::iter::once("$fn$".to_owned())
+        .chain((1..).map(|n| format!("$fn{n}$")))
+        .find(|tag| !body.contains(tag.as_str()))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dollar_quote_tag_never_occurs_in_the_body() {
+        assert_eq!(dollar_quote_tag("INSERT INTO \"s\".t"), "$fn$");
+        assert_eq!(dollar_quote_tag("INSERT INTO \"a$fn$b\".t"), "$fn1$");
+        assert_eq!(dollar_quote_tag("\"$fn$\".t, \"$fn1$\".t"), "$fn2$");
+        let body = producer_function_body("uuid", "\"x$fn$y\".\"log\"", "\"x$fn$y\".\"data\"");
+        let tag = dollar_quote_tag(&body);
+        assert!(!body.contains(&tag), "{tag}");
+    }
 }

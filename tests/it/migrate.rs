@@ -363,3 +363,161 @@ async fn a_column_of_the_same_name_and_another_type_is_reported_not_reused() {
     );
     env.cleanup().await;
 }
+
+/// Writes `n` events the seed's way (both rows, no helper, no relay
+/// columns yet); returns their ids.
+async fn insert_seed_events(env: &TestEnv, n: i32) -> Vec<String> {
+    let s = &env.name;
+    env.pg
+        .batch_execute(&format!(
+            "BEGIN;
+             CREATE TEMP TABLE new_ids AS SELECT gen_random_uuid() AS id FROM generate_series(1, {n});
+             INSERT INTO \"{s}\".message_queue_log (message_id) SELECT id FROM new_ids;
+             INSERT INTO \"{s}\".message_queue_log_data (message_id, message_body)
+                  SELECT id, convert_to('seed ' || id, 'UTF8') FROM new_ids;
+             COMMIT;"
+        ))
+        .await
+        .unwrap();
+    let ids = env.texts("SELECT id::text FROM new_ids", &[]).await;
+    env.pg.batch_execute("DROP TABLE new_ids").await.unwrap();
+    ids
+}
+
+/// Starts three relays at once on the test's outbox (auto_migrate on),
+/// checks that all come up and stay up, and that `ids` plus events written
+/// afterwards arrive exactly once.
+async fn three_relays_started_at_once_deliver(env: &TestEnv, mut ids: Vec<String>) {
+    let consumer = env.consumer().await;
+    let path = env.write_config();
+    let mut relays: Vec<Relay> = (0..3)
+        .map(|_| Relay::spawn(&path, env.dir.path()))
+        .collect();
+    for relay in &mut relays {
+        relay.wait_ready_or_exit().await;
+    }
+    ids.extend(env.insert_many(300, 20).await);
+    consumer.wait_for_all(&ids).await;
+    env.wait_all_transferred().await;
+    assert_exactly_once(&consumer, &ids);
+    for mut relay in relays {
+        assert!(relay.is_running(), "{}", relay.log_text());
+        assert!(relay.terminate().await.success());
+    }
+}
+
+#[tokio::test]
+async fn three_relays_started_at_once_on_the_seeds_tables_all_come_up() {
+    let env = TestEnv::new("start3old").await;
+    env.create_seed_tables("uuid", "bytea").await;
+    let ids = insert_seed_events(&env, 200).await;
+    three_relays_started_at_once_deliver(&env, ids).await;
+    assert!(
+        index_names(&env)
+            .await
+            .contains(&"message_queue_log_pending_enqueued_idx".to_owned())
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn three_relays_started_at_once_on_a_fresh_schema_all_come_up() {
+    let env = TestEnv::new("start3new").await;
+    three_relays_started_at_once_deliver(&env, Vec::new()).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn three_migrate_commands_at_once_all_succeed() {
+    for seed_tables in [true, false] {
+        let env = TestEnv::new("migrate3").await;
+        if seed_tables {
+            env.create_seed_tables("uuid", "bytea").await;
+        }
+        let path = env.write_config();
+        let runs: Vec<_> = (0..3)
+            .map(|_| pushoccurrence(&path, &["migrate"]).output())
+            .collect();
+        for out in futures_util::future::join_all(runs).await {
+            let out = out.unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "seed tables: {seed_tables}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(
+            index_names(&env).await,
+            [
+                "message_queue_log_data_message_id_idx",
+                "message_queue_log_pending_enqueued_idx",
+                "message_queue_log_pkey"
+            ]
+        );
+        env.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn a_start_up_migration_whose_session_is_terminated_is_retried_not_fatal() {
+    let env = TestEnv::new("migretry").await;
+    env.create_seed_tables("uuid", "bytea").await;
+    let ids = insert_seed_events(&env, 50).await;
+    // Another "instance" holds the migration lock of this schema.
+    let lock_key = format!("pushoccurrence:migrate:{}", env.name);
+    env.pg
+        .execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_key])
+        .await
+        .unwrap();
+    let consumer = env.consumer().await;
+    let mut relay = env.relay_unready().await;
+    wait_until("the relay's session is at the migration lock", || async {
+        let at_lock: i64 = env
+            .pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE application_name = $1 AND query LIKE '%advisory_lock%'",
+                &[&env.name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        at_lock > 0
+    })
+    .await;
+    // The session is lost while it waits (57P01, then a closed session).
+    assert_eq!(env.terminate_relay_sessions().await, 1);
+    env.pg
+        .execute("SELECT pg_advisory_unlock(hashtext($1))", &[&lock_key])
+        .await
+        .unwrap();
+    relay.wait_ready_or_exit().await;
+    consumer.wait_for_all(&ids).await;
+    env.wait_all_transferred().await;
+    assert_exactly_once(&consumer, &ids);
+    assert_eq!(
+        relay.log_count("cannot prepare the outbox yet; retrying"),
+        1
+    );
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_schema_named_with_the_helpers_dollar_quote_tag_migrates_and_relays() {
+    // `$fn$` was the tag quoting the producer helper's body, which names
+    // the schema.
+    let env = TestEnv::new("x$fn$y").await;
+    assert!(env.name.contains("$fn$"));
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let ids = env.insert_many(40, 10).await;
+    consumer.wait_for_all(&ids).await;
+    env.wait_all_transferred().await;
+    assert_exactly_once(&consumer, &ids);
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}

@@ -238,3 +238,77 @@ async fn sigterm_during_a_stream_loses_nothing_and_duplicates_nothing() {
     assert!(successor.terminate().await.success());
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_seeds_url_with_an_empty_vhost_path_reaches_the_default_vhost() {
+    let mut env = TestEnv::new("vhost").await;
+    // The seed's form: `localhost` and a bare trailing slash, which the Go
+    // client read as the default vhost `/`.
+    env.config["rabbitmq"]["url"] = "amqp://guest:guest@localhost:5672/".into();
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let relay = env.relay_unready().await;
+    wait_until(
+        "the relay connects to rabbitmq or gives up once",
+        || async {
+            let log = relay.log_text();
+            log.contains("connected to rabbitmq") || log.contains("cannot connect to rabbitmq")
+        },
+    )
+    .await;
+    let log = relay.log_text();
+    assert!(
+        log.contains("connected to rabbitmq") && !log.contains("cannot connect"),
+        "{log}"
+    );
+    let ids = env.insert_many(20, 10).await;
+    consumer.wait_for_all(&ids).await;
+    env.wait_all_transferred().await;
+    assert_exactly_once(&consumer, &ids);
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn three_instances_on_one_host_from_the_seeds_file_all_relay() {
+    let mut env = TestEnv::new("seedfile").await;
+    // The seed's file as its users have it: no admin section, the seed's
+    // URL, retry block and defaults. Only the names are the test's own.
+    let mut config: serde_json::Value =
+        serde_json::from_str(include_str!("seed_config.json")).unwrap();
+    config["rabbitmq"]["queue"]["name"] = env.name.clone().into();
+    config["listener"]["channels"] = serde_json::json!([env.name]);
+    config["postgres"]["schema"] = env.name.clone().into();
+    env.config = config;
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let path = env.write_config();
+    let mut relays: Vec<Relay> = (0..3)
+        .map(|_| Relay::spawn(&path, env.dir.path()))
+        .collect();
+    for relay in &mut relays {
+        relay.wait_ready_or_exit().await;
+    }
+    // At most one has the default admin port; the others say so once each.
+    let warned = relays
+        .iter()
+        .filter(|r| r.log_count("admin endpoint not started") == 1)
+        .count();
+    let serving = relays
+        .iter()
+        .filter(|r| r.log_count("admin endpoint listening") == 1)
+        .count();
+    assert!(
+        warned >= 2 && warned + serving == 3,
+        "warned {warned}, serving {serving}"
+    );
+    let ids = env.insert_many(600, 20).await;
+    consumer.wait_for_all(&ids).await;
+    env.wait_all_transferred().await;
+    assert_exactly_once(&consumer, &ids);
+    for mut relay in relays {
+        assert!(relay.is_running(), "{}", relay.log_text());
+        assert!(relay.terminate().await.success());
+    }
+    env.cleanup().await;
+}

@@ -585,6 +585,29 @@ impl Relay {
         .await;
     }
 
+    /// Waits until the relay is ready or has exited; panics with its exit
+    /// status and log if it exited (an early exit fails at once instead of
+    /// after [`PATIENCE`]).
+    pub async fn wait_ready_or_exit(&mut self) {
+        let log = self.log.clone();
+        let child = &mut self.child;
+        let mut exited = None;
+        wait_until("the relay is ready or has exited", || {
+            exited = child.try_wait().unwrap();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let done = exited.is_some()
+                || (text.contains("db::listener: listening")
+                    && text.contains("connected to rabbitmq"));
+            async move { done }
+        })
+        .await;
+        assert!(
+            exited.is_none(),
+            "the relay exited ({exited:?}):\n{}",
+            self.log_text()
+        );
+    }
+
     /// Waits until the relay's log contains `text`.
     pub async fn wait_log(&self, text: &str) {
         wait_until(&format!("the relay logs '{text}'"), || async {
