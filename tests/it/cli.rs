@@ -283,3 +283,62 @@ async fn a_taken_admin_port_stops_run_with_exit_78_naming_the_key() {
     );
     env.cleanup().await;
 }
+
+/// The README's quick-start test command works on a machine without
+/// cargo-nextest (not part of a Rust toolchain): `scripts/test` installs it
+/// first, and CI runs the very same command. A stand-in `cargo` records what
+/// the script asks of it.
+#[tokio::test]
+async fn the_readme_test_command_installs_nextest_when_missing_and_ci_runs_the_same() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let quick_start = &readme[readme.find("## Quick start").unwrap()..];
+    let quick_start = &quick_start[..quick_start.find("\n## ").unwrap()];
+    assert!(
+        quick_start.contains("\nscripts/test\n") && !quick_start.contains("cargo nextest"),
+        "{quick_start}"
+    );
+    let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
+    let ci_commands: Vec<&str> = ci
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.contains("nextest") || l.contains("scripts/test"))
+        .filter(|l| !l.starts_with('#') && !l.starts_with("log "))
+        .collect();
+    assert_eq!(ci_commands, ["scripts/test"], "{ci}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let fake = dir.path().join("cargo");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {calls}\ncase \"$*\" in\n  'nextest --version') test -e {installed} ;;\n  install*) touch {installed} ;;\nesac\n",
+            calls = calls.display(),
+            installed = dir.path().join("installed").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script = root.join("scripts/test");
+    for _ in 0..2 {
+        let out = tokio::process::Command::new(&script)
+            .args(["-E", "test(x)"])
+            .env("PATH", &path)
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&calls).unwrap(),
+        "nextest --version\ninstall cargo-nextest --locked\nnextest run --locked -E test(x)\n\
+         nextest --version\nnextest run --locked -E test(x)\n"
+    );
+}
