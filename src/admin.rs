@@ -4,9 +4,12 @@
 //! * `/healthz`: 200 while the process answers. It never depends on
 //!   PostgreSQL or RabbitMQ, so an outage of either cannot turn into a
 //!   restart loop.
-//! * `/readyz`: 200 when the broker connection is up and not blocked and the
-//!   listener is listening (which also shows PostgreSQL answers); 503 with
-//!   what is missing otherwise.
+//! * `/readyz`: 200 when the broker connection is up and not blocked, the
+//!   listener is listening (which also shows PostgreSQL answers) and the
+//!   relay makes progress ([`crate::progress`]: no rows left claimable, and
+//!   not every batch failing, for `admin.stall_after_sec` without a commit);
+//!   503 naming what is missing otherwise. Idle is ready: nothing claimable
+//!   is not a stall.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,7 +77,11 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    let missing = not_ready(&state.broker.borrow(), *state.listening.borrow());
+    let mut missing: Vec<String> = not_ready(&state.broker.borrow(), *state.listening.borrow())
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    missing.extend(state.metrics.progress.stalled(std::time::Instant::now()));
     if missing.is_empty() {
         (StatusCode::OK, "ready\n".to_owned())
     } else {

@@ -95,6 +95,7 @@ pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("relay.max_batch_bytes", EnvKind::Number),
     ("log.format", EnvKind::Text),
     ("admin.listen", EnvKind::Text),
+    ("admin.stall_after_sec", EnvKind::Number),
     ("retention.transferred_after_sec", EnvKind::Number),
     ("retention.batch_size", EnvKind::Number),
     ("retention.interval_sec", EnvKind::Number),
@@ -205,6 +206,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where the admin HTTP endpoint listens; `None` turns it off.
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// How long claimable rows may wait with no batch committed (or every
+    /// claim may fail) before `/readyz` reports the relay stalled.
+    pub stall_after: Duration,
     /// Deletion of old transferred rows; `None` keeps them forever.
     pub retention: Option<RetentionConfig>,
 }
@@ -446,6 +450,7 @@ impl Config {
                 ))
             })?)
         };
+        let stall_after = positive_secs("admin.stall_after_sec", admin.stall_after_sec)?;
         let log_format = match log.format.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -601,6 +606,7 @@ impl Config {
             channels: listener.channels,
             log_format,
             admin_listen,
+            stall_after,
             retention,
             relay: RelayConfig {
                 buffer_size: retry.buffer_size,
@@ -942,12 +948,14 @@ impl Default for RawRetention {
 #[serde(deny_unknown_fields, default)]
 struct RawAdmin {
     listen: String,
+    stall_after_sec: f64,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
         Self {
             listen: DEFAULT_ADMIN_LISTEN.to_owned(),
+            stall_after_sec: 60.0,
         }
     }
 }

@@ -164,6 +164,7 @@ impl Worker {
                     .and_then(|s| self.after_commit(s))
                 {
                     Ok(more) => {
+                        self.metrics.batch_worked();
                         self.backoff.reset();
                         if !more {
                             break;
@@ -173,6 +174,7 @@ impl Worker {
                     }
                     Err(BatchError::Stopping) => return,
                     Err(error) => {
+                        self.metrics.batch_failed();
                         let delay = self.backoff.next_delay();
                         warn!(worker = self.index, %error, retry_in = ?delay, "batch failed; its rows stay pending");
                         tokio::select! {
@@ -372,7 +374,7 @@ impl Worker {
             let published = report.deliveries.iter().filter(|d| **d != Delivery::IdTooLong).count();
             let returned =
                 report.deliveries.iter().filter(|d| matches!(d, Delivery::Returned { .. })).count();
-            metrics.batches.inc();
+            metrics.batch_committed();
             metrics.batch_size.observe(batch.claimed as f64);
             metrics.claim_seconds.observe(claimed_at.as_secs_f64());
             if published > 0 {
@@ -481,7 +483,9 @@ impl Worker {
             idle_in_transaction: self.config.relay.confirm_timeout + TRANSACTION_MARGIN,
         };
         let limit = self.config.postgres.query_timeout;
-        let client = within(limit, db::connect(&self.config.postgres, kind)).await?;
+        let client = within(limit, db::connect(&self.config.postgres, kind))
+            .await
+            .inspect_err(|_| self.metrics.session_connect_failed())?;
         let statements = within(limit, self.outbox.prepare(&client)).await?;
         if self.backoff.attempts() > 0 {
             info!(worker = self.index, "claim session reconnected");
