@@ -5,8 +5,12 @@
 //!   PostgreSQL or RabbitMQ, so an outage of either cannot turn into a
 //!   restart loop.
 //! * `/readyz`: 200 when the broker connection is up and not blocked, the
-//!   configured topology works and the listener is listening (which also
-//!   shows PostgreSQL answers); 503 with what is missing otherwise.
+//!   configured topology works, the listener is listening (which also
+//!   shows PostgreSQL answers) and the relay makes progress
+//!   ([`crate::progress`]: no rows left claimable, and not every batch
+//!   failing, for `admin.stall_after_sec` without a commit); 503 naming
+//!   what is missing otherwise. Idle is ready: nothing claimable is not a
+//!   stall.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,7 +78,8 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    let missing = not_ready(&state.broker.borrow(), *state.listening.borrow());
+    let mut missing = not_ready(&state.broker.borrow(), *state.listening.borrow());
+    missing.extend(state.metrics.progress.stalled(std::time::Instant::now()));
     if missing.is_empty() {
         (StatusCode::OK, "ready\n".to_owned())
     } else {

@@ -6,7 +6,11 @@
 //! `Raw*` structs that reject unknown keys. [`Config::from_raw`] then checks
 //! every value and produces the typed [`Config`] the rest of the relay uses.
 //! Every error names the key (and the environment variable when one was
-//! involved); passwords are held in [`Secret`] and never printed.
+//! involved); passwords are held in [`Secret`] and never printed. No error
+//! quotes a secret, for any input: a secret key of the wrong type gets a
+//! message without its value, URLs are redacted over-eagerly
+//! ([`redact_url`]), and every message is scrubbed of the secret values in
+//! effect, in case a library's text quotes one.
 //!
 //! This is the only module that reads the process environment.
 
@@ -91,6 +95,7 @@ pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("relay.max_batch_bytes", EnvKind::Number),
     ("log.format", EnvKind::Text),
     ("admin.listen", EnvKind::Text),
+    ("admin.stall_after_sec", EnvKind::Number),
     ("retention.transferred_after_sec", EnvKind::Number),
     ("retention.batch_size", EnvKind::Number),
     ("retention.interval_sec", EnvKind::Number),
@@ -110,6 +115,63 @@ impl ConfigError {
     fn new(msg: impl Into<String>) -> Self {
         Self(msg.into())
     }
+
+    /// The message with every occurrence of a secret replaced by `***`,
+    /// longest first so a part never uncovers the rest of a whole.
+    fn scrubbed(self, secrets: &[String]) -> Self {
+        let mut secrets: Vec<&String> = secrets.iter().filter(|s| !s.is_empty()).collect();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let mut msg = self.0;
+        for secret in secrets {
+            if msg.contains(secret.as_str()) {
+                msg = msg.replace(secret.as_str(), "***");
+            }
+        }
+        Self(msg)
+    }
+}
+
+/// The keys whose values are secret (and their environment forms).
+const SECRET_KEYS: [&str; 2] = ["postgres.password", "rabbitmq.url"];
+
+/// Whether serde's error path `path` is `key` or inside it.
+fn is_at_or_under(path: &str, key: &str) -> bool {
+    path.strip_prefix(key)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+}
+
+/// What must never be printed of the secret keys' values in `json`: each
+/// value as the text serde would quote (any JSON type), and for a URL also
+/// its user info's password, raw and percent-decoded.
+fn secret_values(json: &Value) -> Vec<String> {
+    fn leaves(value: &Value, out: &mut Vec<String>) {
+        match value {
+            Value::Null => {}
+            Value::String(s) => out.extend(url_secrets(s)),
+            Value::Array(items) => items.iter().for_each(|v| leaves(v, out)),
+            Value::Object(map) => map.values().for_each(|v| leaves(v, out)),
+            other => out.push(other.to_string()),
+        }
+    }
+    let mut out = Vec::new();
+    for key in SECRET_KEYS {
+        let value = key.split('.').try_fold(json, |node, part| node.get(part));
+        if let Some(value) = value {
+            leaves(value, &mut out);
+        }
+    }
+    out
+}
+
+/// A secret string and, when it looks like a URL with user info, the
+/// password in it (what [`redact_url`] hides), raw and percent-decoded.
+fn url_secrets(value: &str) -> Vec<String> {
+    let mut out = vec![value.to_owned()];
+    if let Some((_, _, password)) = split_userinfo(value) {
+        out.push(password.to_owned());
+        out.push(percent_decode(password));
+    }
+    out
 }
 
 /// A string that must never be printed: `Debug` and `Display` show `***`.
@@ -149,6 +211,9 @@ pub struct Config {
     /// effort: several instances on one host from the seed's file (which has
     /// no admin section) all relay, the first one serving the endpoint.
     pub admin_required: bool,
+    /// How long claimable rows may wait with no batch committed (or every
+    /// claim may fail) before `/readyz` reports the relay stalled.
+    pub stall_after: Duration,
     /// Deletion of old transferred rows; `None` keeps them forever.
     pub retention: Option<RetentionConfig>,
 }
@@ -308,17 +373,41 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let mut json: Value = serde_json::from_str(&blank_comment_lines(text))
             .map_err(|e| ConfigError::new(format!("{origin} is not valid JSON: {e}")))?;
-        apply_env(&mut json, env)?;
-        let raw: RawConfig = serde_path_to_error::deserialize(json).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if path == "." {
-                ConfigError::new(format!("{origin}: {inner}"))
-            } else {
-                ConfigError::new(format!("{origin}: key {path}: {inner}"))
+        // Every secret value in effect, so that no message below can echo
+        // one, whatever the input (a value of the wrong type, a library's
+        // error text quoting it). The file's values that the environment
+        // replaces are quoted by nothing.
+        let mut secrets = Vec::new();
+        for &(key, kind) in ENV_KEYS {
+            if kind == EnvKind::Secret {
+                secrets.extend(
+                    env.get(&env_name(key))
+                        .map(|v| url_secrets(v))
+                        .into_iter()
+                        .flatten(),
+                );
             }
-        })?;
-        Self::from_raw(raw)
+        }
+        let parsed = apply_env(&mut json, env).and_then(|()| {
+            secrets.extend(secret_values(&json));
+            let raw: RawConfig = serde_path_to_error::deserialize(json).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if path == "." {
+                    ConfigError::new(format!("{origin}: {inner}"))
+                } else if let Some(key) = SECRET_KEYS.iter().find(|k| is_at_or_under(&path, k)) {
+                    // serde quotes the offending value ("invalid type:
+                    // integer `73195046`"), which here is the secret.
+                    ConfigError::new(format!(
+                        "{origin}: key {key}: expected a string; put the value in quotes"
+                    ))
+                } else {
+                    ConfigError::new(format!("{origin}: key {path}: {inner}"))
+                }
+            })?;
+            Self::from_raw(raw)
+        });
+        parsed.map_err(|e| e.scrubbed(&secrets))
     }
 
     /// Validates the raw values into typed settings.
@@ -367,6 +456,7 @@ impl Config {
                 ))
             })?)
         };
+        let stall_after = positive_secs("admin.stall_after_sec", admin.stall_after_sec)?;
         let log_format = match log.format.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -523,6 +613,7 @@ impl Config {
             log_format,
             admin_listen,
             admin_required,
+            stall_after,
             retention,
             relay: RelayConfig {
                 buffer_size: retry.buffer_size,
@@ -588,25 +679,54 @@ pub fn amqp_uri(url: &str) -> Result<lapin::uri::AMQPUri, String> {
 }
 
 /// Replaces the password of a URL's user info with `***`.
+///
+/// Over-eager by design: the user info runs from `://` (or the start, when
+/// the scheme is missing) to the *last* `@`, so a password holding a raw
+/// `/`, `?`, `#` or `@` is hidden whole, even though a URL parser would end
+/// the authority earlier. Everything after the user name's first `:` is the
+/// password. A URL with no `@` has no user info and is shown as it is.
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &rest[..at];
-    match userinfo.find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end + 3],
-            &userinfo[..colon],
-            &rest[at..]
-        ),
+    match split_userinfo(url) {
+        Some((before, user, _password)) => {
+            let at = url.rfind('@').expect("split_userinfo found one");
+            format!("{before}{user}:***{}", &url[at..])
+        }
         None => url.to_owned(),
     }
+}
+
+/// `%XX` escapes decoded (invalid ones kept as they are, bytes that are not
+/// UTF-8 replaced): the form in which a client library might quote a password.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `(scheme and "://", user, password)` of a URL whose user info holds a
+/// password, read as [`redact_url`] reads it.
+fn split_userinfo(url: &str) -> Option<(&str, &str, &str)> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let at = url[start..].rfind('@')? + start;
+    let (user, password) = url[start..at].split_once(':')?;
+    Some((&url[..start], user, password))
 }
 
 fn non_empty(key: &str, value: &str) -> Result<(), ConfigError> {
@@ -849,11 +969,21 @@ impl Default for RawRetention {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawAdmin {
     /// `None` when neither the file nor the environment sets it.
     listen: Option<String>,
+    stall_after_sec: f64,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            stall_after_sec: 60.0,
+        }
+    }
 }
 
 /// The admin endpoint's default address: local only.
@@ -1027,6 +1157,53 @@ pub(crate) mod tests {
         assert_eq!(redact_url("amqp://h:5672/%2f"), "amqp://h:5672/%2f");
         assert_eq!(redact_url("amqp://user@h/"), "amqp://user@h/");
         assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn redact_url_hides_a_password_a_parser_would_cut_short() {
+        assert_eq!(
+            redact_url("amqp://guest:Zq9/kW7@127.0.0.1:5672/"),
+            "amqp://guest:***@127.0.0.1:5672/"
+        );
+        assert_eq!(redact_url("amqp://u:a@b?c#d@h/v"), "amqp://u:***@h/v");
+        assert_eq!(redact_url("guest:s3cret@h:5672"), "guest:***@h:5672");
+        assert_eq!(redact_url("amqp://:s3cret@h/"), "amqp://:***@h/");
+    }
+
+    #[test]
+    fn type_errors_of_secret_keys_never_echo_the_value() {
+        let cases: [(&str, Value); 4] = [
+            ("postgres.password", 73_195_046.into()),
+            ("postgres.password", serde_json::json!({"v": "s3cret-obj"})),
+            ("rabbitmq.url", 73_195_046.into()),
+            ("rabbitmq.url", true.into()),
+        ];
+        for (key, value) in cases {
+            let (block, field) = key.split_once('.').unwrap();
+            let e = err(&edit(|v| v[block][field] = value.clone()), &[]);
+            assert_eq!(
+                e,
+                format!("config.json: key {key}: expected a string; put the value in quotes")
+            );
+        }
+    }
+
+    #[test]
+    fn no_error_message_quotes_a_secret() {
+        // A URL a parser rejects whole, quoted by lapin's message.
+        let e = err(
+            SEED,
+            &[("PUSHOCCURRENCE_RABBITMQ_URL", "relay:s3cret@localhost:5672")],
+        );
+        assert!(
+            e.starts_with("key rabbitmq.url: 'relay:***@localhost:5672'"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "{e}");
+        // A message that would quote a secret for another reason.
+        let e = ConfigError::new("x 'amqp://u:p%2Fw@h/' y p/w")
+            .scrubbed(&url_secrets("amqp://u:p%2Fw@h/"));
+        assert_eq!(e.to_string(), "x '***' y ***");
     }
 
     #[test]

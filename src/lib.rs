@@ -16,7 +16,8 @@
 //! * [`service`]: wiring, start-up and the ordered shutdown.
 //! * [`retention`]: optional deletion of old transferred rows.
 //! * [`metrics`], [`admin`]: Prometheus metrics and the `/metrics`,
-//!   `/healthz`, `/readyz` endpoint.
+//!   `/healthz`, `/readyz` endpoint; [`progress`] whether batches still
+//!   commit, for `/readyz`.
 //! * [`backoff`], [`shutdown`]: reconnection delays and the stop signal.
 //! * [`cli`], [`cmd`]: the `pushoccurrence` command line.
 
@@ -28,6 +29,7 @@ pub mod config;
 pub mod db;
 pub mod metrics;
 pub mod mq;
+pub mod progress;
 pub mod relay;
 pub mod retention;
 pub mod routing;

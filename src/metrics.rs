@@ -2,10 +2,16 @@
 //! and the task that follows the connections' states into it.
 //!
 //! Counters are added per batch, never per message, so the hot path pays a
-//! few atomic adds. Labels never carry message ids, routing keys or error
+//! few atomic adds. The workers report each batch's outcome through
+//! [`Metrics::batch_committed`], [`Metrics::batch_worked`],
+//! [`Metrics::batch_failed`] and [`Metrics::session_connect_failed`], which
+//! also feed [`Progress`] (what `/readyz` reads). The sampled backlog gauges
+//! read NaN until the first sample and after a failed one: a gauge that
+//! could not be sampled must not read as an empty backlog. Labels never carry message ids, routing keys or error
 //! texts (unbounded cardinality); the only label is the connection's name.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -18,6 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::mq::BrokerState;
+use crate::progress::{Progress, unix_now};
 
 /// The name every metric starts with.
 pub const PREFIX: &str = "pushoccurrence";
@@ -54,15 +61,24 @@ pub struct Metrics {
     pub parked: Counter,
     /// Batches committed.
     pub batches: Counter,
+    /// Batch attempts that failed (rows stay pending), those that could not
+    /// connect their claim session included.
+    pub batches_failed: Counter,
+    /// Unix time of the last committed batch (0 before the first).
+    pub last_batch_commit: Gauge<f64, AtomicU64>,
     /// Rows claimed per batch.
     pub batch_size: Histogram,
     /// Time from the start of a batch to its messages being ready.
     pub claim_seconds: Histogram,
     /// Time from publishing a batch to its last confirm.
     pub confirm_seconds: Histogram,
-    /// Rows waiting to be relayed (sampled).
-    pub pending_rows: Gauge,
-    /// Age of the oldest waiting row (sampled).
+    /// Rows waiting to be relayed (sampled; NaN when unknown).
+    pub pending_rows: Gauge<f64, AtomicU64>,
+    /// Pending rows whose next attempt is due (sampled; NaN when unknown).
+    pub claimable_rows: Gauge<f64, AtomicU64>,
+    /// Backlog samples that failed.
+    pub backlog_sample_failures: Counter,
+    /// Age of the oldest waiting row (sampled; NaN when unknown).
     pub oldest_pending_seconds: Gauge<f64, AtomicU64>,
     /// 1 while a connection is up (the broker's: up and not blocked).
     pub connected: Family<ConnectionLabel, Gauge>,
@@ -72,6 +88,10 @@ pub struct Metrics {
     pub topology_broken: Gauge,
     /// Claim sessions replaced after an error.
     pub session_reconnects: Counter,
+    /// Claim-session connects that failed.
+    pub session_connect_failures: Counter,
+    /// Whether batches still commit, for `/readyz`.
+    pub progress: Progress,
     /// Transferred rows deleted by retention.
     pub rows_deleted: Counter,
 }
@@ -82,9 +102,19 @@ impl Default for Metrics {
     }
 }
 
+/// `admin.stall_after_sec`'s default.
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(60);
+
 impl Metrics {
-    /// A registry with every metric registered under [`PREFIX`].
+    /// A registry with every metric registered under [`PREFIX`], stalled
+    /// after [`DEFAULT_STALL_AFTER`].
     pub fn new() -> Self {
+        Self::with_stall_after(DEFAULT_STALL_AFTER)
+    }
+
+    /// A registry with every metric registered under [`PREFIX`]; the relay
+    /// counts as stalled after `stall_after` without progress.
+    pub fn with_stall_after(stall_after: Duration) -> Self {
         let mut root = Registry::with_prefix(PREFIX);
         let r = &mut root;
         let counter = |r: &mut Registry, name: &str, help: &str| {
@@ -119,6 +149,28 @@ impl Metrics {
             "Rows parked after relay.max_attempts failed attempts",
         );
         let batches = counter(r, "batches", "Batches committed");
+        let batches_failed = counter(
+            r,
+            "batches_failed",
+            "Batch attempts that failed (claim, claim-session connect, publish); their rows stay pending",
+        );
+        let session_connect_failures = counter(
+            r,
+            "claim_session_connect_failures",
+            "Claim-session connects that failed",
+        );
+        let backlog_sample_failures = counter(
+            r,
+            "backlog_sample_failures",
+            "Backlog samples that failed; the backlog gauges read NaN until one works",
+        );
+        let last_batch_commit = Gauge::<f64, AtomicU64>::default();
+        r.register_with_unit(
+            "last_batch_commit_timestamp",
+            "Unix time of the last committed batch (0 before the first)",
+            Unit::Seconds,
+            last_batch_commit.clone(),
+        );
         let rows_deleted = counter(
             r,
             "rows_deleted",
@@ -151,16 +203,22 @@ impl Metrics {
             "confirm_duration",
             "Time from publishing a batch to its last confirm",
         );
-        let pending_rows = Gauge::default();
+        let pending_rows = Gauge::<f64, AtomicU64>::default();
         r.register(
             "pending_rows",
-            "Rows waiting to be relayed, parked rows excluded (sampled)",
+            "Rows waiting to be relayed, parked rows excluded (sampled; NaN when unknown)",
             pending_rows.clone(),
+        );
+        let claimable_rows = Gauge::<f64, AtomicU64>::default();
+        r.register(
+            "claimable_rows",
+            "Pending rows whose next attempt is due (sampled; NaN when unknown)",
+            claimable_rows.clone(),
         );
         let oldest_pending_seconds = Gauge::<f64, AtomicU64>::default();
         r.register_with_unit(
             "oldest_pending_age",
-            "Age of the oldest waiting row (sampled)",
+            "Age of the oldest waiting row (sampled; NaN when unknown)",
             Unit::Seconds,
             oldest_pending_seconds.clone(),
         );
@@ -187,6 +245,9 @@ impl Metrics {
             connected.get_or_create(&label).set(0);
             reconnects.get_or_create(&label).inc_by(0);
         }
+        for gauge in [&pending_rows, &claimable_rows, &oldest_pending_seconds] {
+            gauge.set(f64::NAN);
+        }
         Self {
             registry: root,
             published,
@@ -196,17 +257,69 @@ impl Metrics {
             failed,
             parked,
             batches,
+            batches_failed,
+            last_batch_commit,
             batch_size,
             claim_seconds,
             confirm_seconds,
             pending_rows,
+            claimable_rows,
+            backlog_sample_failures,
             oldest_pending_seconds,
             connected,
             reconnects,
             topology_broken,
             session_reconnects,
+            session_connect_failures,
+            progress: Progress::new(stall_after),
             rows_deleted,
         }
+    }
+
+    /// A batch committed (called right after its COMMIT).
+    pub fn batch_committed(&self) {
+        self.batches.inc();
+        self.last_batch_commit.set(unix_now());
+        self.progress.committed(Instant::now());
+    }
+
+    /// A batch attempt ended well, whether or not it found rows.
+    pub fn batch_worked(&self) {
+        self.progress.batch_worked();
+    }
+
+    /// A batch attempt failed; its rows stay pending.
+    pub fn batch_failed(&self) {
+        self.batches_failed.inc();
+        self.progress.batch_failed(Instant::now());
+    }
+
+    /// A claim session could not be connected (the batch then fails too).
+    pub fn session_connect_failed(&self) {
+        self.session_connect_failures.inc();
+        self.progress.batch_failed(Instant::now());
+    }
+
+    /// A backlog sample: pending rows, the oldest one's age, claimable rows.
+    pub fn backlog_sampled(&self, pending: i64, oldest_seconds: f64, claimable: i64) {
+        self.pending_rows.set(pending as f64);
+        self.oldest_pending_seconds.set(oldest_seconds);
+        self.claimable_rows.set(claimable as f64);
+        self.progress
+            .sampled(Some(u64::try_from(claimable).unwrap_or(0)), Instant::now());
+    }
+
+    /// A backlog sample failed: the gauges read NaN (unknown, not empty).
+    pub fn backlog_sample_failed(&self) {
+        self.backlog_sample_failures.inc();
+        for gauge in [
+            &self.pending_rows,
+            &self.claimable_rows,
+            &self.oldest_pending_seconds,
+        ] {
+            gauge.set(f64::NAN);
+        }
+        self.progress.sampled(None, Instant::now());
     }
 
     /// The OpenMetrics text of every metric.
@@ -276,6 +389,33 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn backlog_gauges_read_nan_until_sampled_and_after_a_failed_sample() {
+        let m = Metrics::new();
+        let nan_lines = |text: &str| {
+            [
+                "pending_rows",
+                "claimable_rows",
+                "oldest_pending_age_seconds",
+            ]
+            .iter()
+            .filter(|g| text.contains(&format!("pushoccurrence_{g} NaN")))
+            .count()
+        };
+        assert_eq!(nan_lines(&m.encode()), 3, "{}", m.encode());
+        m.backlog_sampled(4, 1.5, 3);
+        let text = m.encode();
+        assert_eq!(nan_lines(&text), 0, "{text}");
+        assert!(text.contains("pushoccurrence_pending_rows 4.0"), "{text}");
+        m.backlog_sample_failed();
+        let text = m.encode();
+        assert_eq!(nan_lines(&text), 3, "{text}");
+        assert!(
+            text.contains("pushoccurrence_backlog_sample_failures_total 1"),
+            "{text}"
+        );
     }
 
     #[test]

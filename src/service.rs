@@ -75,7 +75,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     // The admin endpoint answers from the start, while the relay still waits
     // for its services (healthy, not ready), and stops last.
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_stall_after(config.stall_after));
     let (broker_tx, broker_rx) = watch::channel(BrokerState::default());
     let (listening_tx, listening_rx) = watch::channel(false);
     let admin_stop = CancellationToken::new();
@@ -297,7 +297,11 @@ async fn sweep(wake: Arc<Notify>, interval: std::time::Duration, token: Cancella
 }
 
 /// Samples the backlog into the metrics every [`BACKLOG_SAMPLE`], on a
-/// session of its own; a failed sample is retried at the next tick.
+/// session of its own; a failed sample is retried at the next tick. A
+/// failure is visible, never a stale or zero reading: it is counted, the
+/// gauges read NaN until a sample works again, and the first failure of a
+/// run of them is logged as a warning (the sample's count of claimable rows
+/// is also what tells `/readyz` that rows wait while no batch commits).
 async fn sample_backlog(
     config: Arc<Config>,
     outbox: Arc<Outbox>,
@@ -307,6 +311,7 @@ async fn sample_backlog(
     let mut ticks = tokio::time::interval(BACKLOG_SAMPLE);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut session = None;
+    let mut failing = false;
     let kind = SessionKind::Claim {
         idle_in_transaction: config.postgres.query_timeout,
     };
@@ -315,28 +320,49 @@ async fn sample_backlog(
             () = token.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        if session
-            .as_ref()
-            .is_none_or(tokio_postgres::Client::is_closed)
-        {
-            session = db::connect(&config.postgres, kind).await.ok();
+        let sample = async {
+            if session
+                .as_ref()
+                .is_none_or(tokio_postgres::Client::is_closed)
+            {
+                session = None;
+                let client = tokio::time::timeout(
+                    config.postgres.query_timeout,
+                    db::connect(&config.postgres, kind),
+                )
+                .await
+                .map_err(|_| "connect: no answer in time".to_owned())?
+                .map_err(|e| format!("connect: {}", describe(&e)))?;
+                session = Some(client);
+            }
+            let client = session.as_ref().expect("connected above");
+            tokio::time::timeout(
+                config.postgres.query_timeout,
+                client.query_one(&outbox.backlog_sql(), &[]),
+            )
+            .await
+            .map_err(|_| "no answer in time".to_owned())?
+            .map_err(|e| describe(&e))
         }
-        let Some(client) = &session else { continue };
-        let sample = tokio::time::timeout(
-            config.postgres.query_timeout,
-            client.query_one(&outbox.backlog_sql(), &[]),
-        )
         .await;
         match sample {
-            Ok(Ok(row)) => {
-                metrics.pending_rows.set(row.get(0));
-                metrics.oldest_pending_seconds.set(row.get(1));
+            Ok(row) => {
+                metrics.backlog_sampled(row.get(0), row.get(1), row.get(2));
+                if failing {
+                    info!("the backlog can be sampled again");
+                }
+                failing = false;
             }
-            Ok(Err(e)) => {
-                debug!(error = %describe(&e), "cannot sample the backlog");
+            Err(error) => {
+                metrics.backlog_sample_failed();
+                if failing {
+                    debug!(%error, "cannot sample the backlog");
+                } else {
+                    warn!(%error, "cannot sample the backlog; its gauges read NaN until a sample works");
+                }
+                failing = true;
                 session = None;
             }
-            Err(_) => session = None,
         }
     }
 }

@@ -178,6 +178,7 @@ impl Worker {
                     .and_then(|s| self.after_commit(s))
                 {
                     Ok(more) => {
+                        self.metrics.batch_worked();
                         self.backoff.reset();
                         if !more {
                             break;
@@ -187,6 +188,7 @@ impl Worker {
                     }
                     Err(BatchError::Stopping) => return,
                     Err(error) => {
+                        self.metrics.batch_failed();
                         let delay = self.backoff.next_delay();
                         if matches!(error, BatchError::Topology(_)) {
                             // Reported once through the broker state.
@@ -429,7 +431,7 @@ impl Worker {
             let published = report.deliveries.iter().filter(|d| **d != Delivery::IdTooLong).count();
             let returned =
                 report.deliveries.iter().filter(|d| matches!(d, Delivery::Returned { .. })).count();
-            metrics.batches.inc();
+            metrics.batch_committed();
             metrics.batch_size.observe(batch.claimed as f64);
             metrics.claim_seconds.observe(claimed_at.as_secs_f64());
             if published > 0 {
@@ -547,7 +549,9 @@ impl Worker {
             idle_in_transaction: self.config.relay.confirm_timeout + TRANSACTION_MARGIN,
         };
         let limit = self.config.postgres.query_timeout;
-        let client = within(limit, db::connect(&self.config.postgres, kind)).await?;
+        let client = within(limit, db::connect(&self.config.postgres, kind))
+            .await
+            .inspect_err(|_| self.metrics.session_connect_failed())?;
         let statements = within(limit, self.outbox.prepare(&client)).await?;
         if self.backoff.attempts() > 0 {
             info!(worker = self.index, "claim session reconnected");

@@ -413,11 +413,14 @@ impl Outbox {
         )
     }
 
-    /// The backlog: `(pending rows int8, age of the oldest in seconds float8)`,
-    /// parked rows excluded, through the partial index.
+    /// The backlog: `(pending rows int8, age of the oldest in seconds float8,
+    /// claimable rows int8)`, parked rows excluded, through the partial
+    /// index. Claimable rows are those a claim may take now: their next
+    /// attempt is due (the claim's own condition).
     pub fn backlog_sql(&self) -> String {
         format!(
-            "SELECT count(*), coalesce(extract(epoch FROM now() - min(relay_enqueued_at)), 0)::float8
+            "SELECT count(*), coalesce(extract(epoch FROM now() - min(relay_enqueued_at)), 0)::float8,
+                    count(*) FILTER (WHERE relay_next_attempt_at IS NULL OR relay_next_attempt_at <= now())
                FROM {log} WHERE {PENDING_PREDICATE}",
             log = self.table(LOG_TABLE),
         )

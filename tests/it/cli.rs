@@ -283,3 +283,227 @@ async fn a_taken_admin_port_stops_run_with_exit_78_naming_the_key() {
     );
     env.cleanup().await;
 }
+
+/// The README's quick-start test command works on a machine without
+/// cargo-nextest (not part of a Rust toolchain): `scripts/test` installs it
+/// first, and CI runs the very same command. A stand-in `cargo` records what
+/// the script asks of it.
+#[tokio::test]
+async fn the_readme_test_command_installs_nextest_when_missing_and_ci_runs_the_same() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let quick_start = &readme[readme.find("## Quick start").unwrap()..];
+    let quick_start = &quick_start[..quick_start.find("\n## ").unwrap()];
+    assert!(
+        quick_start.contains("\nscripts/test\n") && !quick_start.contains("cargo nextest"),
+        "{quick_start}"
+    );
+    let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
+    let ci_commands: Vec<&str> = ci
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.contains("nextest") || l.contains("scripts/test"))
+        .filter(|l| !l.starts_with('#') && !l.starts_with("log "))
+        .collect();
+    assert_eq!(ci_commands, ["scripts/test"], "{ci}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let fake = dir.path().join("cargo");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {calls}\ncase \"$*\" in\n  'nextest --version') test -e {installed} ;;\n  install*) touch {installed} ;;\nesac\n",
+            calls = calls.display(),
+            installed = dir.path().join("installed").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script = root.join("scripts/test");
+    for _ in 0..2 {
+        let out = tokio::process::Command::new(&script)
+            .args(["-E", "test(x)"])
+            .env("PATH", &path)
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&calls).unwrap(),
+        "nextest --version\ninstall cargo-nextest --locked\nnextest run --locked -E test(x)\n\
+         nextest --version\nnextest run --locked -E test(x)\n"
+    );
+}
+
+/// Secrets never print, whatever the input: a password with a raw `/` in
+/// the AMQP URL, a URL without a scheme, a number where a password goes,
+/// the same through environment variables and `_FILE`, and services that
+/// cannot be reached. `check`, `migrate` and `run` (killed once it has
+/// tried to connect) are all read, stdout and stderr, at `trace`.
+#[tokio::test]
+async fn no_output_path_prints_a_secret() {
+    // Every fragment of the secrets used below.
+    const SECRETS: [&str; 4] = ["Zq9", "kW7", "73195046", "pG5ecr3t"];
+    let leaks = |text: &str| SECRETS.iter().any(|s| text.contains(s));
+    let mut env = TestEnv::new("secrets").await;
+    env.migrate().await;
+    let base = env.config.clone();
+    let secret_file = env.dir.path().join("amqp-url");
+    std::fs::write(&secret_file, "amqp://guest:Zq9/kW7@127.0.0.1:5672/\n").unwrap();
+    let secret_file = secret_file.to_str().unwrap().to_owned();
+
+    /// What is tried, the config edit, environment variables, what the output says.
+    type Case = (
+        &'static str,
+        fn(&mut Value),
+        Vec<(&'static str, &'static str)>,
+        &'static str,
+    );
+    let bad_configs: Vec<Case> = vec![
+        (
+            "raw slash in the URL's password",
+            |c| c["rabbitmq"]["url"] = "amqp://guest:Zq9/kW7@127.0.0.1:5672/".into(),
+            vec![],
+            "key rabbitmq.url: 'amqp://guest:***@127.0.0.1:5672/' is not an AMQP URL",
+        ),
+        (
+            "URL without a scheme",
+            |c| c["rabbitmq"]["url"] = "guest:Zq9kW7@127.0.0.1:5672".into(),
+            vec![],
+            "key rabbitmq.url: 'guest:***@127.0.0.1:5672' is not an AMQP URL",
+        ),
+        (
+            "two @ in the URL",
+            |c| c["rabbitmq"]["url"] = "amqp://guest:Zq9@kW7@127.0.0.1:notaport/".into(),
+            vec![],
+            "key rabbitmq.url: 'amqp://guest:***@127.0.0.1:notaport/'",
+        ),
+        (
+            "numeric password",
+            |c| c["postgres"]["password"] = 73_195_046.into(),
+            vec![],
+            "key postgres.password: expected a string; put the value in quotes",
+        ),
+        (
+            "numeric URL",
+            |c| c["rabbitmq"]["url"] = 73_195_046.into(),
+            vec![],
+            "key rabbitmq.url: expected a string; put the value in quotes",
+        ),
+        (
+            "password as a list",
+            |c| c["postgres"]["password"] = serde_json::json!(["pG5ecr3t"]),
+            vec![],
+            "key postgres.password: expected a string",
+        ),
+        (
+            "URL from the environment",
+            |_| {},
+            vec![(
+                "PUSHOCCURRENCE_RABBITMQ_URL",
+                "amqp://guest:Zq9/kW7@127.0.0.1:5672/",
+            )],
+            "key rabbitmq.url: 'amqp://guest:***@127.0.0.1:5672/'",
+        ),
+    ];
+    for (case, edit, vars, expected) in bad_configs {
+        env.config = base.clone();
+        edit(&mut env.config);
+        for command in ["check", "migrate", "run"] {
+            let mut vars = vars.clone();
+            vars.push(("RUST_LOG", "trace"));
+            let (code, text) = run_with(&env, &[command], &vars).await;
+            assert_eq!(code, Some(78), "{case} ({command}): {text}");
+            assert!(text.contains(expected), "{case} ({command}): {text}");
+            assert!(!leaks(&text), "{case} ({command}) leaked a secret: {text}");
+        }
+    }
+    env.config = base.clone();
+    let file_var = [
+        ("PUSHOCCURRENCE_RABBITMQ_URL_FILE", secret_file.as_str()),
+        ("RUST_LOG", "trace"),
+    ];
+    let (code, text) = run_with(&env, &["check"], &file_var).await;
+    assert_eq!(code, Some(78), "{text}");
+    assert!(
+        text.contains("key rabbitmq.url: 'amqp://guest:***@127.0.0.1:5672/'"),
+        "{text}"
+    );
+    assert!(!leaks(&text), "the _FILE secret leaked: {text}");
+
+    // Services that cannot be reached, with the secrets in the config and
+    // in the environment.
+    let unreachable: Vec<Case> = vec![
+        (
+            "unknown broker host",
+            |c| {
+                c["rabbitmq"]["url"] = "amqp://guest:Zq9kW7@po-no-such-host.invalid:5672/%2f".into()
+            },
+            vec![],
+            "FAIL  rabbitmq",
+        ),
+        (
+            "closed broker port",
+            |_| {},
+            vec![(
+                "PUSHOCCURRENCE_RABBITMQ_URL",
+                "amqp://guest:Zq9kW7@127.0.0.1:1/%2f",
+            )],
+            "FAIL  rabbitmq",
+        ),
+        (
+            "closed database port",
+            |c| c["postgres"]["port"] = 1.into(),
+            vec![("PUSHOCCURRENCE_POSTGRES_PASSWORD", "pG5ecr3t")],
+            "FAIL  postgres",
+        ),
+    ];
+    for (case, edit, vars, expected) in unreachable {
+        env.config = base.clone();
+        edit(&mut env.config);
+        let mut vars = vars.clone();
+        vars.push(("RUST_LOG", "trace"));
+        let (code, text) = run_with(&env, &["check"], &vars).await;
+        assert_eq!(code, Some(69), "{case} (check): {text}");
+        assert!(text.contains(expected), "{case} (check): {text}");
+        assert!(!leaks(&text), "{case} (check) leaked a secret: {text}");
+        if case == "closed database port" {
+            let (code, text) = run_with(&env, &["migrate"], &vars).await;
+            assert_eq!(code, Some(69), "{case} (migrate): {text}");
+            assert!(!leaks(&text), "{case} (migrate) leaked a secret: {text}");
+        }
+
+        let mut cmd = pushoccurrence(&env.write_config(), &["run"]);
+        let log = env
+            .dir
+            .path()
+            .join(format!("run-{}.log", case.replace(' ', "-")));
+        let out = std::fs::File::create(&log).unwrap();
+        cmd.stdout(out.try_clone().unwrap()).stderr(out);
+        for (k, v) in &vars {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let failure = if case == "closed database port" {
+            "cannot connect to postgres"
+        } else {
+            "cannot connect to rabbitmq"
+        };
+        wait_until(&format!("{case}: run reports '{failure}'"), || async {
+            std::fs::read_to_string(&log).unwrap().contains(failure)
+        })
+        .await;
+        child.kill().await.unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(!leaks(&text), "{case} (run) leaked a secret: {text}");
+    }
+    env.cleanup().await;
+}

@@ -358,3 +358,225 @@ async fn the_documented_least_privilege_role_runs_the_relay() {
         .unwrap();
     env.cleanup().await;
 }
+
+/// The relay under the documented least-privilege role (so a test can take
+/// a grant away), with `admin.stall_after_sec` set; returns the role.
+async fn as_relay_role(env: &mut TestEnv, stall_after_sec: f64) -> String {
+    env.migrate().await;
+    let role = format!("{}_relay", env.name);
+    env.pg
+        .batch_execute(&role_grants(env, &role))
+        .await
+        .unwrap();
+    env.config["postgres"]["user"] = role.clone().into();
+    env.config["postgres"]["auto_migrate"] = false.into();
+    env.config["admin"]["stall_after_sec"] = stall_after_sec.into();
+    role
+}
+
+/// deploy/relay-role.sql for this test's schema and role.
+fn role_grants(env: &TestEnv, role: &str) -> String {
+    include_str!("../../deploy/relay-role.sql")
+        .replace("pushoccurrence_relay", &format!("\"{role}\""))
+        .replace("data_exchange", &format!("\"{}\"", env.name))
+}
+
+/// The statement of deploy/relay-role.sql that starts with `start`.
+fn grant_statement(env: &TestEnv, role: &str, start: &str) -> String {
+    let sql = role_grants(env, role);
+    let from = sql.find(start).unwrap();
+    let len = sql[from..].find(';').unwrap();
+    sql[from..=from + len].to_owned()
+}
+
+async fn drop_role(env: &TestEnv, role: &str) {
+    env.pg
+        .batch_execute(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\""))
+        .await
+        .unwrap();
+}
+
+/// Connected and listening is not enough: when every claim fails (here the
+/// claim's `FOR UPDATE` loses its UPDATE grant; behind a pooler it was the
+/// pooler) while rows wait, `/readyz` turns 503 with both reasons, the
+/// failed batches are counted, and the backlog gauges show the real count.
+/// Once claims work the rows go out and it is ready again. A backlog that
+/// cannot be sampled reads NaN, is counted and warned about once.
+#[tokio::test]
+async fn readyz_reports_a_stall_when_every_claim_fails_while_rows_wait() {
+    let mut env = TestEnv::new("stall").await;
+    let role = as_relay_role(&mut env, 1.0).await;
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let admin = relay.admin().await;
+    wait_until("ready", || async {
+        http_get(&admin, "/readyz").await.0 == 200
+    })
+    .await;
+    let scrape = || async { http_get(&admin, "/metrics").await.1 };
+    let series = |text: &str, name: &str| metric(text, name).unwrap_or(-1.0);
+
+    let s = &env.name;
+    env.pg
+        .batch_execute(&format!(
+            "REVOKE UPDATE ON \"{s}\".message_queue_log FROM \"{role}\""
+        ))
+        .await
+        .unwrap();
+    let ids = env.insert_many(5, 5).await;
+    wait_until("/readyz names the stall", || async {
+        let (code, why) = http_get(&admin, "/readyz").await;
+        code == 503
+            && why.contains("5 rows claimable and no batch committed for")
+            && why.contains("every batch has failed for")
+    })
+    .await;
+    let (_, why) = http_get(&admin, "/readyz").await;
+    assert!(
+        why.starts_with("not ready: ") && why.contains("admin.stall_after_sec 1"),
+        "{why}"
+    );
+    assert!(
+        !why.contains("rabbitmq") && !why.contains("listener"),
+        "{why}"
+    );
+    assert_eq!(http_get(&admin, "/healthz").await.0, 200);
+    let text = scrape().await;
+    assert_eq!(series(&text, "pushoccurrence_pending_rows"), 5.0, "{text}");
+    assert_eq!(
+        series(&text, "pushoccurrence_claimable_rows"),
+        5.0,
+        "{text}"
+    );
+    assert!(
+        series(&text, "pushoccurrence_batches_failed_total") >= 1.0,
+        "{text}"
+    );
+    assert_eq!(series(&text, "pushoccurrence_batches_total"), 0.0, "{text}");
+    assert_eq!(
+        series(&text, "pushoccurrence_last_batch_commit_timestamp_seconds"),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(consumer.count(), 0);
+
+    env.pg
+        .batch_execute(&grant_statement(&env, &role, "GRANT UPDATE"))
+        .await
+        .unwrap();
+    consumer.wait_for_all(&ids).await;
+    wait_until("ready again", || async {
+        http_get(&admin, "/readyz").await == (200, "ready\n".to_owned())
+    })
+    .await;
+    assert_exactly_once(&consumer, &ids);
+    let text = scrape().await;
+    assert!(
+        series(&text, "pushoccurrence_batches_total") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        series(&text, "pushoccurrence_last_batch_commit_timestamp_seconds") > 0.0,
+        "{text}"
+    );
+
+    // A backlog that cannot be read is unknown, not empty.
+    env.pg
+        .batch_execute(&format!(
+            "REVOKE SELECT ON \"{s}\".message_queue_log FROM \"{role}\""
+        ))
+        .await
+        .unwrap();
+    wait_until(
+        "the backlog gauges read NaN after two failed samples",
+        || async {
+            let text = scrape().await;
+            metric(&text, "pushoccurrence_pending_rows").is_some_and(f64::is_nan)
+                && metric(&text, "pushoccurrence_claimable_rows").is_some_and(f64::is_nan)
+                && series(&text, "pushoccurrence_backlog_sample_failures_total") >= 2.0
+        },
+    )
+    .await;
+    assert_eq!(
+        relay.log_count("cannot sample the backlog"),
+        1,
+        "{}",
+        relay.log_text()
+    );
+    env.pg
+        .batch_execute(&grant_statement(&env, &role, "GRANT SELECT"))
+        .await
+        .unwrap();
+    wait_until("the backlog is sampled again", || async {
+        series(&scrape().await, "pushoccurrence_pending_rows") == 0.0
+    })
+    .await;
+    relay.wait_log("the backlog can be sampled again").await;
+    assert!(relay.terminate().await.success());
+    drop_role(&env, &role).await;
+    env.cleanup().await;
+}
+
+/// Idle is not stuck: with nothing claimable (everything sent, one row
+/// waiting out its retry delay, one parked) the relay stays ready well past
+/// `admin.stall_after_sec` since its last commit.
+#[tokio::test]
+async fn an_idle_relay_stays_ready_past_the_stall_time() {
+    let mut env = TestEnv::new("idle").await;
+    env.config["admin"]["stall_after_sec"] = 1.into();
+    env.config["relay"]["attempt_delay_ms"] = 3_600_000.into();
+    env.config["relay"]["max_retry_delay_sec"] = 3600.into();
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let admin = relay.admin().await;
+    wait_until("ready", || async {
+        http_get(&admin, "/readyz").await.0 == 200
+    })
+    .await;
+    let ids = env.insert_many(3, 3).await;
+    consumer.wait_for_all(&ids).await;
+    let s = &env.name;
+    env.pg
+        .batch_execute(&format!(
+            "INSERT INTO \"{s}\".message_queue_log (message_id) VALUES ('00000000-0000-4000-8000-00000000000c');
+             INSERT INTO \"{s}\".message_queue_log (message_id, relay_parked_at)
+                  VALUES ('00000000-0000-4000-8000-00000000000d', now());"
+        ))
+        .await
+        .unwrap();
+    let answers = std::cell::RefCell::new(Vec::new());
+    // The oldest pending row's age, as the relay samples it, is the clock:
+    // three stall times after the last commit (the delayed row's attempt).
+    wait_until("the delayed row has waited three stall times", || async {
+        let answer = http_get(&admin, "/readyz").await;
+        answers.borrow_mut().push(answer);
+        let text = http_get(&admin, "/metrics").await.1;
+        metric(&text, "pushoccurrence_rows_failed_total") == Some(1.0)
+            && metric(&text, "pushoccurrence_pending_rows") == Some(1.0)
+            && metric(&text, "pushoccurrence_claimable_rows") == Some(0.0)
+            && metric(&text, "pushoccurrence_oldest_pending_age_seconds")
+                .is_some_and(|age| age >= 3.0)
+    })
+    .await;
+    let mut answers = answers.into_inner();
+    answers.push(http_get(&admin, "/readyz").await);
+    assert!(
+        answers.iter().all(|a| *a == (200, "ready\n".to_owned())),
+        "{answers:?}"
+    );
+    let text = http_get(&admin, "/metrics").await.1;
+    let last_commit = metric(&text, "pushoccurrence_last_batch_commit_timestamp_seconds")
+        .expect("the last commit's time is a metric");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(last_commit > 0.0 && last_commit <= now, "{text}");
+    assert_eq!(
+        metric(&text, "pushoccurrence_batches_failed_total"),
+        Some(0.0)
+    );
+    assert_exactly_once(&consumer, &ids);
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
