@@ -10,7 +10,7 @@
 //! is not a millisecond count, a priority over 255, a string over 255 bytes)
 //! would fail the whole batch again and again, so it fails only its row.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use lapin::BasicProperties;
 use lapin::types::ShortString;
@@ -62,8 +62,11 @@ pub struct Destination {
     pub properties: BasicProperties,
     /// The exchange was named by the row, so it may not exist.
     pub exchange_from_row: bool,
-    /// Exchange and routing key both came from the config, so a return
-    /// means the configured topology is gone, not that the row is wrong.
+    /// The message goes where the config sends messages: exchange and
+    /// routing key came from the config, or the row named a pair the
+    /// config also uses (a route, a binding, a declared queue through the
+    /// default exchange). A return then means the configured topology is
+    /// gone, not that the row is wrong.
     pub configured: bool,
 }
 
@@ -72,6 +75,8 @@ pub struct Destination {
 pub struct Router {
     default: Route,
     by_channel: BTreeMap<String, Route>,
+    /// Every (exchange, routing key) the config itself routes by.
+    configured: HashSet<(String, String)>,
     content_type: ShortString,
 }
 
@@ -87,9 +92,21 @@ fn short(column: &str, value: &str) -> Result<ShortString, String> {
 impl Router {
     /// Routes from the config; `content_type` is used when a row sets none.
     pub fn new(cfg: &RabbitConfig, content_type: &str) -> Self {
+        let routes = std::iter::once(&cfg.default_route).chain(cfg.routes.values());
+        let queues = std::iter::once(&cfg.queue).chain(&cfg.queues);
+        let configured = routes
+            .map(|r| (r.exchange.clone(), r.routing_key.clone()))
+            .chain(queues.map(|q| (String::new(), q.name.clone())))
+            .chain(
+                cfg.bindings
+                    .iter()
+                    .map(|b| (b.exchange.clone(), b.routing_key.clone())),
+            )
+            .collect();
         Self {
             default: cfg.default_route.clone(),
             by_channel: cfg.routes.clone(),
+            configured,
             content_type: content_type.into(),
         }
     }
@@ -147,9 +164,13 @@ impl Router {
                 .map_err(|reason| format!("column headers {reason}"))?;
             p = p.with_headers(headers);
         }
+        let configured = (f.exchange.is_none() && f.routing_key.is_none())
+            || self
+                .configured
+                .contains(&(exchange.to_string(), routing_key.to_string()));
         Ok(Destination {
             exchange_from_row: f.exchange.is_some(),
-            configured: f.exchange.is_none() && f.routing_key.is_none(),
+            configured,
             exchange,
             routing_key,
             properties: p,
@@ -175,8 +196,31 @@ mod tests {
                     routing_key: "billing".into(),
                 },
             )]),
+            configured: HashSet::from([
+                (String::new(), "seed".to_owned()),
+                ("events".to_owned(), "billing".to_owned()),
+            ]),
             content_type: "application/octet-stream".into(),
         }
+    }
+
+    #[test]
+    fn a_row_naming_a_configured_route_itself_is_still_on_a_configured_route() {
+        let d = router()
+            .resolve(&MessageFields {
+                routing_key: Some("seed".into()),
+                ..MessageFields::default()
+            })
+            .unwrap();
+        assert!(d.configured, "the seed queue, named by the row");
+        let d = router()
+            .resolve(&MessageFields {
+                exchange: Some("events".into()),
+                routing_key: Some("billing".into()),
+                ..MessageFields::default()
+            })
+            .unwrap();
+        assert!(d.configured && d.exchange_from_row);
     }
 
     #[test]

@@ -95,7 +95,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             // host (the seed's file has no admin section) relays without it.
             Err(e) => warn!(
                 error = %e,
-                "admin endpoint not started: admin.listen is not set and its default address is taken                  (another instance on this host?); relaying without it"
+                "admin endpoint not started: admin.listen is not set and its default address is taken \
+                 (another instance on this host?); relaying without it"
             ),
         }
     }

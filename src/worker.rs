@@ -308,9 +308,12 @@ impl Worker {
             let mut batch = assemble(plan, fetched, router);
             // Exchanges named by rows that would close the channel: rows
             // naming them fail alone instead of failing the batch.
-            let mut unusable: HashMap<String, Hold> = publisher
-                .missing_exchanges(&batch.messages)
+            // Bounded: a broker that blocks publishing holds these questions
+            // back too, and nothing is published yet, so giving up is free.
+            let missing = tokio::time::timeout(relay.confirm_timeout, publisher.missing_exchanges(&batch.messages))
                 .await
+                .map_err(|_| BatchError::Broker("no answer about the exchanges rows name".into()))?;
+            let mut unusable: HashMap<String, Hold> = missing
                 .map_err(BatchError::Broker)?
                 .into_iter()
                 .map(|x| (x.clone(), Hold::NoExchange(x)))

@@ -396,13 +396,15 @@ impl Outbox {
     /// Records one failed attempt for each id in `$1` with the reason in
     /// `$2`: the next attempt waits `$3` ms doubled per earlier failure, up
     /// to `$4` ms; the attempt that reaches `$5` parks the row. Returns
-    /// `(id, parked, attempts)` per row.
+    /// `(id, parked, attempts)` per row. The delay counts from the
+    /// statement's clock, not the transaction's start: a batch that had to
+    /// isolate a refused message may have been open longer than the delay.
     pub fn fail_sql(&self) -> String {
         format!(
             "UPDATE {log} l
                 SET relay_attempts = l.relay_attempts + 1,
                     relay_last_error = f.reason,
-                    relay_next_attempt_at = now() + least($3::float8 * power(2, l.relay_attempts), $4::float8)
+                    relay_next_attempt_at = clock_timestamp() + least($3::float8 * power(2, l.relay_attempts), $4::float8)
                                                     * interval '1 millisecond',
                     relay_parked_at = CASE WHEN l.relay_attempts + 1 >= $5::int4 THEN now() END
                FROM unnest($1::text[], $2::text[]) AS f(id, reason)

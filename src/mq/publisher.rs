@@ -256,10 +256,30 @@ impl Publisher {
             ));
         }
 
+        // lapin writes nothing while the broker blocks the connection, so
+        // even handing the messages over waits out an alarm.
+        let Some(written) = wait_unless_stalled(
+            join_all(publishes),
+            confirm_timeout,
+            &paused,
+            &mut keep_alive,
+        )
+        .await
+        else {
+            let reason = format!("messages not written within {confirm_timeout:?}");
+            let _closed = self.channel.close(200, "publish timeout".into()).await;
+            for i in sent {
+                deliveries[i] = Delivery::Unknown(reason.clone());
+            }
+            return BatchReport {
+                deliveries,
+                channel_failure: Some(ChannelFailure::Broken(reason)),
+            };
+        };
         let mut channel_failure = None;
         let mut confirms = Vec::with_capacity(sent.len());
         let mut confirm_slots = Vec::with_capacity(sent.len());
-        for (i, published) in sent.iter().zip(join_all(publishes).await) {
+        for (i, published) in sent.iter().zip(written) {
             match published {
                 Ok(confirm) => {
                     confirms.push(confirm);
@@ -272,14 +292,13 @@ impl Publisher {
             }
         }
 
-        let mut all_confirms = join_all(confirms);
-        let results = loop {
-            match tokio::time::timeout(confirm_timeout, &mut all_confirms).await {
-                Ok(results) => break Some(results),
-                Err(_) if paused() && keep_alive().await => {}
-                Err(_) => break None,
-            }
-        };
+        let results = wait_unless_stalled(
+            join_all(confirms),
+            confirm_timeout,
+            &paused,
+            &mut keep_alive,
+        )
+        .await;
         let Some(results) = results else {
             let reason = format!("no confirm within {confirm_timeout:?}");
             let _closed = self.channel.close(200, "confirm timeout".into()).await;
@@ -396,6 +415,26 @@ impl Publisher {
                 };
         }
         report.channel_failure = None;
+    }
+}
+
+/// Waits for `work`, giving up after `limit`, except while `paused()` (the
+/// broker blocked publishing): then `keep_alive` runs once per `limit` and
+/// the wait goes on, for as long as the alarm lasts and `keep_alive`
+/// succeeds. `None` when it gave up.
+async fn wait_unless_stalled<T, K: Future<Output = bool>>(
+    work: impl Future<Output = T>,
+    limit: Duration,
+    paused: &impl Fn() -> bool,
+    keep_alive: &mut impl FnMut() -> K,
+) -> Option<T> {
+    let mut work = std::pin::pin!(work);
+    loop {
+        match tokio::time::timeout(limit, &mut work).await {
+            Ok(done) => return Some(done),
+            Err(_) if paused() && keep_alive().await => {}
+            Err(_) => return None,
+        }
     }
 }
 

@@ -214,10 +214,22 @@ async fn a_missing_configured_queue_is_reported_once_and_its_rows_wait_uncharged
 
     drop(consumer);
     env.cleanup_queue_only().await;
-    let during = env.insert_many(10, 10).await;
+    let mut during = env.insert_many(10, 10).await;
+    // Rows that name the configured queue themselves are on the configured
+    // route too: its loss is not their fault either.
+    for i in 0..5 {
+        during.push(
+            send(
+                &env,
+                &format!("named {i}"),
+                &format!("p_routing_key => '{}'", env.name),
+            )
+            .await,
+        );
+    }
     wait_until("the rows were returned several times", || async {
         let text = metrics(&relay).await;
-        metric(&text, "pushoccurrence_messages_returned_total").unwrap_or(0.0) >= 30.0
+        metric(&text, "pushoccurrence_messages_returned_total").unwrap_or(0.0) >= 45.0
     })
     .await;
     let (code, body) = http_get(&admin, "/readyz").await;
@@ -230,7 +242,7 @@ async fn a_missing_configured_queue_is_reported_once_and_its_rows_wait_uncharged
         metric(&metrics(&relay).await, "pushoccurrence_topology_broken"),
         Some(1.0)
     );
-    assert_eq!(env.pending().await, 10);
+    assert_eq!(env.pending().await, 15);
     assert_eq!(
         charged(&env).await,
         0,
@@ -292,8 +304,8 @@ async fn a_long_broker_alarm_duplicates_nothing_in_flight() {
     assert!(broker.ctl(&["set_vm_memory_high_watermark", "0.4"]));
     consumer.wait_for_all(&ids).await;
     env.wait_all_transferred().await;
-    assert_exactly_once(&consumer, &ids);
     assert_eq!(relay.log_count("batch failed"), 0, "{}", relay.log_text());
+    assert_exactly_once(&consumer, &ids);
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
