@@ -267,14 +267,7 @@ impl Publisher {
         .await
         else {
             let reason = format!("messages not written within {confirm_timeout:?}");
-            let _closed = self.channel.close(200, "publish timeout".into()).await;
-            for i in sent {
-                deliveries[i] = Delivery::Unknown(reason.clone());
-            }
-            return BatchReport {
-                deliveries,
-                channel_failure: Some(ChannelFailure::Broken(reason)),
-            };
+            return self.give_up(reason, &sent, deliveries).await;
         };
         let mut channel_failure = None;
         let mut confirms = Vec::with_capacity(sent.len());
@@ -301,14 +294,7 @@ impl Publisher {
         .await;
         let Some(results) = results else {
             let reason = format!("no confirm within {confirm_timeout:?}");
-            let _closed = self.channel.close(200, "confirm timeout".into()).await;
-            for i in confirm_slots {
-                deliveries[i] = Delivery::Unknown(reason.clone());
-            }
-            return BatchReport {
-                deliveries,
-                channel_failure: Some(ChannelFailure::Broken(reason)),
-            };
+            return self.give_up(reason, &confirm_slots, deliveries).await;
         };
 
         let mut returned: Vec<(String, u16, String)> = Vec::new();
@@ -357,6 +343,26 @@ impl Publisher {
         BatchReport {
             deliveries,
             channel_failure,
+        }
+    }
+
+    /// Ends a batch whose messages at `slots` were not settled in time:
+    /// closes the channel first, so no late confirm can be mistaken for
+    /// this batch's and no late publish slips out after the rows are
+    /// released.
+    async fn give_up(
+        &self,
+        reason: String,
+        slots: &[usize],
+        mut deliveries: Vec<Delivery>,
+    ) -> BatchReport {
+        let _closed = self.channel.close(200, "batch timed out".into()).await;
+        for i in slots {
+            deliveries[*i] = Delivery::Unknown(reason.clone());
+        }
+        BatchReport {
+            deliveries,
+            channel_failure: Some(ChannelFailure::Broken(reason)),
         }
     }
 

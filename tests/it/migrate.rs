@@ -389,13 +389,7 @@ async fn insert_seed_events(env: &TestEnv, n: i32) -> Vec<String> {
 /// afterwards arrive exactly once.
 async fn three_relays_started_at_once_deliver(env: &TestEnv, mut ids: Vec<String>) {
     let consumer = env.consumer().await;
-    let path = env.write_config();
-    let mut relays: Vec<Relay> = (0..3)
-        .map(|_| Relay::spawn(&path, env.dir.path()))
-        .collect();
-    for relay in &mut relays {
-        relay.wait_ready_or_exit().await;
-    }
+    let relays = env.relays_at_once(3).await;
     ids.extend(env.insert_many(300, 20).await);
     consumer.wait_for_all(&ids).await;
     env.wait_all_transferred().await;

@@ -282,13 +282,7 @@ async fn three_instances_on_one_host_from_the_seeds_file_all_relay() {
     env.config = config;
     env.migrate().await;
     let consumer = env.consumer().await;
-    let path = env.write_config();
-    let mut relays: Vec<Relay> = (0..3)
-        .map(|_| Relay::spawn(&path, env.dir.path()))
-        .collect();
-    for relay in &mut relays {
-        relay.wait_ready_or_exit().await;
-    }
+    let relays = env.relays_at_once(3).await;
     // At most one has the default admin port; the others say so once each.
     let warned = relays
         .iter()

@@ -313,6 +313,19 @@ impl TestEnv {
         Relay::start(&self.write_config(), self.dir.path()).await
     }
 
+    /// Starts `n` relays at once from one config file, then waits until
+    /// each is ready (failing at once if one exits).
+    pub async fn relays_at_once(&self, n: usize) -> Vec<Relay> {
+        let path = self.write_config();
+        let mut relays: Vec<Relay> = (0..n)
+            .map(|_| Relay::spawn(&path, self.dir.path()))
+            .collect();
+        for relay in &mut relays {
+            relay.wait_ready_or_exit().await;
+        }
+        relays
+    }
+
     /// Starts the relay binary without waiting for it to be ready.
     pub async fn relay_unready(&self) -> Relay {
         Relay::spawn(&self.write_config(), self.dir.path())
