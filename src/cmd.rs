@@ -153,21 +153,35 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
         pg.user
     );
 
+    // Every node, each on its own: a cluster with one node down still
+    // relays (a warning), one with none reachable does not.
     let mq = &config.rabbitmq;
-    let connection = match tokio::time::timeout(Duration::from_secs(30), mq::connect(mq)).await {
-        Ok(Ok(connection)) => connection,
-        Ok(Err(reason)) => {
-            let msg = format!("rabbitmq: {reason}");
-            println!("FAIL  {msg}");
-            return Err(Unavailable(msg).into());
+    let mut connection = None;
+    let mut failures = Vec::new();
+    for node in &mq.nodes {
+        let attempt = tokio::time::timeout(Duration::from_secs(30), mq::connect_node(mq, node));
+        match attempt.await {
+            Ok(Ok(c)) => {
+                println!("ok    rabbitmq: {}", node.redacted);
+                if let Some(earlier) = connection.replace(c) {
+                    let _closed: Result<(), _> = earlier.close(200, "check done".into()).await;
+                }
+            }
+            Ok(Err(reason)) => failures.push(format!("rabbitmq: {reason}")),
+            Err(_) => failures.push(format!(
+                "rabbitmq: no answer from {} within 30s",
+                node.redacted
+            )),
         }
-        Err(_) => {
-            let msg = format!("rabbitmq: no answer from {} within 30s", mq.url_redacted);
-            println!("FAIL  {msg}");
-            return Err(Unavailable(msg).into());
-        }
+    }
+    let Some(connection) = connection else {
+        let msg = failures.join("; ");
+        println!("FAIL  {msg}");
+        return Err(Unavailable(msg).into());
     };
-    println!("ok    rabbitmq: {}", mq.url_redacted);
+    for failure in &failures {
+        println!("WARN  {failure}");
+    }
     println!(
         "ok    queue {}: declared (durable {}, exclusive {}, auto_delete {})",
         mq.queue.name, mq.queue.durable, mq.queue.exclusive, mq.queue.auto_delete

@@ -51,6 +51,15 @@ pub enum EnvKind {
     Bool,
     /// A comma-separated list of strings.
     List,
+    /// A comma-separated list of secrets, which may also come from a file
+    /// named by `<VAR>_FILE`.
+    SecretList,
+}
+
+impl EnvKind {
+    fn is_secret(self) -> bool {
+        matches!(self, Self::Secret | Self::SecretList)
+    }
 }
 
 /// Every config key that can be set from the environment, with its kind.
@@ -70,6 +79,8 @@ pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("postgres.connect_timeout_sec", EnvKind::Number),
     ("postgres.query_timeout_ms", EnvKind::Number),
     ("rabbitmq.url", EnvKind::Secret),
+    ("rabbitmq.urls", EnvKind::SecretList),
+    ("rabbitmq.shuffle_urls", EnvKind::Bool),
     ("rabbitmq.connection_name", EnvKind::Text),
     ("rabbitmq.ca_file", EnvKind::Text),
     ("rabbitmq.queue.name", EnvKind::Text),
@@ -132,7 +143,7 @@ impl ConfigError {
 }
 
 /// The keys whose values are secret (and their environment forms).
-const SECRET_KEYS: [&str; 2] = ["postgres.password", "rabbitmq.url"];
+const SECRET_KEYS: [&str; 3] = ["postgres.password", "rabbitmq.url", "rabbitmq.urls"];
 
 /// Whether serde's error path `path` is `key` or inside it.
 fn is_at_or_under(path: &str, key: &str) -> bool {
@@ -285,13 +296,25 @@ pub enum SslMode {
     VerifyFull,
 }
 
+/// One broker node's AMQP URL.
+#[derive(Debug, Clone)]
+pub struct BrokerNode {
+    /// The URL; it may hold a password.
+    pub url: Secret,
+    /// The URL with its password replaced by `***`, for logs.
+    pub redacted: String,
+}
+
 /// How to reach RabbitMQ and what to declare there.
 #[derive(Debug, Clone)]
 pub struct RabbitConfig {
-    /// The AMQP URL; it may hold a password.
-    pub url: Secret,
-    /// The URL with its password replaced by `***`, for logs.
-    pub url_redacted: String,
+    /// The broker's nodes (`rabbitmq.url`, or each of `rabbitmq.urls`), in
+    /// the configured order.
+    pub nodes: Vec<BrokerNode>,
+    /// Whether each connect tries the nodes in a new random order (so
+    /// relays spread over a cluster and no node is always tried first) or
+    /// in the configured order.
+    pub shuffle_nodes: bool,
     /// Connection name shown in the management UI.
     pub connection_name: String,
     /// CA certificates (PEM) trusted for `amqps://` besides the system's.
@@ -379,13 +402,20 @@ impl Config {
         // replaces are quoted by nothing.
         let mut secrets = Vec::new();
         for &(key, kind) in ENV_KEYS {
-            if kind == EnvKind::Secret {
+            if kind.is_secret() {
                 secrets.extend(
                     env.get(&env_name(key))
                         .map(|v| url_secrets(v))
                         .into_iter()
                         .flatten(),
                 );
+            }
+            if kind == EnvKind::SecretList {
+                let items = env
+                    .get(&env_name(key))
+                    .into_iter()
+                    .flat_map(|v| v.split(','));
+                secrets.extend(items.flat_map(|v| url_secrets(v.trim())));
             }
         }
         let parsed = apply_env(&mut json, env).and_then(|()| {
@@ -500,15 +530,48 @@ impl Config {
             positive_secs("postgres.connect_timeout_sec", pg.connect_timeout_sec)?;
         let query_timeout = positive_ms("postgres.query_timeout_ms", pg.query_timeout_ms)?;
 
-        let url_redacted = redact_url(&mq.url);
-        amqp_uri(&mq.url).map_err(|e| {
-            ConfigError::new(format!(
-                "key rabbitmq.url: '{url_redacted}' is not an AMQP URL ({e}); expected amqp://user:password@host:port/vhost"
-            ))
-        })?;
+        let urls: Vec<(String, String)> = match (mq.url, mq.urls) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "keys rabbitmq.url and rabbitmq.urls: set one of them (urls lists the nodes of a cluster)",
+                ));
+            }
+            (Some(url), None) => vec![("rabbitmq.url".to_owned(), url)],
+            (None, Some(urls)) if urls.is_empty() => {
+                return Err(ConfigError::new(
+                    "key rabbitmq.urls: list at least one node's AMQP URL",
+                ));
+            }
+            (None, Some(urls)) => urls
+                .into_iter()
+                .enumerate()
+                .map(|(i, url)| (format!("rabbitmq.urls[{i}]"), url))
+                .collect(),
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "key rabbitmq.url: missing; give the broker's AMQP URL, e.g. amqp://user:password@host:5672/ (or rabbitmq.urls for a cluster)",
+                ));
+            }
+        };
+        let mut nodes = Vec::with_capacity(urls.len());
+        for (key, url) in urls {
+            let redacted = redact_url(&url);
+            amqp_uri(&url).map_err(|e| {
+                ConfigError::new(format!(
+                    "key {key}: '{redacted}' is not an AMQP URL ({e}); expected amqp://user:password@host:port/vhost"
+                ))
+            })?;
+            nodes.push(BrokerNode {
+                url: Secret(url),
+                redacted,
+            });
+        }
         let ca_file = optional_path(mq.ca_file);
         if let Some(path) = &ca_file {
-            if !mq.url.starts_with("amqps://") {
+            if nodes
+                .iter()
+                .any(|n| !n.url.expose().starts_with("amqps://"))
+            {
                 return Err(ConfigError::new(
                     "key rabbitmq.ca_file: set, but rabbitmq.url is not amqps://, so no TLS would use it",
                 ));
@@ -597,8 +660,8 @@ impl Config {
                 query_timeout,
             },
             rabbitmq: RabbitConfig {
-                url: Secret(mq.url),
-                url_redacted,
+                nodes,
+                shuffle_nodes: mq.shuffle_urls,
                 connection_name: mq.connection_name,
                 ca_file,
                 queue,
@@ -777,7 +840,7 @@ fn apply_env(json: &mut Value, env: &BTreeMap<String, String>) -> Result<(), Con
         let var = env_name(key);
         let file_var = format!("{var}_FILE");
         known.push(var.clone());
-        let raw = if kind == EnvKind::Secret {
+        let raw = if kind.is_secret() {
             known.push(file_var.clone());
             match (env.get(&var), env.get(&file_var)) {
                 (Some(_), Some(_)) => {
@@ -812,7 +875,7 @@ fn apply_env(json: &mut Value, env: &BTreeMap<String, String>) -> Result<(), Con
                     )));
                 }
             },
-            EnvKind::List => Value::Array(
+            EnvKind::List | EnvKind::SecretList => Value::Array(
                 raw.split(',')
                     .map(str::trim)
                     .filter(|s| !s.is_empty())
@@ -911,7 +974,12 @@ struct RawPostgres {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRabbit {
-    url: String,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    urls: Option<Vec<String>>,
+    #[serde(default = "default_true")]
+    shuffle_urls: bool,
     #[serde(default = "default_name")]
     connection_name: String,
     #[serde(default)]
@@ -1130,7 +1198,10 @@ pub(crate) mod tests {
         let dump = format!("{c:?}");
         assert!(!dump.contains("your_db_password"), "{dump}");
         assert!(!dump.contains("guest:guest"), "{dump}");
-        assert_eq!(c.rabbitmq.url_redacted, "amqp://guest:***@localhost:5672/");
+        assert_eq!(
+            c.rabbitmq.nodes[0].redacted,
+            "amqp://guest:***@localhost:5672/"
+        );
     }
 
     #[test]
@@ -1144,11 +1215,20 @@ pub(crate) mod tests {
         assert_eq!(vhost("amqp://h:5672/orders"), "orders");
         assert_eq!(vhost("amqps://h/team%2forders"), "team/orders");
         let c = seed();
-        assert_eq!(amqp_uri(c.rabbitmq.url.expose()).unwrap().vhost, "/");
+        assert_eq!(
+            amqp_uri(c.rabbitmq.nodes[0].url.expose()).unwrap().vhost,
+            "/"
+        );
         // The repository's own file keeps the seed's form, so it stays tested.
         let c = parse(include_str!("../config/config.json"), &[]).unwrap();
-        assert_eq!(c.rabbitmq.url_redacted, "amqp://guest:***@localhost:5672/");
-        assert_eq!(amqp_uri(c.rabbitmq.url.expose()).unwrap().vhost, "/");
+        assert_eq!(
+            c.rabbitmq.nodes[0].redacted,
+            "amqp://guest:***@localhost:5672/"
+        );
+        assert_eq!(
+            amqp_uri(c.rabbitmq.nodes[0].url.expose()).unwrap().vhost,
+            "/"
+        );
     }
 
     #[test]
@@ -1224,13 +1304,77 @@ pub(crate) mod tests {
     #[test]
     fn missing_keys_name_the_block_and_field() {
         let text = edit(|v| {
-            v["rabbitmq"].as_object_mut().unwrap().remove("url");
+            v["rabbitmq"].as_object_mut().unwrap().remove("queue");
         });
         let e = err(&text, &[]);
         assert!(
-            e.contains("key rabbitmq") && e.contains("missing field `url`"),
+            e.contains("key rabbitmq") && e.contains("missing field `queue`"),
             "{e}"
         );
+        let text = edit(|v| {
+            v["rabbitmq"].as_object_mut().unwrap().remove("url");
+        });
+        let e = err(&text, &[]);
+        assert!(e.starts_with("key rabbitmq.url: missing"), "{e}");
+    }
+
+    #[test]
+    fn a_cluster_is_given_as_a_list_of_nodes_each_checked_and_redacted() {
+        let c = seed();
+        assert_eq!(c.rabbitmq.nodes.len(), 1);
+        assert!(c.rabbitmq.shuffle_nodes, "shuffled by default");
+        let text = edit(|v| {
+            v["rabbitmq"].as_object_mut().unwrap().remove("url");
+            v["rabbitmq"]["urls"] =
+                serde_json::json!(["amqp://u:Pw1@n1:5672/", "amqp://u:Pw1@n2:5673/%2f"]);
+            v["rabbitmq"]["shuffle_urls"] = false.into();
+        });
+        let c = parse(&text, &[]).unwrap();
+        let redacted: Vec<&str> = c
+            .rabbitmq
+            .nodes
+            .iter()
+            .map(|n| n.redacted.as_str())
+            .collect();
+        assert_eq!(
+            redacted,
+            ["amqp://u:***@n1:5672/", "amqp://u:***@n2:5673/%2f"]
+        );
+        assert!(!c.rabbitmq.shuffle_nodes);
+        assert!(!format!("{c:?}").contains("Pw1"));
+        let c = parse(
+            SEED,
+            &[
+                ("PUSHOCCURRENCE_RABBITMQ_URL", ""),
+                ("PUSHOCCURRENCE_RABBITMQ_URLS", "amqp://a/, amqp://b/"),
+            ],
+        );
+        assert!(c.is_err(), "url and urls both set");
+        let e = err(
+            &edit(|v| v["rabbitmq"]["urls"] = serde_json::json!(["amqp://x/"])),
+            &[],
+        );
+        assert!(e.starts_with("keys rabbitmq.url and rabbitmq.urls"), "{e}");
+        let e = err(
+            &edit(|v| {
+                v["rabbitmq"].as_object_mut().unwrap().remove("url");
+                v["rabbitmq"]["urls"] = serde_json::json!(["amqp://u:Sec9@a/", "http://u:Sec9@b/"]);
+            }),
+            &[],
+        );
+        assert!(
+            e.starts_with("key rabbitmq.urls[1]: 'http://u:***@b/'"),
+            "{e}"
+        );
+        assert!(!e.contains("Sec9"), "{e}");
+        let e = err(
+            &edit(|v| {
+                v["rabbitmq"].as_object_mut().unwrap().remove("url");
+                v["rabbitmq"]["urls"] = serde_json::json!([]);
+            }),
+            &[],
+        );
+        assert!(e.starts_with("key rabbitmq.urls: list at least one"), "{e}");
     }
 
     #[test]

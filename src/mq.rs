@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::config::{ExchangeConfig, QueueConfig, RabbitConfig};
+use crate::config::{BrokerNode, ExchangeConfig, QueueConfig, RabbitConfig};
 use publisher::{channel_error, soft_kind};
 
 /// Heartbeat asked for when the URL sets none: a dead broker is noticed in
@@ -72,13 +72,42 @@ impl std::fmt::Debug for BrokerState {
     }
 }
 
-/// Opens a connection and declares the topology on a short-lived channel.
+/// Connects to the first of the broker's nodes that answers, tried in a new
+/// random order each time unless `rabbitmq.shuffle_urls` is off, and
+/// declares the topology. Returns the connection and the node's redacted
+/// URL.
+///
+/// # Errors
+/// Each node's failure, in the configured order (so the same outage reads
+/// the same whatever order the nodes were tried in); never a password.
+pub async fn connect(cfg: &RabbitConfig) -> Result<(Connection, String), String> {
+    let mut order: Vec<(usize, &BrokerNode)> = cfg.nodes.iter().enumerate().collect();
+    if cfg.shuffle_nodes {
+        fastrand::shuffle(&mut order);
+    }
+    let mut failures = Vec::new();
+    for (index, node) in order {
+        match connect_node(cfg, node).await {
+            Ok(connection) => return Ok((connection, node.redacted.clone())),
+            Err(reason) => failures.push((index, reason)),
+        }
+    }
+    failures.sort();
+    Err(failures
+        .into_iter()
+        .map(|(_, reason)| reason)
+        .collect::<Vec<_>>()
+        .join("; "))
+}
+
+/// Opens a connection to one node and declares the topology on a
+/// short-lived channel.
 ///
 /// # Errors
 /// A description of the failure that never contains the password.
-pub async fn connect(cfg: &RabbitConfig) -> Result<Connection, String> {
-    let mut uri: AMQPUri = crate::config::amqp_uri(cfg.url.expose())
-        .map_err(|e| format!("invalid URL {}: {e}", cfg.url_redacted))?;
+pub async fn connect_node(cfg: &RabbitConfig, node: &BrokerNode) -> Result<Connection, String> {
+    let mut uri: AMQPUri = crate::config::amqp_uri(node.url.expose())
+        .map_err(|e| format!("invalid URL {}: {e}", node.redacted))?;
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     uri.query
         .connection_timeout
@@ -98,13 +127,13 @@ pub async fn connect(cfg: &RabbitConfig) -> Result<Connection, String> {
         None => OwnedTLSConfig::default(),
     };
     let connection = DefaultConnectionBuilder::new()
-        .map_err(|e| format!("connect to {}: {e}", cfg.url_redacted))?
+        .map_err(|e| format!("connect to {}: {e}", node.redacted))?
         .with_uri(uri)
         .with_properties(properties)
         .with_tls_config(tls)
         .connect()
         .await
-        .map_err(|e| format!("connect to {}: {e}", cfg.url_redacted))?;
+        .map_err(|e| format!("connect to {}: {e}", node.redacted))?;
     if let Err(e) = declare_topology(&connection, cfg).await {
         let _closed = connection.close(200, "declaration failed".into()).await;
         return Err(e);
@@ -298,6 +327,11 @@ impl BrokerLink {
     /// An outage is logged at ERROR once, at its first failed attempt; a
     /// later attempt failing for another reason is a WARN, the same reason
     /// again is DEBUG (operators alert on ERROR).
+    ///
+    /// A connection lost after it had been up for a while is replaced at
+    /// once, without the back-off: on a cluster another node usually
+    /// answers straight away (a node stopped for maintenance), and only a
+    /// connect that fails waits.
     pub async fn run(mut self, token: CancellationToken) {
         let mut last_failure: Option<String> = None;
         loop {
@@ -306,13 +340,18 @@ impl BrokerLink {
                 res = connect(&self.cfg) => res,
             };
             match outcome {
-                Ok(connection) => {
+                Ok((connection, node)) => {
                     self.backoff.reset();
                     last_failure = None;
-                    let stop = self.serve(Arc::new(connection), &token).await;
+                    let up_since = std::time::Instant::now();
+                    let stop = self.serve(Arc::new(connection), &node, &token).await;
                     self.state.send_replace(BrokerState::default());
                     if stop {
                         return;
+                    }
+                    if up_since.elapsed() >= self.cfg.retry_delay {
+                        info!("reconnecting to rabbitmq at once");
+                        continue;
                     }
                 }
                 Err(reason) => {
@@ -338,14 +377,19 @@ impl BrokerLink {
 
     /// Publishes `connection` and follows its events until it fails (returns
     /// `false`) or `token` is cancelled (closes it and returns `true`).
-    async fn serve(&mut self, connection: Arc<Connection>, token: &CancellationToken) -> bool {
+    async fn serve(
+        &mut self,
+        connection: Arc<Connection>,
+        node: &str,
+        token: &CancellationToken,
+    ) -> bool {
         let mut events = connection.events_listener();
         self.state.send_replace(BrokerState {
             connection: Some(connection.clone()),
             blocked: connection.status().blocked(),
             topology_fault: None,
         });
-        info!(url = %self.cfg.url_redacted, queue = %self.cfg.queue.name, "connected to rabbitmq");
+        info!(url = %node, queue = %self.cfg.queue.name, "connected to rabbitmq");
         self.wake.notify_one();
         let mut status_check = tokio::time::interval(STATUS_CHECK);
         loop {

@@ -418,6 +418,11 @@ impl Consumer {
         Self::consume(&url, queue, true).await
     }
 
+    /// Consumes from `queue` on the broker at `url`, declared by the relay.
+    pub async fn attach_to(url: &str, queue: &str) -> Self {
+        Self::consume(url, queue, true).await
+    }
+
     async fn consume(url: &str, queue: &str, passive: bool) -> Self {
         let connection = Connection::connect(url, ConnectionProperties::default())
             .await
@@ -770,6 +775,19 @@ impl PrivateBroker {
             .status()
             .unwrap()
             .success()
+    }
+
+    /// What `rabbitmqctl -n <node> --quiet <args>` prints (empty on failure).
+    pub fn ctl_output(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("rabbitmqctl")
+            .env("RABBITMQ_NODENAME", &self.node)
+            .arg("-n")
+            .arg(&self.node)
+            .arg("--quiet")
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn url(&self) -> String {
