@@ -75,6 +75,10 @@ pub const MESSAGE_COLUMNS: [(&str, &str, &[&str]); 10] = [
 ];
 const TEXT: &[&str] = &["text", "varchar", "bpchar"];
 const INTEGER: &[&str] = &["int2", "int4", "int8"];
+/// The most doublings of `relay.attempt_delay_ms` a retry delay is computed
+/// with; any realistic cap (`relay.max_retry_delay_sec`) is reached long
+/// before, and `2^62` times any delay stays far inside float8.
+pub const MAX_DOUBLINGS: i32 = 62;
 /// The predicate of rows the relay may claim (and of the partial index).
 /// `transferred` is nullable in the seed, so pending is `IS NOT TRUE`.
 pub const PENDING_PREDICATE: &str = "transferred IS NOT TRUE AND relay_parked_at IS NULL";
@@ -399,13 +403,19 @@ impl Outbox {
     /// `(id, parked, attempts)` per row. The delay counts from the
     /// statement's clock, not the transaction's start: a batch that had to
     /// isolate a refused message may have been open longer than the delay.
+    ///
+    /// The doubling is computed with the exponent clamped to
+    /// [`MAX_DOUBLINGS`]: `power(2, n)` is float8 and overflows (an error,
+    /// which would roll back the whole batch, forever) past about 1023
+    /// attempts, which a large `relay.max_attempts` allows.
     pub fn fail_sql(&self) -> String {
         format!(
             "UPDATE {log} l
                 SET relay_attempts = l.relay_attempts + 1,
                     relay_last_error = f.reason,
-                    relay_next_attempt_at = clock_timestamp() + least($3::float8 * power(2, l.relay_attempts), $4::float8)
-                                                    * interval '1 millisecond',
+                    relay_next_attempt_at = clock_timestamp()
+                        + least($3::float8 * power(2::float8, least(greatest(l.relay_attempts, 0), {MAX_DOUBLINGS})), $4::float8)
+                          * interval '1 millisecond',
                     relay_parked_at = CASE WHEN l.relay_attempts + 1 >= $5::int4 THEN now() END
                FROM unnest($1::text[], $2::text[]) AS f(id, reason)
               WHERE l.message_id = f.id::{id}
@@ -685,6 +695,12 @@ mod tests {
         );
         assert!(claim.contains("FOR UPDATE SKIP LOCKED"), "{claim}");
         assert!(o.mark_sql().contains("ANY($1::text[]::uuid[])"));
+        assert!(
+            o.fail_sql()
+                .contains("power(2::float8, least(greatest(l.relay_attempts, 0), 62))"),
+            "the delay's exponent is clamped: {}",
+            o.fail_sql()
+        );
         let bytea = outbox(BodyType::Bytea);
         assert!(bytea.claim_sql(false).contains("d.message_body AS bytes"));
         assert!(
