@@ -28,13 +28,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::db::outbox::{ClaimedRow, Outbox, Statements};
+use crate::db::outbox::{ClaimedRow, Outbox, SchemaError, Statements};
 use crate::db::{self, SessionKind, describe};
 use crate::metrics::Metrics;
 use crate::mq::publisher::{ChannelFailure, Delivery, Message, Publisher, soft_kind};
@@ -67,6 +68,15 @@ enum BatchError {
 
 impl From<tokio_postgres::Error> for BatchError {
     fn from(e: tokio_postgres::Error) -> Self {
+        // The only unsupported feature the relay's own prepared statements
+        // can meet: a column they read changed type (`db::outbox`).
+        if e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED) {
+            return Self::Database(format!(
+                "the outbox's columns changed under the prepared statements ({}); \
+                 their types are read again on a new session",
+                describe(&e)
+            ));
+        }
         Self::Database(describe(&e))
     }
 }
@@ -555,13 +565,43 @@ impl Worker {
         let client = within(limit, db::connect(&self.config.postgres, kind))
             .await
             .inspect_err(|_| self.metrics.session_connect_failed())?;
-        let statements = within(limit, self.outbox.prepare(&client)).await?;
+        // The column types are read again with every session: a column
+        // retyped under the running relay (ALTER TABLE) shows as a failed
+        // batch (see `db::outbox`), which replaces the session, so the new
+        // statements are built for the new types.
+        let outbox = within_schema(limit, Outbox::inspect(&client, &self.outbox.schema)).await?;
+        if (&outbox.id_type, &outbox.body_type_sql)
+            != (&self.outbox.id_type, &self.outbox.body_type_sql)
+        {
+            warn!(
+                worker = self.index,
+                message_id = %format!("{} (was {})", outbox.id_type, self.outbox.id_type),
+                message_body = %format!("{} (was {})", outbox.body_type_sql, self.outbox.body_type_sql),
+                "the outbox's column types changed; statements prepared for the new types"
+            );
+            self.router = Router::new(&self.config.rabbitmq, outbox.body_type.content_type());
+            self.outbox = Arc::new(outbox);
+        }
+        let statements = within_schema(limit, self.outbox.prepare(&client)).await?;
         if self.backoff.attempts() > 0 {
             info!(worker = self.index, "claim session reconnected");
             self.metrics.session_reconnects.inc();
         }
         self.session = Some((client, statements));
         Ok(())
+    }
+}
+
+/// [`within`] for calls that read or check the outbox's columns.
+async fn within_schema<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, SchemaError>>,
+) -> Result<T, BatchError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(SchemaError::Query(e))) => Err(e.into()),
+        Ok(Err(e)) => Err(BatchError::Database(e.to_string())),
+        Err(_) => Err(BatchError::Database(format!("no answer within {limit:?}"))),
     }
 }
 

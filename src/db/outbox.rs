@@ -6,6 +6,18 @@
 //! the real column types. Text-like bodies become bytes with
 //! `convert_to(..::text, 'UTF8')`, never `::bytea`, which would decode
 //! backslash escapes.
+//!
+//! The types can change under a running relay (`ALTER TABLE … ALTER
+//! message_body TYPE …`). PostgreSQL re-analyses a prepared statement after
+//! such a change, so an expression built for the old type would silently
+//! read the new one (a bytea body through `::text` is its hex text). Every
+//! statement that reads bodies therefore also returns a column typed as
+//! `message_body` itself ([`BODY_PROBE`]): a retyped column changes the
+//! statement's result type, which PostgreSQL refuses to execute
+//! (`cached plan must not change result type`, SQLSTATE 0A000), and
+//! [`Outbox::prepare`] checks that column against the inspected type, so a
+//! body is never decoded by a stale type. The worker then reads the types
+//! again and prepares again.
 
 use bytes::BytesMut;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, accepts, to_sql_checked};
@@ -136,6 +148,9 @@ pub struct Outbox {
     pub body_type: BodyType,
     /// `message_body`'s type as SQL spells it.
     pub body_type_sql: String,
+    /// `message_body`'s type name in `pg_type` (`bytea`, `varchar`), as
+    /// the driver names a result column's type.
+    pub body_type_name: String,
 }
 
 /// Why the outbox cannot be used as it is.
@@ -152,6 +167,10 @@ pub enum SchemaError {
     /// The catalog could not be read.
     #[error("cannot read the outbox's columns: {0}")]
     Query(#[from] tokio_postgres::Error),
+    /// The columns changed between reading their types and preparing the
+    /// statements (an `ALTER TABLE` in between); both are done again.
+    #[error("{0}")]
+    Changed(String),
 }
 
 impl Outbox {
@@ -220,6 +239,7 @@ impl Outbox {
             id_type,
             body_type,
             body_type_sql,
+            body_type_name,
         })
     }
 
@@ -346,7 +366,8 @@ impl Outbox {
                     FOR UPDATE SKIP LOCKED),
                   sized AS (
                  -- OFFSET 0 keeps the body expression evaluated once per row.
-                 SELECT c.*, d.message_id IS NOT NULL AS has_data, {body} AS bytes
+                 SELECT c.*, d.message_id IS NOT NULL AS has_data, {body} AS bytes,
+                        {BODY_PROBE} AS body_probe
                    FROM claimed c LEFT JOIN {data} d ON d.message_id = c.message_id
                  OFFSET 0)
              SELECT s.message_id::text, s.relay_enqueued_at, s.has_data, octet_length(s.bytes),
@@ -354,7 +375,8 @@ impl Outbox {
                           AND (sum(octet_length(s.bytes)) FILTER (WHERE octet_length(s.bytes) <= $2::int8) OVER w <= $3::int8
                                OR row_number() OVER w = 1)
                          THEN s.bytes END,
-                    {fields}
+                    {fields},
+                    s.body_probe
                FROM sized s
              WINDOW w AS (ORDER BY {s_order} ROWS UNBOUNDED PRECEDING)
               ORDER BY {s_order}",
@@ -375,7 +397,8 @@ impl Outbox {
     pub fn bodies_sql(&self) -> String {
         format!(
             "SELECT d.message_id::text, {body},
-                    {fields}
+                    {fields},
+                    {BODY_PROBE}
                FROM {data} d JOIN {log} l ON l.message_id = d.message_id
               WHERE d.message_id = ANY($1::text[]::{id}[])",
             data = self.table(DATA_TABLE),
@@ -511,20 +534,46 @@ impl Outbox {
         )
     }
 
-    /// Prepares the claim and mark statements on a worker's session.
+    /// Prepares the claim and mark statements on a worker's session, and
+    /// checks that the statements reading bodies were prepared for the
+    /// body type this outbox was inspected with (see the module's docs).
     ///
     /// # Errors
-    /// The server's error, e.g. when the tables were dropped.
-    pub async fn prepare(&self, client: &Client) -> Result<Statements, tokio_postgres::Error> {
-        Ok(Statements {
+    /// The server's error, e.g. when the tables were dropped;
+    /// [`SchemaError::Changed`] when `message_body` changed type since
+    /// [`Outbox::inspect`].
+    pub async fn prepare(&self, client: &Client) -> Result<Statements, SchemaError> {
+        let statements = Statements {
             claim_first: client.prepare(&self.claim_sql(false)).await?,
             claim_after: client.prepare(&self.claim_sql(true)).await?,
             bodies: client.prepare(&self.bodies_sql()).await?,
             mark: client.prepare(&self.mark_sql()).await?,
             fail: client.prepare(&self.fail_sql()).await?,
-        })
+        };
+        for statement in [
+            &statements.claim_first,
+            &statements.claim_after,
+            &statements.bodies,
+        ] {
+            let found = statement.columns().last().map(|c| c.type_().name());
+            if found != Some(self.body_type_name.as_str()) {
+                return Err(SchemaError::Changed(format!(
+                    "{}.{DATA_TABLE}.message_body changed type while the relay read it (it was {}, \
+                     the statements see {}); its type is read again",
+                    self.schema,
+                    self.body_type_name,
+                    found.unwrap_or("nothing"),
+                )));
+            }
+        }
+        Ok(statements)
     }
 }
+
+/// A column typed as `message_body` and always NULL, returned last by the
+/// statements that read bodies: it ties their result type to the column's
+/// type (see the module's docs). Costs nothing: it is folded to a constant.
+const BODY_PROBE: &str = "CASE WHEN false THEN d.message_body END";
 
 /// The status row's message columns (from table alias `t`) as
 /// [`decode_fields`] reads them. Headers whose JSON is over
@@ -663,6 +712,7 @@ mod tests {
             id_type: "uuid".into(),
             body_type,
             body_type_sql: "jsonb".into(),
+            body_type_name: "jsonb".into(),
         }
     }
 

@@ -98,3 +98,59 @@ async fn a_row_past_a_thousand_attempts_gets_a_capped_delay_and_its_batch_is_mar
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_body_column_retyped_under_a_running_relay_is_read_by_its_new_type_both_ways() {
+    let env = TestEnv::new("retype").await;
+    env.create_seed_tables("uuid", "text").await;
+    env.migrate().await;
+    let s = &env.name;
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let text_type = Some("text/plain; charset=utf-8".to_owned());
+    let bytes_type = Some("application/octet-stream".to_owned());
+
+    let first = uuid(10);
+    env.insert_event(&first, "'héllo \\x41'", true).await;
+    consumer.wait_for_all(std::slice::from_ref(&first)).await;
+    let got = consumer.get(&first);
+    assert_eq!(got.body, "héllo \\x41".as_bytes());
+    assert_eq!(got.content_type, text_type);
+
+    // text -> bytea while the relay runs.
+    env.pg
+        .batch_execute(&format!(
+            "ALTER TABLE \"{s}\".message_queue_log_data
+                 ALTER message_body TYPE bytea USING convert_to(message_body, 'UTF8')"
+        ))
+        .await
+        .unwrap();
+    let second = uuid(11);
+    env.insert_event(&second, "'\\x68c3a95c00ff'::bytea", true)
+        .await;
+    consumer.wait_for_all(std::slice::from_ref(&second)).await;
+    let got = consumer.get(&second);
+    assert_eq!(got.body, b"h\xc3\xa9\\\x00\xff");
+    assert_eq!(got.content_type, bytes_type);
+
+    // bytea -> text while the relay runs (the bytes are made UTF-8 first).
+    env.pg
+        .batch_execute(&format!(
+            "UPDATE \"{s}\".message_queue_log_data SET message_body = '\\x6f6b' WHERE message_id = '{second}';
+             ALTER TABLE \"{s}\".message_queue_log_data
+                 ALTER message_body TYPE text USING convert_from(message_body, 'UTF8')"
+        ))
+        .await
+        .unwrap();
+    let third = uuid(12);
+    env.insert_event(&third, "'zurück \\x42'", true).await;
+    consumer.wait_for_all(std::slice::from_ref(&third)).await;
+    let got = consumer.get(&third);
+    assert_eq!(got.body, "zurück \\x42".as_bytes());
+    assert_eq!(got.content_type, text_type);
+
+    env.wait_all_transferred().await;
+    assert_exactly_once(&consumer, &[first, second, third]);
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
