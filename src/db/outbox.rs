@@ -570,6 +570,14 @@ impl Outbox {
     }
 }
 
+/// Sets a savepoint inside the claim transaction before statements that
+/// update claimed rows: one row the database refuses to update (a
+/// constraint, a trigger) must not abort the transaction, which holds the
+/// batch's row locks, so the rows are then updated one by one.
+pub const SAVEPOINT: &str = "SAVEPOINT relay_rows";
+/// Undoes what a statement did since [`SAVEPOINT`] after the server refused it.
+pub const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT relay_rows";
+
 /// A column typed as `message_body` and always NULL, returned last by the
 /// statements that read bodies: it ties their result type to the column's
 /// type (see the module's docs). Costs nothing: it is folded to a constant.

@@ -4,6 +4,8 @@
 //! handled by the bad-input rule or by reading the outbox again, and the
 //! rows beside it are delivered and marked once.
 
+use std::collections::HashMap;
+
 use crate::support::*;
 
 fn uuid(n: u32) -> String {
@@ -28,6 +30,137 @@ async fn insert_rows(env: &TestEnv, rows: &[(&str, Option<&str>)]) {
     }
     sql.push_str("COMMIT;");
     env.pg.batch_execute(&sql).await.unwrap();
+}
+
+/// Asserts how often each id arrived (and that nothing else did).
+fn assert_counts(consumer: &Consumer, expected: &[(&str, usize)]) {
+    let counts = consumer.counts();
+    let want: HashMap<String, usize> = expected
+        .iter()
+        .map(|(id, n)| ((*id).to_owned(), *n))
+        .collect();
+    assert_eq!(counts, want);
+}
+
+/// A relay that parks after 3 attempts, 50 ms apart at first.
+async fn env_with_attempts(tag: &str) -> TestEnv {
+    let mut env = TestEnv::new(tag).await;
+    env.config["relay"]["max_attempts"] = 3.into();
+    env.config["relay"]["attempt_delay_ms"] = 50.into();
+    env.migrate().await;
+    env
+}
+
+#[tokio::test]
+async fn a_row_whose_mark_is_refused_is_charged_and_parked_while_its_batch_is_marked_once() {
+    let env = env_with_attempts("markrefused").await;
+    let s = &env.name;
+    let (good1, bad, good2) = (uuid(1), uuid(2), uuid(3));
+    // Refuses only marking the one row: recording its failure still works.
+    env.pg
+        .batch_execute(&format!(
+            "ALTER TABLE \"{s}\".message_queue_log ADD CONSTRAINT audit_refuses
+                 CHECK (transferred IS NOT TRUE OR message_id <> '{bad}')"
+        ))
+        .await
+        .unwrap();
+    insert_rows(
+        &env,
+        &[
+            (&good1, Some("'\\x01'")),
+            (&bad, Some("'\\x02'")),
+            (&good2, Some("'\\x03'")),
+        ],
+    )
+    .await;
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+
+    wait_until(&format!("{bad} is parked"), || async {
+        env.row_state(&bad).await.2
+    })
+    .await;
+    let (attempts, reason, _, transferred) = env.row_state(&bad).await;
+    let reason = reason.unwrap_or_default();
+    assert_eq!(attempts, 3);
+    assert!(!transferred);
+    assert!(
+        reason.contains("audit_refuses") && reason.contains("23514"),
+        "{reason}"
+    );
+    env.wait_all_transferred_but(1).await;
+    // Each attempt published the row and the broker confirmed it.
+    wait_until("the refused row arrived three times", || async {
+        consumer.counts().get(&bad).copied() == Some(3)
+    })
+    .await;
+    let fresh = env.insert_many(5, 5).await;
+    consumer.wait_for_all(&fresh).await;
+    env.wait_all_transferred_but(1).await;
+    let mut expected = vec![(good1.as_str(), 1), (bad.as_str(), 3), (good2.as_str(), 1)];
+    expected.extend(fresh.iter().map(|id| (id.as_str(), 1)));
+    assert_counts(&consumer, &expected);
+    assert!(
+        relay
+            .log_text()
+            .contains("row parked after repeated failures")
+    );
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_row_the_database_refuses_any_update_of_is_sent_max_attempts_times_and_its_batch_once() {
+    let env = env_with_attempts("updrefused").await;
+    let s = &env.name;
+    let (good1, bad, good2) = (uuid(4), uuid(5), uuid(6));
+    // Fires on every UPDATE of that row: marking it and recording its
+    // failure are both refused.
+    env.pg
+        .batch_execute(&format!(
+            "CREATE FUNCTION \"{s}\".audit() RETURNS trigger LANGUAGE plpgsql AS $f$
+                 BEGIN RAISE EXCEPTION 'audit log refuses row %', NEW.message_id; END $f$;
+             CREATE TRIGGER audit AFTER UPDATE ON \"{s}\".message_queue_log FOR EACH ROW
+                 WHEN (NEW.message_id = '{bad}') EXECUTE FUNCTION \"{s}\".audit();"
+        ))
+        .await
+        .unwrap();
+    insert_rows(
+        &env,
+        &[
+            (&good1, Some("'\\x01'")),
+            (&bad, Some("'\\x02'")),
+            (&good2, Some("'\\x03'")),
+        ],
+    )
+    .await;
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+
+    relay
+        .wait_log("row held in memory after repeated failures")
+        .await;
+    env.wait_all_transferred_but(1).await;
+    wait_until("the refused row arrived three times", || async {
+        consumer.counts().get(&bad).copied() == Some(3)
+    })
+    .await;
+    // Later claims pass over the held row without publishing it.
+    let fresh = env.insert_many(5, 5).await;
+    consumer.wait_for_all(&fresh).await;
+    env.wait_all_transferred_but(1).await;
+    let mut expected = vec![(good1.as_str(), 1), (bad.as_str(), 3), (good2.as_str(), 1)];
+    expected.extend(fresh.iter().map(|id| (id.as_str(), 1)));
+    assert_counts(&consumer, &expected);
+    // The table could not be written: its bookkeeping is untouched.
+    assert_eq!(env.row_state(&bad).await, (0, None, false, false));
+    let log = relay.log_text();
+    assert!(
+        log.contains("audit log refuses row") && log.contains("P0001"),
+        "{log}"
+    );
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
 }
 
 #[tokio::test]
