@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::config::Config;
+use crate::config::{Config, RelayConfig};
 use crate::db::outbox::{self, ClaimedRow, Outbox, SchemaError, Statements};
 use crate::db::{self, SessionKind, describe};
 use crate::metrics::Metrics;
@@ -178,8 +178,23 @@ impl Unwritable {
             .is_some_and(|r| r.held || r.next_attempt > Instant::now())
     }
 
-    /// Charges one failed attempt to `id`; returns `(attempts, held)`.
-    fn charge(&self, id: &str, relay: &crate::config::RelayConfig) -> (u32, bool) {
+    /// Charges one failed attempt to `id` under `relay`'s rule (its
+    /// `attempt_delay`, `max_retry_delay` and `max_attempts`); returns
+    /// `(attempts, held)`.
+    fn charge(&self, id: &str, relay: &RelayConfig) -> (u32, bool) {
+        let rule = (
+            relay.attempt_delay,
+            relay.max_retry_delay,
+            relay.max_attempts,
+        );
+        self.charge_by(id, rule)
+    }
+
+    fn charge_by(
+        &self,
+        id: &str,
+        (delay, cap, max_attempts): (Duration, Duration, u32),
+    ) -> (u32, bool) {
         let mut rows = self.rows();
         let row = rows.entry(id.to_owned()).or_insert(UnwritableRow {
             attempts: 0,
@@ -189,12 +204,8 @@ impl Unwritable {
         row.attempts = row.attempts.saturating_add(1);
         // The delay doubles per earlier attempt up to the cap, as on the table.
         let doublings = row.attempts.saturating_sub(1).min(31);
-        let delay = relay
-            .attempt_delay
-            .saturating_mul(1u32 << doublings)
-            .min(relay.max_retry_delay);
-        row.next_attempt = Instant::now() + delay;
-        row.held = row.attempts >= relay.max_attempts;
+        row.next_attempt = Instant::now() + delay.saturating_mul(1u32 << doublings).min(cap);
+        row.held = row.attempts >= max_attempts;
         (row.attempts, row.held)
     }
 
@@ -809,5 +820,33 @@ async fn within<T>(
     match tokio::time::timeout(limit, call).await {
         Ok(result) => result.map_err(Into::into),
         Err(_) => Err(BatchError::Database(format!("no answer within {limit:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_the_database_will_not_update_follow_the_attempt_rule_in_memory() {
+        let memory = Unwritable::default();
+        let rule = (Duration::from_secs(3600), Duration::from_secs(7200), 3);
+        assert!(!Unwritable::waiting(&memory.rows(), "a"));
+        assert_eq!(memory.charge_by("a", rule), (1, false));
+        // Waiting out its delay: not published.
+        assert!(Unwritable::waiting(&memory.rows(), "a"));
+        assert!(!Unwritable::waiting(&memory.rows(), "b"));
+        assert_eq!(memory.charge_by("a", rule), (2, false));
+        assert_eq!(memory.charge_by("a", rule), (3, true));
+        // Past any delay, a held row stays held; huge counts do not overflow.
+        let now = (Duration::ZERO, Duration::ZERO, u32::MAX);
+        assert_eq!(memory.charge_by("b", now), (1, false));
+        assert!(!Unwritable::waiting(&memory.rows(), "b"));
+        memory.rows().get_mut("b").unwrap().attempts = u32::MAX - 1;
+        assert_eq!(memory.charge_by("b", now), (u32::MAX, true));
+        assert!(Unwritable::waiting(&memory.rows(), "b"));
+        // Marked or recorded on the table: forgotten.
+        memory.forget(["a", "b"]);
+        assert!(memory.rows().is_empty());
     }
 }
