@@ -169,6 +169,27 @@ pub fn is_transient(error: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// Whether the server refused a statement about rows for a reason of those
+/// rows (by SQLSTATE, never by message text): a constraint (class 23), a
+/// trigger's exception (P0001) or its failing statement (a privilege it
+/// lacks: 42501), a value out of range (class 22). Not: no server error at
+/// all (a lost session, a timeout), or a passing or server-wide condition
+/// ([`is_transient`]; insufficient resources, class 53; operator
+/// intervention such as a statement timeout, class 57; a system or internal
+/// error, classes 58 and XX; an object in use or locked, class 55; a
+/// statement that must be prepared again, class 0A; an aborted
+/// transaction, class 25). Those fail the batch and charge no row.
+pub fn is_rows_own(error: &tokio_postgres::Error) -> bool {
+    let Some(db) = error.as_db_error() else {
+        return false;
+    };
+    !is_transient(error)
+        && !matches!(
+            db.code().code().get(..2),
+            Some("53" | "55" | "57" | "58" | "XX" | "0A" | "25")
+        )
+}
+
 /// A one-line description of a driver error: its SQLSTATE and server text
 /// when the server sent one.
 pub fn describe(error: &tokio_postgres::Error) -> String {

@@ -176,6 +176,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         wake: wake.clone(),
         cursor: Arc::new(ClaimCursor::default()),
         metrics: metrics.clone(),
+        unwritable: Arc::default(),
     };
     for index in 0..config.relay.workers {
         let worker = Worker::new(index, shared.clone(), backoff());

@@ -17,7 +17,13 @@
 //! (nack, timeout, lost connection, a configured queue or exchange gone)
 //! leave rows pending untouched and back the worker off; a channel the
 //! broker closed is replaced without touching the connection or the other
-//! workers. The worker never claims while the broker is down or blocked, so
+//! workers. A row the database refuses to mark (a constraint, a trigger) is
+//! found by marking the batch's rows one by one, each under a savepoint
+//! inside the claim transaction (which keeps the batch's locks), and is
+//! charged like bad input while the others are marked once; a row whose
+//! failure cannot be recorded either has its attempts kept in the relay's
+//! memory ([`Unwritable`]) by the same rule. The worker never claims while
+//! the broker is down or blocked, so
 //! no transaction spans an outage, and it keeps its claim transaction alive
 //! while a blocked broker holds back the confirms of a batch already sent.
 
@@ -28,13 +34,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::config::Config;
-use crate::db::outbox::{ClaimedRow, Outbox, Statements};
+use crate::config::{Config, RelayConfig};
+use crate::db::outbox::{self, ClaimedRow, Outbox, SchemaError, Statements};
 use crate::db::{self, SessionKind, describe};
 use crate::metrics::Metrics;
 use crate::mq::publisher::{ChannelFailure, Delivery, Message, Publisher, soft_kind};
@@ -67,6 +74,15 @@ enum BatchError {
 
 impl From<tokio_postgres::Error> for BatchError {
     fn from(e: tokio_postgres::Error) -> Self {
+        // The only unsupported feature the relay's own prepared statements
+        // can meet: a column they read changed type (`db::outbox`).
+        if e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED) {
+            return Self::Database(format!(
+                "the outbox's columns changed under the prepared statements ({}); \
+                 their types are read again on a new session",
+                describe(&e)
+            ));
+        }
         Self::Database(describe(&e))
     }
 }
@@ -108,6 +124,7 @@ pub struct Worker {
     /// and failing the whole batch), with why and when.
     refused: HashMap<String, (String, Instant)>,
     metrics: Arc<Metrics>,
+    unwritable: Arc<Unwritable>,
 }
 
 /// What a relay's workers share.
@@ -125,6 +142,82 @@ pub struct Shared {
     pub cursor: Arc<ClaimCursor>,
     /// Where batches are counted.
     pub metrics: Arc<Metrics>,
+    /// Rows whose failures the database refuses to record on the row.
+    pub unwritable: Arc<Unwritable>,
+}
+
+/// Rows the database refuses any update of (a trigger or constraint that
+/// fires on every UPDATE of the row): neither marking them transferred nor
+/// recording their failure works, so they would be published again at every
+/// claim, without delay, forever. Their attempts are kept here instead, by
+/// the rule the table's bookkeeping follows (a doubling delay, held after
+/// `relay.max_attempts`), for the life of the relay process: the table is
+/// untouched, so the row stays pending there, and a restart (or another
+/// instance) starts counting again.
+#[derive(Debug, Default)]
+pub struct Unwritable(std::sync::Mutex<HashMap<String, UnwritableRow>>);
+
+/// One row in [`Unwritable`].
+#[derive(Debug)]
+struct UnwritableRow {
+    attempts: u32,
+    next_attempt: Instant,
+    held: bool,
+}
+
+impl Unwritable {
+    fn rows(&self) -> std::sync::MutexGuard<'_, HashMap<String, UnwritableRow>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether `id` waits out a delay or is held: not to be published now.
+    fn waiting(rows: &HashMap<String, UnwritableRow>, id: &str) -> bool {
+        rows.get(id)
+            .is_some_and(|r| r.held || r.next_attempt > Instant::now())
+    }
+
+    /// Charges one failed attempt to `id` under `relay`'s rule (its
+    /// `attempt_delay`, `max_retry_delay` and `max_attempts`); returns
+    /// `(attempts, held)`.
+    fn charge(&self, id: &str, relay: &RelayConfig) -> (u32, bool) {
+        let rule = (
+            relay.attempt_delay,
+            relay.max_retry_delay,
+            relay.max_attempts,
+        );
+        self.charge_by(id, rule)
+    }
+
+    fn charge_by(
+        &self,
+        id: &str,
+        (delay, cap, max_attempts): (Duration, Duration, u32),
+    ) -> (u32, bool) {
+        let mut rows = self.rows();
+        let row = rows.entry(id.to_owned()).or_insert(UnwritableRow {
+            attempts: 0,
+            next_attempt: Instant::now(),
+            held: false,
+        });
+        row.attempts = row.attempts.saturating_add(1);
+        // The delay doubles per earlier attempt up to the cap, as on the table.
+        let doublings = row.attempts.saturating_sub(1).min(31);
+        row.next_attempt = Instant::now() + delay.saturating_mul(1u32 << doublings).min(cap);
+        row.held = row.attempts >= max_attempts;
+        (row.attempts, row.held)
+    }
+
+    /// Forgets the rows in `ids`: they were marked or recorded on the table.
+    fn forget<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut rows = self.rows();
+        if !rows.is_empty() {
+            for id in ids {
+                rows.remove(id);
+            }
+        }
+    }
 }
 
 /// The position of a relay's claims in the backlog, shared by its workers.
@@ -144,6 +237,7 @@ impl Worker {
             wake,
             cursor,
             metrics,
+            unwritable,
         } = shared;
         let router = Router::new(&config.rabbitmq, outbox.body_type.content_type());
         Self {
@@ -160,6 +254,7 @@ impl Worker {
             cursor,
             refused: HashMap::new(),
             metrics,
+            unwritable,
         }
     }
 
@@ -252,6 +347,7 @@ impl Worker {
         let metrics = &self.metrics;
         let broker = &self.broker;
         let cursor = &self.cursor;
+        let unwritable = &self.unwritable;
         let index = self.index;
         let limit = config.postgres.query_timeout;
         let result = async {
@@ -338,6 +434,15 @@ impl Worker {
                     (m.id, hold)
                 }));
             }
+            // Rows whose failures only this process remembers: not published
+            // while they wait out their delay or are held.
+            {
+                let rows = unwritable.rows();
+                if !rows.is_empty() {
+                    batch.messages.retain(|m| !Unwritable::waiting(&rows, &m.id));
+                    batch.held.retain(|(id, _)| !Unwritable::waiting(&rows, id));
+                }
+            }
             // While a blocked broker holds the confirms back, a statement
             // now and then keeps PostgreSQL from ending the claim session as
             // idle in transaction (and releasing rows already published).
@@ -410,26 +515,56 @@ impl Worker {
                 }
             }
 
+            let txr = &tx;
+            let mut unmarked: Vec<&str> = Vec::new();
             if !confirmed.is_empty() {
-                within(limit, tx.execute(&statements.mark, &[&confirmed])).await?;
+                let mark = &statements.mark;
+                let (_, refused) = row_by_row(txr, limit, &confirmed, |ids: &[&&str]| {
+                    let ids: Vec<&str> = ids.iter().map(|id| **id).collect();
+                    async move { txr.query(mark, &[&ids]).await }
+                })
+                .await?;
+                for (id, words) in refused {
+                    unmarked.push(id);
+                    failed.push((id, format!(
+                        "published and confirmed, but the database refused to mark it transferred: {words}; \
+                         it is published again after a delay"
+                    )));
+                }
             }
             let mut recorded: Vec<(String, bool, i32)> = Vec::new();
+            // Rows whose failure the database refused to record either:
+            // (id, the database's words, attempts, held), kept in memory.
+            let mut remembered: Vec<(&str, String, u32, bool)> = Vec::new();
             if !failed.is_empty() {
-                let ids: Vec<&str> = failed.iter().map(|(id, _)| *id).collect();
-                let reasons: Vec<&str> = failed.iter().map(|(_, r)| r.as_str()).collect();
                 let delay_ms = relay.attempt_delay.as_secs_f64() * 1000.0;
                 let cap_ms = relay.max_retry_delay.as_secs_f64() * 1000.0;
                 let max_attempts = i32::try_from(relay.max_attempts).unwrap_or(i32::MAX);
-                let rows = within(
-                    limit,
-                    tx.query(&statements.fail, &[&ids, &reasons, &delay_ms, &cap_ms, &max_attempts]),
-                )
+                let fail = &statements.fail;
+                let (rows, refused) = row_by_row(txr, limit, &failed, |rows: &[&(&str, String)]| {
+                    let ids: Vec<&str> = rows.iter().map(|(id, _)| *id).collect();
+                    let reasons: Vec<String> = rows.iter().map(|(_, r)| r.clone()).collect();
+                    async move {
+                        txr.query(fail, &[&ids, &reasons, &delay_ms, &cap_ms, &max_attempts]).await
+                    }
+                })
                 .await?;
                 recorded = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+                for ((id, _), words) in refused {
+                    let (attempts, held) = unwritable.charge(id, relay);
+                    remembered.push((id, words, attempts, held));
+                }
             }
             let marked_at = started.elapsed();
             within(limit, tx.commit()).await?;
             let committed_at = started.elapsed();
+            unwritable.forget(
+                confirmed
+                    .iter()
+                    .copied()
+                    .filter(|id| !unmarked.contains(id))
+                    .chain(recorded.iter().map(|(id, _, _)| id.as_str())),
+            );
 
             let published = report.deliveries.iter().filter(|d| **d != Delivery::IdTooLong).count();
             let returned =
@@ -446,8 +581,25 @@ impl Worker {
             metrics.returned.inc_by(returned as u64);
             metrics.failed.inc_by(failed.len() as u64);
             metrics.parked.inc_by(recorded.iter().filter(|(_, parked, _)| *parked).count() as u64);
+            metrics.parked.inc_by(remembered.iter().filter(|(_, _, _, held)| *held).count() as u64);
 
             for (id, reason) in &failed {
+                if let Some((_, words, attempt, held)) = remembered.iter().find(|(r, ..)| r == id) {
+                    if *held {
+                        error!(
+                            message_id = %id, %reason, recording_refused = %words, attempt,
+                            "row held in memory after repeated failures: the database refuses any update of it, \
+                             so it stays pending in the table; fix the trigger or constraint, then restart the relay"
+                        );
+                    } else {
+                        warn!(
+                            message_id = %id, %reason, recording_refused = %words, attempt,
+                            "row failed and the database refuses to record that on the row; \
+                             this relay counts its attempts in memory and retries it after a delay"
+                        );
+                    }
+                    continue;
+                }
                 let (parked, attempt) = recorded
                     .iter()
                     .find(|(r, _, _)| r == id)
@@ -464,7 +616,7 @@ impl Worker {
             debug!(
                 worker = index,
                 claimed = batch.claimed,
-                marked = confirmed.len(),
+                marked = confirmed.len() - unmarked.len(),
                 failed = failed.len(),
                 claim_ms = claimed_at.as_secs_f64() * 1e3,
                 publish_confirm_ms = (confirmed_at - claimed_at).as_secs_f64() * 1e3,
@@ -555,13 +707,107 @@ impl Worker {
         let client = within(limit, db::connect(&self.config.postgres, kind))
             .await
             .inspect_err(|_| self.metrics.session_connect_failed())?;
-        let statements = within(limit, self.outbox.prepare(&client)).await?;
+        // The column types are read again with every session: a column
+        // retyped under the running relay (ALTER TABLE) shows as a failed
+        // batch (see `db::outbox`), which replaces the session, so the new
+        // statements are built for the new types.
+        let outbox = within_schema(limit, Outbox::inspect(&client, &self.outbox.schema)).await?;
+        if (&outbox.id_type, &outbox.body_type_sql)
+            != (&self.outbox.id_type, &self.outbox.body_type_sql)
+        {
+            warn!(
+                worker = self.index,
+                message_id = %format!("{} (was {})", outbox.id_type, self.outbox.id_type),
+                message_body = %format!("{} (was {})", outbox.body_type_sql, self.outbox.body_type_sql),
+                "the outbox's column types changed; statements prepared for the new types"
+            );
+            self.router = Router::new(&self.config.rabbitmq, outbox.body_type.content_type());
+            self.outbox = Arc::new(outbox);
+        }
+        let statements = within_schema(limit, self.outbox.prepare(&client)).await?;
         if self.backoff.attempts() > 0 {
             info!(worker = self.index, "claim session reconnected");
             self.metrics.session_reconnects.inc();
         }
         self.session = Some((client, statements));
         Ok(())
+    }
+}
+
+/// Runs a statement that updates claimed rows (`run`, given the rows) for
+/// all `rows` at once under a savepoint; when the server refuses it for a
+/// reason of the rows' own ([`db::is_rows_own`]: a constraint, a trigger),
+/// undoes it and runs it row by row, each under its own savepoint, so one
+/// row the database refuses neither aborts the claim transaction (and its
+/// locks) nor undoes the other rows. Returns what the statement returned
+/// for the rows it updated, and the rows refused with the database's words.
+/// Any other error (a lost session, a timeout, a passing condition) fails
+/// the batch and charges nobody.
+async fn row_by_row<'r, T, F, Fut>(
+    tx: &tokio_postgres::Transaction<'_>,
+    limit: Duration,
+    rows: &'r [T],
+    run: F,
+) -> Result<(Vec<tokio_postgres::Row>, Vec<(&'r T, String)>), BatchError>
+where
+    F: Fn(&[&'r T]) -> Fut,
+    Fut: Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
+{
+    // The savepoint and the statement go out together: no extra round trip
+    // when nothing is refused (the usual case).
+    let attempt = |subset: Vec<&'r T>| {
+        let update = run(&subset);
+        async move {
+            let both = async {
+                let (savepoint, rows) = tokio::join!(tx.batch_execute(outbox::SAVEPOINT), update);
+                savepoint.and(rows)
+            };
+            tokio::time::timeout(limit, both)
+                .await
+                .map_err(|_| BatchError::Database(format!("no answer within {limit:?}")))
+        }
+    };
+    let refused_by_row = |e: tokio_postgres::Error| {
+        if db::is_rows_own(&e) {
+            Ok(describe(&e))
+        } else {
+            Err(BatchError::from(e))
+        }
+    };
+    match attempt(rows.iter().collect()).await? {
+        Ok(returned) => return Ok((returned, Vec::new())),
+        Err(e) => {
+            let words = refused_by_row(e)?;
+            within(limit, tx.batch_execute(outbox::ROLLBACK_TO_SAVEPOINT)).await?;
+            if let [row] = rows {
+                return Ok((Vec::new(), vec![(row, words)]));
+            }
+        }
+    }
+    let mut returned = Vec::new();
+    let mut refused = Vec::new();
+    for row in rows {
+        match attempt(vec![row]).await? {
+            Ok(r) => returned.extend(r),
+            Err(e) => {
+                refused.push((row, refused_by_row(e)?));
+                within(limit, tx.batch_execute(outbox::ROLLBACK_TO_SAVEPOINT)).await?;
+            }
+        }
+    }
+    Ok((returned, refused))
+}
+
+/// [`within`] for calls that read or check the outbox's columns.
+async fn within_schema<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, SchemaError>>,
+) -> Result<T, BatchError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(SchemaError::Query(e))) => Err(e.into()),
+        Ok(Err(e)) => Err(BatchError::Database(e.to_string())),
+        Err(_) => Err(BatchError::Database(format!("no answer within {limit:?}"))),
     }
 }
 
@@ -574,5 +820,33 @@ async fn within<T>(
     match tokio::time::timeout(limit, call).await {
         Ok(result) => result.map_err(Into::into),
         Err(_) => Err(BatchError::Database(format!("no answer within {limit:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_the_database_will_not_update_follow_the_attempt_rule_in_memory() {
+        let memory = Unwritable::default();
+        let rule = (Duration::from_secs(3600), Duration::from_secs(7200), 3);
+        assert!(!Unwritable::waiting(&memory.rows(), "a"));
+        assert_eq!(memory.charge_by("a", rule), (1, false));
+        // Waiting out its delay: not published.
+        assert!(Unwritable::waiting(&memory.rows(), "a"));
+        assert!(!Unwritable::waiting(&memory.rows(), "b"));
+        assert_eq!(memory.charge_by("a", rule), (2, false));
+        assert_eq!(memory.charge_by("a", rule), (3, true));
+        // Past any delay, a held row stays held; huge counts do not overflow.
+        let now = (Duration::ZERO, Duration::ZERO, u32::MAX);
+        assert_eq!(memory.charge_by("b", now), (1, false));
+        assert!(!Unwritable::waiting(&memory.rows(), "b"));
+        memory.rows().get_mut("b").unwrap().attempts = u32::MAX - 1;
+        assert_eq!(memory.charge_by("b", now), (u32::MAX, true));
+        assert!(Unwritable::waiting(&memory.rows(), "b"));
+        // Marked or recorded on the table: forgotten.
+        memory.forget(["a", "b"]);
+        assert!(memory.rows().is_empty());
     }
 }

@@ -6,6 +6,18 @@
 //! the real column types. Text-like bodies become bytes with
 //! `convert_to(..::text, 'UTF8')`, never `::bytea`, which would decode
 //! backslash escapes.
+//!
+//! The types can change under a running relay (`ALTER TABLE … ALTER
+//! message_body TYPE …`). PostgreSQL re-analyses a prepared statement after
+//! such a change, so an expression built for the old type would silently
+//! read the new one (a bytea body through `::text` is its hex text). Every
+//! statement that reads bodies therefore also returns a column typed as
+//! `message_body` itself ([`BODY_PROBE`]): a retyped column changes the
+//! statement's result type, which PostgreSQL refuses to execute
+//! (`cached plan must not change result type`, SQLSTATE 0A000), and
+//! [`Outbox::prepare`] checks that column against the inspected type, so a
+//! body is never decoded by a stale type. The worker then reads the types
+//! again and prepares again.
 
 use bytes::BytesMut;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, accepts, to_sql_checked};
@@ -75,6 +87,10 @@ pub const MESSAGE_COLUMNS: [(&str, &str, &[&str]); 10] = [
 ];
 const TEXT: &[&str] = &["text", "varchar", "bpchar"];
 const INTEGER: &[&str] = &["int2", "int4", "int8"];
+/// The most doublings of `relay.attempt_delay_ms` a retry delay is computed
+/// with; any realistic cap (`relay.max_retry_delay_sec`) is reached long
+/// before, and `2^62` times any delay stays far inside float8.
+pub const MAX_DOUBLINGS: i32 = 62;
 /// The predicate of rows the relay may claim (and of the partial index).
 /// `transferred` is nullable in the seed, so pending is `IS NOT TRUE`.
 pub const PENDING_PREDICATE: &str = "transferred IS NOT TRUE AND relay_parked_at IS NULL";
@@ -132,6 +148,9 @@ pub struct Outbox {
     pub body_type: BodyType,
     /// `message_body`'s type as SQL spells it.
     pub body_type_sql: String,
+    /// `message_body`'s type name in `pg_type` (`bytea`, `varchar`), as
+    /// the driver names a result column's type.
+    pub body_type_name: String,
 }
 
 /// Why the outbox cannot be used as it is.
@@ -148,6 +167,10 @@ pub enum SchemaError {
     /// The catalog could not be read.
     #[error("cannot read the outbox's columns: {0}")]
     Query(#[from] tokio_postgres::Error),
+    /// The columns changed between reading their types and preparing the
+    /// statements (an `ALTER TABLE` in between); both are done again.
+    #[error("{0}")]
+    Changed(String),
 }
 
 impl Outbox {
@@ -216,6 +239,7 @@ impl Outbox {
             id_type,
             body_type,
             body_type_sql,
+            body_type_name,
         })
     }
 
@@ -342,7 +366,8 @@ impl Outbox {
                     FOR UPDATE SKIP LOCKED),
                   sized AS (
                  -- OFFSET 0 keeps the body expression evaluated once per row.
-                 SELECT c.*, d.message_id IS NOT NULL AS has_data, {body} AS bytes
+                 SELECT c.*, d.message_id IS NOT NULL AS has_data, {body} AS bytes,
+                        {BODY_PROBE} AS body_probe
                    FROM claimed c LEFT JOIN {data} d ON d.message_id = c.message_id
                  OFFSET 0)
              SELECT s.message_id::text, s.relay_enqueued_at, s.has_data, octet_length(s.bytes),
@@ -350,7 +375,8 @@ impl Outbox {
                           AND (sum(octet_length(s.bytes)) FILTER (WHERE octet_length(s.bytes) <= $2::int8) OVER w <= $3::int8
                                OR row_number() OVER w = 1)
                          THEN s.bytes END,
-                    {fields}
+                    {fields},
+                    s.body_probe
                FROM sized s
              WINDOW w AS (ORDER BY {s_order} ROWS UNBOUNDED PRECEDING)
               ORDER BY {s_order}",
@@ -371,7 +397,8 @@ impl Outbox {
     pub fn bodies_sql(&self) -> String {
         format!(
             "SELECT d.message_id::text, {body},
-                    {fields}
+                    {fields},
+                    {BODY_PROBE}
                FROM {data} d JOIN {log} l ON l.message_id = d.message_id
               WHERE d.message_id = ANY($1::text[]::{id}[])",
             data = self.table(DATA_TABLE),
@@ -399,13 +426,19 @@ impl Outbox {
     /// `(id, parked, attempts)` per row. The delay counts from the
     /// statement's clock, not the transaction's start: a batch that had to
     /// isolate a refused message may have been open longer than the delay.
+    ///
+    /// The doubling is computed with the exponent clamped to
+    /// [`MAX_DOUBLINGS`]: `power(2, n)` is float8 and overflows (an error,
+    /// which would roll back the whole batch, forever) past about 1023
+    /// attempts, which a large `relay.max_attempts` allows.
     pub fn fail_sql(&self) -> String {
         format!(
             "UPDATE {log} l
                 SET relay_attempts = l.relay_attempts + 1,
                     relay_last_error = f.reason,
-                    relay_next_attempt_at = clock_timestamp() + least($3::float8 * power(2, l.relay_attempts), $4::float8)
-                                                    * interval '1 millisecond',
+                    relay_next_attempt_at = clock_timestamp()
+                        + least($3::float8 * power(2::float8, least(greatest(l.relay_attempts, 0), {MAX_DOUBLINGS})), $4::float8)
+                          * interval '1 millisecond',
                     relay_parked_at = CASE WHEN l.relay_attempts + 1 >= $5::int4 THEN now() END
                FROM unnest($1::text[], $2::text[]) AS f(id, reason)
               WHERE l.message_id = f.id::{id}
@@ -501,20 +534,54 @@ impl Outbox {
         )
     }
 
-    /// Prepares the claim and mark statements on a worker's session.
+    /// Prepares the claim and mark statements on a worker's session, and
+    /// checks that the statements reading bodies were prepared for the
+    /// body type this outbox was inspected with (see the module's docs).
     ///
     /// # Errors
-    /// The server's error, e.g. when the tables were dropped.
-    pub async fn prepare(&self, client: &Client) -> Result<Statements, tokio_postgres::Error> {
-        Ok(Statements {
+    /// The server's error, e.g. when the tables were dropped;
+    /// [`SchemaError::Changed`] when `message_body` changed type since
+    /// [`Outbox::inspect`].
+    pub async fn prepare(&self, client: &Client) -> Result<Statements, SchemaError> {
+        let statements = Statements {
             claim_first: client.prepare(&self.claim_sql(false)).await?,
             claim_after: client.prepare(&self.claim_sql(true)).await?,
             bodies: client.prepare(&self.bodies_sql()).await?,
             mark: client.prepare(&self.mark_sql()).await?,
             fail: client.prepare(&self.fail_sql()).await?,
-        })
+        };
+        for statement in [
+            &statements.claim_first,
+            &statements.claim_after,
+            &statements.bodies,
+        ] {
+            let found = statement.columns().last().map(|c| c.type_().name());
+            if found != Some(self.body_type_name.as_str()) {
+                return Err(SchemaError::Changed(format!(
+                    "{}.{DATA_TABLE}.message_body changed type while the relay read it (it was {}, \
+                     the statements see {}); its type is read again",
+                    self.schema,
+                    self.body_type_name,
+                    found.unwrap_or("nothing"),
+                )));
+            }
+        }
+        Ok(statements)
     }
 }
+
+/// Sets a savepoint inside the claim transaction before statements that
+/// update claimed rows: one row the database refuses to update (a
+/// constraint, a trigger) must not abort the transaction, which holds the
+/// batch's row locks, so the rows are then updated one by one.
+pub const SAVEPOINT: &str = "SAVEPOINT relay_rows";
+/// Undoes what a statement did since [`SAVEPOINT`] after the server refused it.
+pub const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT relay_rows";
+
+/// A column typed as `message_body` and always NULL, returned last by the
+/// statements that read bodies: it ties their result type to the column's
+/// type (see the module's docs). Costs nothing: it is folded to a constant.
+const BODY_PROBE: &str = "CASE WHEN false THEN d.message_body END";
 
 /// The status row's message columns (from table alias `t`) as
 /// [`decode_fields`] reads them. Headers whose JSON is over
@@ -653,6 +720,7 @@ mod tests {
             id_type: "uuid".into(),
             body_type,
             body_type_sql: "jsonb".into(),
+            body_type_name: "jsonb".into(),
         }
     }
 
@@ -685,6 +753,12 @@ mod tests {
         );
         assert!(claim.contains("FOR UPDATE SKIP LOCKED"), "{claim}");
         assert!(o.mark_sql().contains("ANY($1::text[]::uuid[])"));
+        assert!(
+            o.fail_sql()
+                .contains("power(2::float8, least(greatest(l.relay_attempts, 0), 62))"),
+            "the delay's exponent is clamped: {}",
+            o.fail_sql()
+        );
         let bytea = outbox(BodyType::Bytea);
         assert!(bytea.claim_sql(false).contains("d.message_body AS bytes"));
         assert!(
