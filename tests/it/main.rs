@@ -11,6 +11,7 @@ mod migrate; // schema creation on fresh and existing seed databases
 mod ops; // the admin endpoint: metrics against what was sent, health, readiness
 mod proxy; // in-test TCP proxy: cut, stall or refuse the relay's connections
 mod relay; // delivery: exactly once, bodies byte-exact, sweeps, two relays, SIGTERM
+mod retention; // what retention deletes: only expired rows, by row identity, in any time zone; cheap runs
 mod routing; // exchanges, routing keys, headers, quorum queues, channel routes, unroutable rows
 mod support; // per-test outbox and queue, the relay process, a recording consumer
 mod tls; // TLS to PostgreSQL in every ssl_mode, amqps:// to a private node
