@@ -545,21 +545,23 @@ impl Outbox {
     ///   keeps only rows whose instant is before the cutoff. Across a
     ///   daylight-saving change the two differ: a row stamped in the hour
     ///   the clocks repeat waits up to an hour longer; none goes early.
-    /// * Status rows are deleted by their row identity (`ctid`, locked by
-    ///   this statement, so it cannot change under it) and re-checked as
-    ///   transferred, never by `message_id`: an outbox without a unique
-    ///   constraint may hold a pending row with the same id.
+    /// * Status rows are deleted by their row identity (`tableoid` and
+    ///   `ctid`: a `ctid` alone repeats across the partitions of a
+    ///   partitioned table; a row this statement locked cannot move under
+    ///   it) and re-checked as transferred, never by `message_id`: an
+    ///   outbox without a unique constraint may hold a pending row with
+    ///   the same id.
     /// * The body table has no transferred flag, so a body goes only when
     ///   no status row other than the deleted ones has its id. All three
     ///   parts read one snapshot; the foreign key of the seed's body table
     ///   is checked at the statement's end, when both deletions are done.
-    /// * The ids and row identities go through arrays (`= ANY`), which keeps
-    ///   the body and status lookups index lookups whatever the planner
-    ///   estimates for the batch.
+    /// * Ids and row identities go through arrays (`= ANY`) and hashed
+    ///   subplans, which keeps every lookup an index or TID lookup and the
+    ///   batch linear in its size, whatever the planner estimates.
     pub fn retention_sql(&self) -> String {
         format!(
             "WITH expired AS MATERIALIZED (
-                 SELECT ctid AS row_id, message_id FROM {log}
+                 SELECT tableoid AS table_id, ctid AS row_id, message_id FROM {log}
                   WHERE {TRANSFERRED_PREDICATE}
                     AND transfer_time < (now() - $1::float8 * interval '1 second')::timestamp
                     AND {TRANSFER_INSTANT} < now() - $1::float8 * interval '1 second'
@@ -569,11 +571,14 @@ impl Outbox {
                   bodies AS (
                  DELETE FROM {data} d
                   WHERE d.message_id = ANY (ARRAY(SELECT message_id FROM expired))
-                    AND NOT EXISTS (SELECT 1 FROM {log} kept
-                                     WHERE kept.message_id = d.message_id
-                                       AND kept.ctid <> ALL (ARRAY(SELECT row_id FROM expired))))
-             DELETE FROM {log}
-              WHERE ctid = ANY (ARRAY(SELECT row_id FROM expired)) AND {TRANSFERRED_PREDICATE}",
+                    AND d.message_id <> ALL (ARRAY(
+                        SELECT kept.message_id FROM {log} kept
+                         WHERE kept.message_id = ANY (ARRAY(SELECT message_id FROM expired))
+                           AND (kept.tableoid, kept.ctid) NOT IN (SELECT table_id, row_id FROM expired))))
+             DELETE FROM {log} l
+              WHERE l.ctid = ANY (ARRAY(SELECT row_id FROM expired))
+                AND (l.tableoid, l.ctid) IN (SELECT table_id, row_id FROM expired)
+                AND l.{TRANSFERRED_PREDICATE}",
             log = self.table(LOG_TABLE),
             data = self.table(DATA_TABLE),
         )
