@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::db::outbox::Outbox;
+use crate::db::outbox::{Outbox, REPEATABLE_IDS_WARNING};
 use crate::db::{self, SessionKind, describe, migrate};
 use crate::{mq, service, shutdown};
 
@@ -134,6 +134,27 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
             " (no pending-rows index: claims will scan; run `pushoccurrence migrate`)"
         }
     );
+
+    let unique = outbox
+        .ids_unique(&client)
+        .await
+        .context("look for a unique constraint on message_id")?;
+    if !unique {
+        let repeated = outbox
+            .repeated_ids(&client)
+            .await
+            .context("count the ids that repeat")?;
+        let found = match repeated {
+            0 => "no id repeats yet".to_owned(),
+            1 => "1 id already repeats".to_owned(),
+            n => format!("{n} ids already repeat"),
+        };
+        println!(
+            "WARN  outbox schema {}: {REPEATABLE_IDS_WARNING} ({found}): {}",
+            outbox.schema,
+            outbox.unique_ids_sql()
+        );
+    }
 
     let missing = outbox
         .missing_privileges(&client, config.retention.is_some())

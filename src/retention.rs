@@ -1,8 +1,13 @@
 //! Retention (off by default): deletes rows transferred longer ago than
 //! `retention.transferred_after_sec`, with their bodies, a small batch per
-//! transaction. It locks only old transferred rows, with `SKIP LOCKED`, so
-//! producers (who insert new rows) and workers (who claim pending ones)
-//! never wait for it.
+//! statement ([`Outbox::retention_sql`]). It locks only old transferred
+//! rows, with `SKIP LOCKED`, so producers (who insert new rows) and
+//! workers (who claim pending ones) never wait for it. It deletes rows by
+//! row identity, never by id, so a pending row that repeats an expired
+//! row's id stays; it compares `transfer_time` as an instant, so a
+//! daylight-saving change never makes it early; and it finds expired rows
+//! through an index on the transfer time, so a run reads what it deletes,
+//! not the history.
 
 use std::sync::Arc;
 
@@ -11,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, RetentionConfig};
-use crate::db::outbox::{DATA_TABLE, LOG_TABLE, Outbox};
+use crate::db::outbox::Outbox;
 use crate::db::{self, SessionKind, describe};
 use crate::metrics::Metrics;
 
@@ -60,28 +65,20 @@ async fn delete_expired(
     token: &CancellationToken,
 ) -> Result<u64, tokio_postgres::Error> {
     let age = retention.transferred_after.as_secs_f64();
-    let expired = client.prepare(&outbox.expired_sql()).await?;
-    let delete_data = client.prepare(&outbox.delete_ids_sql(DATA_TABLE)).await?;
-    let delete_log = client.prepare(&outbox.delete_ids_sql(LOG_TABLE)).await?;
+    let batch = client.prepare(&outbox.retention_sql()).await?;
     let mut total = 0;
     while !token.is_cancelled() {
-        let tx = client.transaction().await?;
-        let ids: Vec<String> = tx
-            .query(&expired, &[&age, &retention.batch_size])
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if ids.is_empty() {
-            break;
-        }
-        tx.execute(&delete_data, &[&ids]).await?;
-        let deleted = tx.execute(&delete_log, &[&ids]).await?;
-        tx.commit().await?;
+        // One statement is one transaction: the rows it locks are released
+        // when it ends.
+        let deleted = client
+            .execute(&batch, &[&age, &retention.batch_size])
+            .await?;
         metrics.rows_deleted.inc_by(deleted);
         total += deleted;
         debug!(deleted, "retention batch committed");
-        if ids.len() < usize::try_from(retention.batch_size).unwrap_or(usize::MAX) {
+        // A short batch is the last: the index walk reached rows that are
+        // not expired (or rows others hold, which the next run retries).
+        if deleted < u64::try_from(retention.batch_size).unwrap_or(u64::MAX) {
             break;
         }
     }

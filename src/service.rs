@@ -20,7 +20,7 @@ use crate::admin::{self, AdminState};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::db::listener::Listener;
-use crate::db::outbox::{Outbox, PENDING_INDEX};
+use crate::db::outbox::{Outbox, PENDING_INDEX, REPEATABLE_IDS_WARNING};
 use crate::db::{self, SessionKind, describe, migrate};
 use crate::metrics::Metrics;
 use crate::mq::{BrokerLink, BrokerState};
@@ -268,9 +268,9 @@ async fn prepare_on(
     client: &tokio_postgres::Client,
 ) -> Result<Outbox, StartError> {
     let schema = &config.postgres.schema;
-    if config.postgres.auto_migrate {
+    let outbox = if config.postgres.auto_migrate {
         let (_report, outbox) = migrate::run(client, schema, &config.channels[0]).await?;
-        Ok(outbox)
+        outbox
     } else {
         let outbox = Outbox::inspect(client, schema).await?;
         if !outbox.pending_index_ready(client).await.unwrap_or(true) {
@@ -281,8 +281,17 @@ async fn prepare_on(
                  run `pushoccurrence migrate` as the tables' owner"
             );
         }
-        Ok(outbox)
+        outbox
+    };
+    // A catalog read that fails only costs the warning.
+    if !outbox.ids_unique(client).await.unwrap_or(true) {
+        warn!(
+            schema = %schema,
+            fix = %outbox.unique_ids_sql(),
+            "{REPEATABLE_IDS_WARNING}"
+        );
     }
+    Ok(outbox)
 }
 
 /// Wakes a worker every `interval`: the fallback that finds rows whose

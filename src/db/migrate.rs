@@ -3,8 +3,9 @@
 //!
 //! * The seed's two tables, exactly as the seed defines them (a `uuid` id and
 //!   a `bytea` body), only if the status table does not exist yet.
-//! * A partial index on pending rows and an index on the body table's
-//!   `message_id`. On a fresh table they are built in the creating
+//! * A partial index on pending rows, an index on the body table's
+//!   `message_id` and a partial index on the transfer time of transferred
+//!   rows (for retention). On a fresh table they are built in the creating
 //!   transaction; on an existing one `CONCURRENTLY`, so producers keep
 //!   writing, and an index left invalid by an interrupted build is rebuilt.
 //! * The relay's bookkeeping columns and the optional message columns
@@ -33,7 +34,7 @@ use tracing::info;
 use super::outbox::{
     CLAIM_ORDER, DATA_INDEX, DATA_TABLE, ENQUEUED_AT_DEFAULT, LOG_TABLE, MESSAGE_COLUMNS, Outbox,
     PENDING_INDEX, PENDING_PREDICATE, PRODUCER_FUNCTION, RELAY_COLUMNS, SUPERSEDED_INDEXES,
-    SchemaError,
+    SchemaError, TRANSFERRED_INDEX, TRANSFERRED_PREDICATE,
 };
 use super::{quote_ident, quote_literal};
 
@@ -159,6 +160,10 @@ async fn migrate_locked(
             .join(", ")
     );
     let data_index = format!("{} ON {data} (message_id)", quote_ident(DATA_INDEX));
+    let transferred_index = format!(
+        "{} ON {log} (transfer_time) WHERE {TRANSFERRED_PREDICATE}",
+        quote_ident(TRANSFERRED_INDEX)
+    );
     let mut report = Report::default();
 
     let exists: bool = client
@@ -218,7 +223,11 @@ async fn migrate_locked(
                 .map_err(step("set the default of relay_enqueued_at"))?;
         }
         // Existing tables may be large and busy: build without blocking writers.
-        for (name, definition) in [(PENDING_INDEX, &pending_index), (DATA_INDEX, &data_index)] {
+        for (name, definition) in [
+            (PENDING_INDEX, &pending_index),
+            (DATA_INDEX, &data_index),
+            (TRANSFERRED_INDEX, &transferred_index),
+        ] {
             let invalid: bool = client
                 .query_one(
                     "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
@@ -270,13 +279,14 @@ async fn migrate_locked(
                  {enqueued_at_default};
                  CREATE INDEX IF NOT EXISTS {pending_index};
                  CREATE INDEX IF NOT EXISTS {data_index};
+                 CREATE INDEX IF NOT EXISTS {transferred_index};
                  COMMIT;"
             ))
             .await
             .map_err(step("create the outbox schema and tables"))?;
         report.created_tables = true;
         report.added_columns = true;
-        report.created_indexes = vec![PENDING_INDEX, DATA_INDEX];
+        report.created_indexes = vec![PENDING_INDEX, DATA_INDEX, TRANSFERRED_INDEX];
     }
 
     let outbox = Outbox::inspect(client, schema).await?;

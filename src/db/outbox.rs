@@ -56,6 +56,13 @@ pub const ENQUEUED_AT_DEFAULT: &str = "clock_timestamp()";
 /// Index on the body table's `message_id`: the seed declares none, and
 /// every claim joins on it.
 pub const DATA_INDEX: &str = "message_queue_log_data_message_id_idx";
+/// Partial index on the transfer time of transferred rows, in the order
+/// retention deletes them: a retention run reads the expired rows and
+/// stops at the first row that is not, instead of scanning the history.
+pub const TRANSFERRED_INDEX: &str = "message_queue_log_transfer_time_idx";
+/// The predicate of [`TRANSFERRED_INDEX`] and of every statement that
+/// reads the transferred history through it.
+pub const TRANSFERRED_PREDICATE: &str = "transferred IS TRUE";
 /// The producer helper function `migrate` installs.
 pub const PRODUCER_FUNCTION: &str = "push_occurrence";
 /// The relay's own columns on the status table: additive, nullable or
@@ -91,9 +98,26 @@ const INTEGER: &[&str] = &["int2", "int4", "int8"];
 /// with; any realistic cap (`relay.max_retry_delay_sec`) is reached long
 /// before, and `2^62` times any delay stays far inside float8.
 pub const MAX_DOUBLINGS: i32 = 62;
+/// `transfer_time` as the instant it names. The column is a `timestamp`
+/// without time zone that the relay writes as `now()` in its session's
+/// `TimeZone` (as the seed did), so it is local time in that zone, and the
+/// cast reads it back in the same zone. Comparing it as local time (with
+/// `localtimestamp`) is off by an hour across a daylight-saving change. In
+/// the hour the clocks repeat PostgreSQL reads a local time as the later
+/// of its two instants, so a row may look younger than it is, never older.
+pub const TRANSFER_INSTANT: &str = "transfer_time::timestamptz";
 /// The predicate of rows the relay may claim (and of the partial index).
 /// `transferred` is nullable in the seed, so pending is `IS NOT TRUE`.
 pub const PENDING_PREDICATE: &str = "transferred IS NOT TRUE AND relay_parked_at IS NULL";
+
+/// What `check` and `run` say about an outbox whose `message_id` has no
+/// unique constraint (followed by the fix, [`Outbox::unique_ids_sql`]).
+/// Retention is safe with repeated ids (it deletes rows by row identity
+/// and keeps a body while any row has its id); the rest of the relay is
+/// not.
+pub const REPEATABLE_IDS_WARNING: &str = "message_id has no unique constraint, so ids can repeat: \
+     a mark or a failed attempt then applies to every row with that id, and an id with bodies \
+     from several events is parked as ambiguous; make it unique once no id repeats";
 
 /// How a body column turns into message bytes, and the content type it gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,6 +345,54 @@ impl Outbox {
             .get(0))
     }
 
+    /// Whether `message_id` of the status table is unique: a valid unique
+    /// index (a primary key, a unique constraint) on that column alone and
+    /// without a predicate. Without one a producer may repeat an id, and
+    /// marks, failed attempts and bodies go by id (see
+    /// [`REPEATABLE_IDS_WARNING`]).
+    ///
+    /// # Errors
+    /// The catalog could not be read.
+    pub async fn ids_unique(&self, client: &Client) -> Result<bool, tokio_postgres::Error> {
+        Ok(client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i
+                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attname = 'message_id'
+                  WHERE i.indrelid = $1::text::regclass AND i.indisunique AND i.indisvalid
+                    AND i.indpred IS NULL AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum)",
+                &[&self.table(LOG_TABLE)],
+            )
+            .await?
+            .get(0))
+    }
+
+    /// How many ids more than one status row has. It reads the whole
+    /// table: for `check`, and only when [`Outbox::ids_unique`] is false.
+    ///
+    /// # Errors
+    /// The server's error.
+    pub async fn repeated_ids(&self, client: &Client) -> Result<i64, tokio_postgres::Error> {
+        Ok(client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM (SELECT message_id FROM {} GROUP BY message_id HAVING count(*) > 1) r",
+                    self.table(LOG_TABLE)
+                ),
+                &[],
+            )
+            .await?
+            .get(0))
+    }
+
+    /// The statement that makes `message_id` unique without blocking
+    /// producers (it fails while an id repeats).
+    pub fn unique_ids_sql(&self) -> String {
+        format!(
+            "CREATE UNIQUE INDEX CONCURRENTLY ON {} (message_id)",
+            self.table(LOG_TABLE)
+        )
+    }
+
     /// `schema.table`, quoted.
     pub fn table(&self, table: &str) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(table))
@@ -462,14 +534,18 @@ impl Outbox {
     }
 
     /// For `status`: `(parked rows, transferred in the last minute, in the
-    /// last hour)`, all int8. These read the transferred history, which no
-    /// index covers: with a large history this takes a while (retention
-    /// keeps it small).
+    /// last hour)`, all int8. Parked rows are outside every partial index,
+    /// so this reads the whole table: with a large history it takes a while
+    /// (retention keeps it small).
+    ///
+    /// `transfer_time` is compared as the instant it names
+    /// ([`TRANSFER_INSTANT`]), not as local time, so the counts stay right
+    /// when daylight saving time begins or ends within the hour.
     pub fn history_sql(&self) -> String {
         format!(
             "SELECT count(*) FILTER (WHERE relay_parked_at IS NOT NULL AND transferred IS NOT TRUE),
-                    count(*) FILTER (WHERE transferred IS TRUE AND transfer_time > localtimestamp - interval '1 minute'),
-                    count(*) FILTER (WHERE transferred IS TRUE AND transfer_time > localtimestamp - interval '1 hour')
+                    count(*) FILTER (WHERE transferred IS TRUE AND {TRANSFER_INSTANT} > now() - interval '1 minute'),
+                    count(*) FILTER (WHERE transferred IS TRUE AND {TRANSFER_INSTANT} > now() - interval '1 hour')
                FROM {log}",
             log = self.table(LOG_TABLE),
         )
@@ -491,24 +567,53 @@ impl Outbox {
         )
     }
 
-    /// Retention, step 1: locks up to `$2` rows transferred more than `$1`
-    /// seconds ago (skipping rows anyone holds) and returns their ids.
-    pub fn expired_sql(&self) -> String {
+    /// Retention, one batch in one statement: deletes up to `$2` rows
+    /// transferred more than `$1` seconds ago (float8), oldest first,
+    /// skipping rows anyone holds, with the bodies no remaining row shares;
+    /// the statement's row count is the number of status rows deleted.
+    ///
+    /// * Rows are found through [`TRANSFERRED_INDEX`]: the range
+    ///   `transfer_time < local time of the cutoff` lets the scan stop at
+    ///   the first row that is not expired, and [`TRANSFER_INSTANT`] then
+    ///   keeps only rows whose instant is before the cutoff. Across a
+    ///   daylight-saving change the two differ: a row stamped in the hour
+    ///   the clocks repeat waits up to an hour longer; none goes early.
+    /// * Status rows are deleted by their row identity (`tableoid` and
+    ///   `ctid`: a `ctid` alone repeats across the partitions of a
+    ///   partitioned table; a row this statement locked cannot move under
+    ///   it) and re-checked as transferred, never by `message_id`: an
+    ///   outbox without a unique constraint may hold a pending row with
+    ///   the same id.
+    /// * The body table has no transferred flag, so a body goes only when
+    ///   no status row other than the deleted ones has its id. All three
+    ///   parts read one snapshot; the foreign key of the seed's body table
+    ///   is checked at the statement's end, when both deletions are done.
+    /// * Ids and row identities go through arrays (`= ANY`) and hashed
+    ///   subplans, which keeps every lookup an index or TID lookup and the
+    ///   batch linear in its size, whatever the planner estimates.
+    pub fn retention_sql(&self) -> String {
         format!(
-            "SELECT message_id::text FROM {log}
-              WHERE transferred IS TRUE AND transfer_time < localtimestamp - $1::float8 * interval '1 second'
-              LIMIT $2 FOR UPDATE SKIP LOCKED",
+            "WITH expired AS MATERIALIZED (
+                 SELECT tableoid AS table_id, ctid AS row_id, message_id FROM {log}
+                  WHERE {TRANSFERRED_PREDICATE}
+                    AND transfer_time < (now() - $1::float8 * interval '1 second')::timestamp
+                    AND {TRANSFER_INSTANT} < now() - $1::float8 * interval '1 second'
+                  ORDER BY transfer_time
+                  LIMIT $2
+                    FOR UPDATE SKIP LOCKED),
+                  bodies AS (
+                 DELETE FROM {data} d
+                  WHERE d.message_id = ANY (ARRAY(SELECT message_id FROM expired))
+                    AND d.message_id <> ALL (ARRAY(
+                        SELECT kept.message_id FROM {log} kept
+                         WHERE kept.message_id = ANY (ARRAY(SELECT message_id FROM expired))
+                           AND (kept.tableoid, kept.ctid) NOT IN (SELECT table_id, row_id FROM expired))))
+             DELETE FROM {log} l
+              WHERE l.ctid = ANY (ARRAY(SELECT row_id FROM expired))
+                AND (l.tableoid, l.ctid) IN (SELECT table_id, row_id FROM expired)
+                AND l.{TRANSFERRED_PREDICATE}",
             log = self.table(LOG_TABLE),
-        )
-    }
-
-    /// Retention, step 2 then 3: deletes the rows of `table` (the body table
-    /// first, which references the status table) whose ids are in `$1`.
-    pub fn delete_ids_sql(&self, table: &str) -> String {
-        format!(
-            "DELETE FROM {t} WHERE message_id = ANY($1::text[]::{id}[])",
-            t = self.table(table),
-            id = self.id_type,
+            data = self.table(DATA_TABLE),
         )
     }
 

@@ -12,6 +12,7 @@ mod migrate; // schema creation on fresh and existing seed databases
 mod ops; // the admin endpoint: metrics against what was sent, health, readiness
 mod proxy; // in-test TCP proxy: cut, stall or refuse the relay's connections
 mod relay; // delivery: exactly once, bodies byte-exact, sweeps, two relays, SIGTERM
+mod retention; // what retention deletes: only expired rows, by row identity, in any time zone; cheap runs
 mod routing; // exchanges, routing keys, headers, quorum queues, channel routes, unroutable rows
 mod schema; // the user's own schema: rows the database refuses to update, retyped columns, huge attempt counts
 mod support; // per-test outbox and queue, the relay process, a recording consumer

@@ -22,7 +22,8 @@ async fn migrate_creates_the_seed_schema_and_is_idempotent() {
         [
             "message_queue_log_data_message_id_idx",
             "message_queue_log_pending_enqueued_idx",
-            "message_queue_log_pkey"
+            "message_queue_log_pkey",
+            "message_queue_log_transfer_time_idx"
         ]
     );
     // The producer helper writes both rows and returns the new id.
@@ -203,7 +204,8 @@ async fn claims_take_the_oldest_rows_first_and_an_earlier_pending_index_is_repla
         [
             "message_queue_log_data_message_id_idx",
             "message_queue_log_pending_enqueued_idx",
-            "message_queue_log_pkey"
+            "message_queue_log_pkey",
+            "message_queue_log_transfer_time_idx"
         ]
     );
     // One transaction writes three events, their ids out of order: each row
@@ -447,7 +449,8 @@ async fn three_migrate_commands_at_once_all_succeed() {
             [
                 "message_queue_log_data_message_id_idx",
                 "message_queue_log_pending_enqueued_idx",
-                "message_queue_log_pkey"
+                "message_queue_log_pkey",
+                "message_queue_log_transfer_time_idx"
             ]
         );
         env.cleanup().await;
