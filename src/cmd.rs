@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::db::outbox::Outbox;
+use crate::db::outbox::{Outbox, SchemaError};
 use crate::db::{self, SessionKind, describe, migrate};
 use crate::{mq, service, shutdown};
 
@@ -53,8 +53,15 @@ pub async fn migrate(config: Config) -> anyhow::Result<()> {
     let client = connect(&config).await?;
     let (report, outbox) =
         migrate::run(&client, &config.postgres.schema, &config.channels[0]).await?;
+    let list = |names: &[&str], label: &str| {
+        if names.is_empty() {
+            String::new()
+        } else {
+            format!(", {label}: {}", names.join(", "))
+        }
+    };
     println!(
-        "outbox {}: tables {}, indexes created: {}{}, message_id {}, message_body {}",
+        "outbox {}: tables {}, indexes created: {}{}{}, message_id {}, message_body {}",
         outbox.schema,
         if report.created_tables {
             "created"
@@ -66,17 +73,19 @@ pub async fn migrate(config: Config) -> anyhow::Result<()> {
         } else {
             report.created_indexes.join(", ")
         },
-        if report.dropped_indexes.is_empty() {
-            String::new()
-        } else {
-            format!(
-                ", dropped (superseded): {}",
-                report.dropped_indexes.join(", ")
-            )
-        },
+        list(&report.present_indexes, "already present"),
+        list(&report.dropped_indexes, "dropped (superseded)"),
         outbox.id_type,
         outbox.body_type_sql,
     );
+    if let Some(limit) = outbox.helper_limit() {
+        println!("note: {limit}");
+    }
+    // Everything else is done; an index the relay could not make because
+    // its name is taken needs the operator, so the run does not pass.
+    if !report.conflicts.is_empty() {
+        return Err(SchemaError::Unsupported(report.conflicts.join("; ")).into());
+    }
     Ok(())
 }
 
@@ -124,7 +133,7 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
         .await
         .context("look for the pending-rows index")?;
     println!(
-        "ok    outbox schema {}: message_id {}, message_body {}{}",
+        "ok    outbox schema {}: message_id {}, message_body {}{}{}",
         outbox.schema,
         outbox.id_type,
         outbox.body_type_sql,
@@ -132,7 +141,11 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
             ""
         } else {
             " (no pending-rows index: claims will scan; run `pushoccurrence migrate`)"
-        }
+        },
+        outbox
+            .helper_limit()
+            .map(|limit| format!(" ({limit})"))
+            .unwrap_or_default()
     );
 
     let missing = outbox

@@ -195,7 +195,7 @@ async fn claims_take_the_oldest_rows_first_and_an_earlier_pending_index_is_repla
     as_the_release_before_claim_order_left_it(&env).await;
     let stdout = env.migrate().await;
     assert!(
-        stdout.contains("indexes created: message_queue_log_pending_enqueued_idx, dropped (superseded): message_queue_log_pending_idx"),
+        stdout.contains("indexes created: message_queue_log_pending_enqueued_idx, already present: message_queue_log_data_message_id_idx, dropped (superseded): message_queue_log_pending_idx"),
         "{stdout}"
     );
     assert_eq!(
@@ -513,5 +513,303 @@ async fn a_schema_named_with_the_helpers_dollar_quote_tag_migrates_and_relays() 
     env.wait_all_transferred().await;
     assert_exactly_once(&consumer, &ids);
     assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
+
+/// Runs `pushoccurrence <args>`: its exit code and everything it printed.
+async fn command(env: &TestEnv, args: &[&str]) -> (Option<i32>, String) {
+    let out = pushoccurrence(&env.write_config(), args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `(index, comment)` of every index in the test's schema, by name.
+async fn index_comments(env: &TestEnv) -> Vec<(String, Option<String>)> {
+    env.pg
+        .query(
+            "SELECT c.relname::text, obj_description(c.oid, 'pg_class') FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relkind = 'i' ORDER BY 1",
+            &[&env.name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test]
+async fn indexes_are_checked_by_definition_and_a_users_own_index_is_never_dropped() {
+    let env = TestEnv::new("idxdef").await;
+    env.migrate().await;
+    let s = &env.name;
+    // The user's own objects under the relay's index names: an index on
+    // other columns, a table, and an index named like the earlier
+    // release's pending index (which migrate replaces).
+    env.pg
+        .batch_execute(&format!(
+            "DROP INDEX \"{s}\".message_queue_log_pending_enqueued_idx;
+             DROP INDEX \"{s}\".message_queue_log_data_message_id_idx;
+             CREATE INDEX message_queue_log_pending_enqueued_idx ON \"{s}\".message_queue_log (transfer_time);
+             CREATE TABLE \"{s}\".message_queue_log_data_message_id_idx (x int);
+             CREATE INDEX message_queue_log_pending_idx ON \"{s}\".message_queue_log (message_id, transferred);"
+        ))
+        .await
+        .unwrap();
+    let (code, out) = command(&env, &["migrate"]).await;
+    assert_eq!(code, Some(78), "{out}");
+    assert!(
+        out.contains(&format!(
+            "index {s}.message_queue_log_pending_enqueued_idx: the name is taken by an index that is not the relay's"
+        )) && out.contains("ALTER INDEX"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "index {s}.message_queue_log_data_message_id_idx: the name is taken by a table"
+        )),
+        "{out}"
+    );
+    // Nothing of the user's was dropped, nothing was claimed created.
+    assert!(out.contains("indexes created: none"), "{out}");
+    assert_eq!(
+        index_names(&env).await,
+        [
+            "message_queue_log_pending_enqueued_idx",
+            "message_queue_log_pending_idx",
+            "message_queue_log_pkey"
+        ]
+    );
+    // `check` does not take the user's index for the relay's.
+    let (code, out) = command(&env, &["check"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("no pending-rows index"), "{out}");
+
+    // Once the names are free, migrate builds and marks its own indexes,
+    // and still leaves the user's index alone.
+    env.pg
+        .batch_execute(&format!(
+            "ALTER INDEX \"{s}\".message_queue_log_pending_enqueued_idx RENAME TO users_transfer_time_idx;
+             DROP TABLE \"{s}\".message_queue_log_data_message_id_idx;"
+        ))
+        .await
+        .unwrap();
+    let out = env.migrate().await;
+    assert!(
+        out.contains("indexes created: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx"),
+        "{out}"
+    );
+    assert!(!out.contains("dropped"), "{out}");
+    let comments = index_comments(&env).await;
+    let comment = |name: &str| {
+        comments
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, c)| c.clone())
+            .unwrap_or_default()
+    };
+    assert!(comment("message_queue_log_pending_enqueued_idx").starts_with("pushoccurrence:"));
+    assert!(comment("message_queue_log_data_message_id_idx").starts_with("pushoccurrence:"));
+    assert_eq!(comment("message_queue_log_pending_idx"), "");
+    assert_eq!(
+        index_names(&env).await,
+        [
+            "message_queue_log_data_message_id_idx",
+            "message_queue_log_pending_enqueued_idx",
+            "message_queue_log_pending_idx",
+            "message_queue_log_pkey",
+            "users_transfer_time_idx"
+        ]
+    );
+    let out = env.migrate().await;
+    assert!(
+        out.contains("indexes created: none, already present: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx"),
+        "{out}"
+    );
+    let (code, out) = command(&env, &["check"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("no pending-rows index"), "{out}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn column_types_the_relay_cannot_use_are_refused_naming_the_column() {
+    for (alter, column, found, supported) in [
+        (
+            "ALTER COLUMN transferred DROP DEFAULT, ALTER COLUMN transferred TYPE integer USING transferred::integer",
+            "transferred",
+            "integer",
+            "boolean",
+        ),
+        (
+            "ALTER COLUMN transfer_time TYPE text",
+            "transfer_time",
+            "text",
+            "timestamp",
+        ),
+    ] {
+        let env = TestEnv::new("coltype").await;
+        env.migrate().await;
+        env.pg
+            .batch_execute(&format!(
+                // The pending index's predicate needs a boolean `transferred`.
+                "DROP INDEX \"{s}\".message_queue_log_pending_enqueued_idx;
+                 ALTER TABLE \"{s}\".message_queue_log {alter}",
+                s = env.name
+            ))
+            .await
+            .unwrap();
+        let expected = format!("{}.message_queue_log.{column} is {found}", env.name);
+        for args in [&["check"][..], &["status"], &["migrate"]] {
+            let (code, out) = command(&env, args).await;
+            assert_eq!(code, Some(78), "{args:?}: {out}");
+            assert!(
+                out.contains(&expected) && out.contains(supported),
+                "{args:?}: {out}"
+            );
+        }
+        env.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn ids_the_helper_cannot_make_are_refused_and_a_bigint_id_takes_its_default() {
+    // A bigint id with an identity: the helper and `send` take its next
+    // value, and the event is relayed under it.
+    let env = TestEnv::new("bigid").await;
+    env.create_seed_tables("bigint GENERATED BY DEFAULT AS IDENTITY", "bytea")
+        .await;
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let (code, out) = command(&env, &["send", "hello"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    let id = out.lines().next().unwrap().trim().to_owned();
+    assert!(id.parse::<i64>().is_ok(), "{out}");
+    consumer.wait_for_all(std::slice::from_ref(&id)).await;
+    assert_eq!(consumer.get(&id).body, b"hello");
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+
+    // Without a default there is nothing to take: the helper says so.
+    let env = TestEnv::new("bigid0").await;
+    env.create_seed_tables("bigint", "bytea").await;
+    let out = env.migrate().await;
+    assert!(
+        out.contains("need an id from the caller: message_id is bigint without a default"),
+        "{out}"
+    );
+    let s = &env.name;
+    let e = env
+        .pg
+        .execute(&format!("SELECT \"{s}\".push_occurrence('\\x01')"), &[])
+        .await
+        .unwrap_err();
+    let text = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(
+        text.contains("message_id is bigint and has no default") && text.contains("p_message_id"),
+        "{e:?}"
+    );
+    env.pg
+        .execute(&format!("SELECT \"{s}\".push_occurrence('\\x01', 7)"), &[])
+        .await
+        .unwrap();
+    env.cleanup().await;
+
+    // An id column too short for a generated id (a uuid's 36 characters):
+    // refused, never truncated into colliding ids.
+    let env = TestEnv::new("shortid").await;
+    env.create_seed_tables("varchar(8)", "bytea").await;
+    env.migrate().await;
+    let s = &env.name;
+    let e = env
+        .pg
+        .execute(&format!("SELECT \"{s}\".push_occurrence('\\x01')"), &[])
+        .await
+        .unwrap_err();
+    let text = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(
+        text.contains("message_id is character varying(8)") && text.contains("36"),
+        "{e:?}"
+    );
+    assert_eq!(env.pending().await, 0);
+    env.cleanup().await;
+
+    // A body longer than a varchar(n) column: `send` fails, nothing written.
+    let env = TestEnv::new("shortbody").await;
+    env.create_seed_tables("text", "varchar(8)").await;
+    env.migrate().await;
+    let (code, out) = command(&env, &["send", "0123456789"]).await;
+    assert_ne!(code, Some(0), "{out}");
+    assert!(out.contains("SQLSTATE 22001"), "{out}");
+    assert_eq!(env.pending().await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_body_table_alone_gets_a_status_table_of_its_id_type_and_a_failure_creates_nothing() {
+    let env = TestEnv::new("halfmade").await;
+    let s = &env.name;
+    env.pg
+        .batch_execute(&format!(
+            "CREATE SCHEMA \"{s}\";
+             CREATE TABLE \"{s}\".message_queue_log_data (message_id text, message_body bytea);"
+        ))
+        .await
+        .unwrap();
+    let out = env.migrate().await;
+    assert!(out.contains("message_id text"), "{out}");
+    env.pg
+        .execute(
+            &format!("SELECT \"{s}\".push_occurrence('\\x01', 'my-id')"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(env.pending().await, 1);
+    env.cleanup().await;
+
+    // A body table the relay cannot read: refused, and nothing is created.
+    let env = TestEnv::new("halfbad").await;
+    let s = &env.name;
+    env.pg
+        .batch_execute(&format!(
+            "CREATE SCHEMA \"{s}\";
+             CREATE TABLE \"{s}\".message_queue_log_data (message_id text, message_body integer);"
+        ))
+        .await
+        .unwrap();
+    let (code, out) = command(&env, &["migrate"]).await;
+    assert_eq!(code, Some(78), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{s}.message_queue_log_data.message_body is integer"
+        )),
+        "{out}"
+    );
+    let tables = env
+        .texts(
+            "SELECT relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 ORDER BY 1",
+            &[&env.name],
+        )
+        .await;
+    assert_eq!(tables, ["message_queue_log_data"]);
     env.cleanup().await;
 }
