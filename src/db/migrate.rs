@@ -16,7 +16,11 @@
 //!   reported with the fix), and one left invalid by an interrupted build
 //!   is rebuilt only when it is the relay's.
 //! * The relay's bookkeeping columns and the optional message columns
-//!   (routing and AMQP properties), all nullable or defaulted.
+//!   (routing and AMQP properties), all nullable or defaulted. `ALTER
+//!   TABLE` needs the status table ACCESS EXCLUSIVE, and while it waits for
+//!   that lock every producer's INSERT queues behind it: so it waits at
+//!   most [`ALTER_LOCK_TIMEOUT`] at a time, and tries again with back-off,
+//!   logging who holds the lock.
 //! * The producer helper `push_occurrence(body, id, channel, routing fields...)`,
 //!   typed after the real columns, which makes an id when none is given as
 //!   the id type allows, and otherwise says why.
@@ -37,6 +41,7 @@
 use std::time::Duration;
 
 use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
 use tracing::{info, warn};
 
 use super::outbox::{
@@ -46,6 +51,7 @@ use super::outbox::{
     index_state, read_columns,
 };
 use super::{quote_ident, quote_literal};
+use crate::backoff::Backoff;
 
 /// What one migration run did, for the operator.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -204,10 +210,13 @@ async fn migrate_locked(
             .iter()
             .any(|(name, _)| find(&existing, LOG_TABLE, name).is_none())
         {
-            client
-                .batch_execute(&add_columns)
-                .await
-                .map_err(step("add the relay's columns to the status table"))?;
+            alter_status_table(
+                client,
+                &log,
+                &add_columns,
+                "add the relay's columns to the status table",
+            )
+            .await?;
             report.added_columns = true;
         }
         let default: Option<String> = client
@@ -221,10 +230,13 @@ async fn migrate_locked(
             .map_err(step("read the default of relay_enqueued_at"))?
             .get(0);
         if default.as_deref() != Some(ENQUEUED_AT_DEFAULT) {
-            client
-                .batch_execute(&enqueued_at_default)
-                .await
-                .map_err(step("set the default of relay_enqueued_at"))?;
+            alter_status_table(
+                client,
+                &log,
+                &enqueued_at_default,
+                "set the default of relay_enqueued_at",
+            )
+            .await?;
         }
     }
     // Existing tables may be large and busy: build without blocking writers.
@@ -448,6 +460,73 @@ async fn ensure_index(
         .map_err(step("mark an outbox index as the relay's"))?;
     report.created_indexes.push(spec.name);
     Ok(())
+}
+
+/// How long an `ALTER TABLE` of the status table waits for its lock before
+/// it gives up and tries again later. While it waits in the lock queue,
+/// every producer's INSERT queues behind it, so the wait is short.
+pub const ALTER_LOCK_TIMEOUT: &str = "1s";
+
+/// Runs `sql` (an `ALTER TABLE` of the status table `log`) under
+/// [`ALTER_LOCK_TIMEOUT`], trying again with back-off while another
+/// session's lock is in the way, and logging who holds it each time.
+async fn alter_status_table(
+    client: &Client,
+    log: &str,
+    sql: &str,
+    what: &'static str,
+) -> Result<(), MigrateError> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let Err(e) = client
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL lock_timeout = '{ALTER_LOCK_TIMEOUT}'; {sql}; COMMIT;"
+            ))
+            .await
+        else {
+            return Ok(());
+        };
+        // An error inside BEGIN leaves the transaction open and aborted.
+        let _rolled_back = client.batch_execute("ROLLBACK").await;
+        if e.code() != Some(&SqlState::LOCK_NOT_AVAILABLE) {
+            return Err(step(what)(e));
+        }
+        let holders = lock_holders(client, log)
+            .await
+            .unwrap_or_else(|e| format!("unknown ({})", super::describe(&e)));
+        let delay = backoff.next_delay();
+        warn!(
+            table = %log.replace('"', ""),
+            step = what,
+            held_by = %holders,
+            retry_in = ?delay,
+            "waiting for a lock on the status table: ALTER TABLE needs it ACCESS EXCLUSIVE and the sessions in \
+             held_by hold it; each try gives up after {ALTER_LOCK_TIMEOUT} so that producers never queue behind \
+             it, and migrate goes on once those transactions end"
+        );
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// The sessions holding a lock on table `table` (quoted), in words: pid,
+/// lock modes, application name, user, state and how long their
+/// transaction has been open. Never their query text, which may hold data.
+async fn lock_holders(client: &Client, table: &str) -> Result<String, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT coalesce(string_agg(h, '; '), 'no session holds it any more')
+               FROM (SELECT format('pid %s (%s, application_name %L, user %s, %s, transaction open %s s)',
+                                   a.pid, string_agg(DISTINCT l.mode, ' and '), a.application_name,
+                                   a.usename, a.state,
+                                   round(extract(epoch FROM clock_timestamp() - a.xact_start))::int8) AS h
+                       FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                      WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()
+                        AND l.relation = to_regclass($1)
+                      GROUP BY a.pid, a.application_name, a.usename, a.state, a.xact_start) s",
+            &[&table],
+        )
+        .await?
+        .get(0))
 }
 
 /// Drops index `name` of `schema` without blocking writers.

@@ -813,3 +813,105 @@ async fn a_body_table_alone_gets_a_status_table_of_its_id_type_and_a_failure_cre
     assert_eq!(tables, ["message_queue_log_data"]);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn migrate_behind_an_open_transaction_never_blocks_producers() {
+    // The seed's tables: migrate adds the relay's columns.
+    let env = TestEnv::new("locktmo").await;
+    env.create_seed_tables("uuid", "bytea").await;
+    migrate_behind_an_open_transaction(&env).await;
+    env.cleanup().await;
+    // The release before: migrate changes a column's default.
+    let env = TestEnv::new("locktmo2").await;
+    env.migrate().await;
+    as_the_release_before_claim_order_left_it(&env).await;
+    migrate_behind_an_open_transaction(&env).await;
+    env.cleanup().await;
+}
+
+/// Holds a transaction that wrote to the outbox open while `migrate` runs
+/// and producers insert under a statement timeout: no insert times out,
+/// migrate says what it waits for, and completes once the transaction ends.
+async fn migrate_behind_an_open_transaction(env: &TestEnv) {
+    let s = env.name.clone();
+    // A transaction that touched the outbox stays open.
+    let holder = pg().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let held = "00000000-0000-4000-8000-000000000001";
+    holder
+        .batch_execute(&format!(
+            "INSERT INTO \"{s}\".message_queue_log (message_id) VALUES ('{held}');
+             INSERT INTO \"{s}\".message_queue_log_data VALUES ('{held}', '\\x01');"
+        ))
+        .await
+        .unwrap();
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Migrate needs an exclusive lock on the status table.
+    let log = env.dir.path().join("migrate.log");
+    let mut migrate = pushoccurrence(&env.write_config(), &["migrate"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Producers keep writing, each statement under a timeout, until
+    // migrate has said what it waits for more than once.
+    let producer = pg().await;
+    producer
+        .batch_execute("SET statement_timeout = '10s'")
+        .await
+        .unwrap();
+    let mut ids = vec![held.to_owned()];
+    wait_until("migrate reports the lock it waits for, twice", || {
+        let id = uuid_like(ids.len());
+        ids.push(id.clone());
+        let (producer, s, log) = (&producer, &s, &log);
+        async move {
+            producer
+                .batch_execute(&format!(
+                    "BEGIN;
+                     INSERT INTO \"{s}\".message_queue_log (message_id) VALUES ('{id}');
+                     INSERT INTO \"{s}\".message_queue_log_data VALUES ('{id}', '\\x01');
+                     COMMIT;"
+                ))
+                .await
+                .unwrap_or_else(|e| panic!("a producer's insert failed: {e:?}"));
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            text.matches(&format!("pid {holder_pid}")).count() >= 2
+        }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("waiting for a lock") && text.contains("idle in transaction"),
+        "{text}"
+    );
+    // Once the transaction ends, migrate completes.
+    holder.batch_execute("COMMIT").await.unwrap();
+    let status = tokio::time::timeout(PATIENCE, migrate.wait())
+        .await
+        .expect("migrate completes")
+        .unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert_eq!(env.pending().await, ids.len() as i64);
+    assert_eq!(
+        index_names(env).await,
+        [
+            "message_queue_log_data_message_id_idx",
+            "message_queue_log_pending_enqueued_idx",
+            "message_queue_log_pkey"
+        ]
+    );
+}
+
+/// A distinct uuid-shaped id for the `n`th event of a test.
+fn uuid_like(n: usize) -> String {
+    format!("10000000-0000-4000-8000-{n:012}")
+}
