@@ -665,6 +665,65 @@ fn dollar_quote_tag(body: &str) -> String {
 mod tests {
     use super::*;
 
+    fn outbox(id_type: &str, id_kind: IdKind) -> Outbox {
+        Outbox {
+            schema: "s".into(),
+            id_type: id_type.into(),
+            id_kind,
+            body_type: crate::db::outbox::BodyType::Bytea,
+            body_type_sql: "bytea".into(),
+            body_type_base: "bytea".into(),
+        }
+    }
+
+    #[test]
+    fn the_helper_makes_an_id_only_where_it_fits_and_never_casts_one_shorter() {
+        let uuid = producer_function_body(&outbox("uuid", IdKind::Uuid));
+        assert!(uuid.contains("v_id := gen_random_uuid();"), "{uuid}");
+        let text = producer_function_body(&outbox(
+            "character varying(64)",
+            IdKind::Text {
+                max_chars: Some(64),
+            },
+        ));
+        assert!(text.contains("v_id := gen_random_uuid()::text;"), "{text}");
+        assert!(!text.contains("::character varying"), "{text}");
+        let short = producer_function_body(&outbox(
+            "character varying(8)",
+            IdKind::Text { max_chars: Some(8) },
+        ));
+        assert!(!short.contains("gen_random_uuid"), "{short}");
+        assert!(short.contains("ERRCODE = '22001'"), "{short}");
+        let serial =
+            producer_function_body(&outbox("bigint", IdKind::Integer { has_default: true }));
+        assert!(
+            serial.contains("RETURNING message_id INTO v_id"),
+            "{serial}"
+        );
+        let bare =
+            producer_function_body(&outbox("bigint", IdKind::Integer { has_default: false }));
+        assert!(
+            bare.contains("s.message_queue_log.message_id is bigint and has no default"),
+            "{bare}"
+        );
+    }
+
+    #[test]
+    fn index_statements_follow_the_spec() {
+        assert_eq!(
+            create_index_sql("S", &INDEXES[0], true),
+            "CREATE INDEX CONCURRENTLY \"message_queue_log_pending_enqueued_idx\" ON \"S\".\"message_queue_log\" \
+             (relay_enqueued_at NULLS FIRST, message_id) WHERE transferred IS NOT TRUE AND relay_parked_at IS NULL"
+        );
+        assert_eq!(
+            create_index_sql("S", &INDEXES[1], false),
+            "CREATE INDEX \"message_queue_log_data_message_id_idx\" ON \"S\".\"message_queue_log_data\" (message_id)"
+        );
+        assert!(
+            comment_index_sql("S", &INDEXES[1]).contains(&format!("IS '{INDEX_COMMENT_MARK} "))
+        );
+    }
+
     #[test]
     fn the_dollar_quote_tag_never_occurs_in_the_body() {
         assert_eq!(dollar_quote_tag("INSERT INTO \"s\".t"), "$fn$");

@@ -1044,6 +1044,18 @@ mod tests {
     }
 
     #[test]
+    fn predicates_compare_without_the_parentheses_postgres_adds() {
+        assert_eq!(
+            normalize_predicate("((transferred IS NOT TRUE) AND (relay_parked_at IS NULL))"),
+            normalize_predicate(PENDING_PREDICATE)
+        );
+        assert_ne!(
+            normalize_predicate("(transferred IS NOT TRUE)"),
+            normalize_predicate(PENDING_PREDICATE)
+        );
+    }
+
+    #[test]
     fn content_types_follow_the_column() {
         assert_eq!(
             BodyType::from_type_name("bytea").unwrap().content_type(),

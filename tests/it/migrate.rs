@@ -631,10 +631,29 @@ async fn indexes_are_checked_by_definition_and_a_users_own_index_is_never_droppe
             "users_transfer_time_idx"
         ]
     );
+    // An index of exactly the relay's definition without the mark (as an
+    // earlier release left it) is taken as the relay's and marked.
+    env.pg
+        .batch_execute(&format!(
+            "COMMENT ON INDEX \"{s}\".message_queue_log_pending_enqueued_idx IS NULL"
+        ))
+        .await
+        .unwrap();
     let out = env.migrate().await;
     assert!(
         out.contains("indexes created: none, already present: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx"),
         "{out}"
+    );
+    assert!(
+        index_comments(&env).await.iter().all(|(name, comment)| name
+            == "message_queue_log_pending_idx"
+            || name == "users_transfer_time_idx"
+            || name == "message_queue_log_pkey"
+            || comment
+                .as_deref()
+                .is_some_and(|c| c.starts_with("pushoccurrence:"))),
+        "{:?}",
+        index_comments(&env).await
     );
     let (code, out) = command(&env, &["check"]).await;
     assert_eq!(code, Some(0), "{out}");
