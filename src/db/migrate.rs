@@ -320,8 +320,10 @@ async fn create_tables(
             "CREATE TABLE {data} (
                  message_id {id_type} REFERENCES {log}(message_id),
                  message_body BYTEA);
+             {};
              {};",
-            create_index_sql(schema, &INDEXES[1], false)
+            create_index_sql(schema, &INDEXES[1], false),
+            comment_index_sql(schema, &INDEXES[1]),
         )
     };
     let ddl = format!(

@@ -14,9 +14,28 @@ async fn index_names(env: &TestEnv) -> Vec<String> {
 #[tokio::test]
 async fn migrate_creates_the_seed_schema_and_is_idempotent() {
     let env = TestEnv::new("migrate").await;
-    for _ in 0..2 {
-        env.migrate().await;
-    }
+    let first = env.migrate().await;
+    assert!(
+        first.contains("tables created, indexes created: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx, message_id uuid"),
+        "{first}"
+    );
+    let again = env.migrate().await;
+    assert!(
+        again.contains("tables already present, indexes created: none, already present: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx, message_id uuid"),
+        "{again}"
+    );
+    // Both indexes are marked as the relay's in the creating transaction.
+    let comments: i64 = env
+        .pg
+        .query_one(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND obj_description(c.oid, 'pg_class') LIKE 'pushoccurrence:%'",
+            &[&env.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(comments, 2);
     assert_eq!(
         index_names(&env).await,
         [
