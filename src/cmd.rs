@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::db::outbox::{Outbox, SchemaError};
+use crate::db::outbox::{INDEXES, IndexState, Outbox, PENDING_INDEX, SchemaError, index_state};
 use crate::db::{self, SessionKind, describe, migrate};
 use crate::{mq, service, shutdown};
 
@@ -128,20 +128,28 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
-    let indexed = outbox
-        .pending_index_ready(&client)
+    let pending_index = index_state(&client, &outbox.schema, &INDEXES[0])
         .await
         .context("look for the pending-rows index")?;
+    let index_note = match pending_index {
+        state if state.ready() => String::new(),
+        IndexState::Absent | IndexState::Index { matches: true, .. } => {
+            " (no pending-rows index: claims will scan; run `pushoccurrence migrate`)".to_owned()
+        }
+        IndexState::Index { .. } => format!(
+            " (no pending-rows index: claims will scan; its name {PENDING_INDEX} is taken by an index \
+             that is not the relay's: rename that index and run `pushoccurrence migrate`)"
+        ),
+        IndexState::NotAnIndex { kind } => format!(
+            " (no pending-rows index: claims will scan; its name {PENDING_INDEX} is taken by a {kind}: \
+             rename it and run `pushoccurrence migrate`)"
+        ),
+    };
     println!(
-        "ok    outbox schema {}: message_id {}, message_body {}{}{}",
+        "ok    outbox schema {}: message_id {}, message_body {}{index_note}{}",
         outbox.schema,
         outbox.id_type,
         outbox.body_type_sql,
-        if indexed {
-            ""
-        } else {
-            " (no pending-rows index: claims will scan; run `pushoccurrence migrate`)"
-        },
         outbox
             .helper_limit()
             .map(|limit| format!(" ({limit})"))

@@ -95,6 +95,14 @@ pub const RELAY_COLUMNS: [(&str, &str); 5] = [
     ("relay_last_error", "text"),
     ("relay_parked_at", "timestamptz"),
 ];
+/// The type (`pg_type.typname`) each of [`RELAY_COLUMNS`] must have.
+const RELAY_COLUMN_TYPES: [(&str, &str); 5] = [
+    ("relay_enqueued_at", "timestamptz"),
+    ("relay_attempts", "int4"),
+    ("relay_next_attempt_at", "timestamptz"),
+    ("relay_last_error", "text"),
+    ("relay_parked_at", "timestamptz"),
+];
 /// Optional per-message columns on the status table, all nullable: where a
 /// message goes and the AMQP properties it carries. NULL means "as the
 /// config says" (see `routing`), so seed producers never need them.
@@ -477,6 +485,23 @@ pub fn check_types(schema: &str, columns: &[Column]) -> Result<(), SchemaError> 
             c,
             "supported types are bytea, jsonb, json and text (varchar, char)",
         );
+    }
+    // The relay's own columns, as migrate adds them: a column of the same
+    // name and another type (the user's) would fail every claim or mark.
+    for (name, accepted) in RELAY_COLUMN_TYPES {
+        if let Some(c) = find(columns, LOG_TABLE, name)
+            && c.type_name != accepted
+        {
+            let sql_type = RELAY_COLUMNS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or("", |(_, ty)| ty);
+            return Err(SchemaError::Unsupported(format!(
+                "{schema}.{LOG_TABLE}.{name} is {}, but the relay keeps its bookkeeping in it as {sql_type}; \
+                 rename that column, then run `pushoccurrence migrate`",
+                c.sql_type
+            )));
+        }
     }
     for (name, sql_type, accepted) in MESSAGE_COLUMNS {
         if let Some(c) = find(columns, LOG_TABLE, name)
@@ -1041,6 +1066,13 @@ mod tests {
                 .bodies_sql()
                 .contains("SELECT d.message_id::text, d.message_body,")
         );
+    }
+
+    #[test]
+    fn every_relay_column_has_its_checked_type() {
+        let checked: Vec<&str> = RELAY_COLUMN_TYPES.iter().map(|(n, _)| *n).collect();
+        let added: Vec<&str> = RELAY_COLUMNS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(checked, added);
     }
 
     #[test]

@@ -612,7 +612,10 @@ async fn indexes_are_checked_by_definition_and_a_users_own_index_is_never_droppe
     // `check` does not take the user's index for the relay's.
     let (code, out) = command(&env, &["check"]).await;
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("no pending-rows index"), "{out}");
+    assert!(
+        out.contains("no pending-rows index: claims will scan; its name message_queue_log_pending_enqueued_idx is taken by an index that is not the relay's"),
+        "{out}"
+    );
 
     // Once the names are free, migrate builds and marks its own indexes,
     // and still leaves the user's index alone.
@@ -694,6 +697,12 @@ async fn column_types_the_relay_cannot_use_are_refused_naming_the_column() {
             "transfer_time",
             "text",
             "timestamp",
+        ),
+        (
+            "ALTER COLUMN relay_attempts DROP DEFAULT, ALTER COLUMN relay_attempts TYPE text",
+            "relay_attempts",
+            "text",
+            "integer",
         ),
     ] {
         let env = TestEnv::new("coltype").await;
