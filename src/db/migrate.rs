@@ -10,7 +10,8 @@
 //! * A partial index on pending rows and an index on the body table's
 //!   `message_id`. On a fresh table they are built in the creating
 //!   transaction; on an existing one `CONCURRENTLY`, so producers keep
-//!   writing. Indexes are checked by definition, never by name alone, and
+//!   writing (such a build waits for every older transaction of the
+//!   database, so it first logs which those are). Indexes are checked by definition, never by name alone, and
 //!   the relay's carry a comment ([`INDEX_COMMENT_MARK`]): an index it did
 //!   not make is never dropped or taken for its own (its name taken is
 //!   reported with the fix), and one left invalid by an interrupted build
@@ -42,7 +43,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::outbox::{
     Column, DATA_INDEX, DATA_TABLE, ENQUEUED_AT_DEFAULT, GENERATED_ID_CHARS, INDEX_COMMENT_MARK,
@@ -450,6 +451,21 @@ async fn ensure_index(
         }
         IndexState::Absent => {}
     }
+    // A concurrent build waits, inside its statement, for every
+    // transaction of the database older than it: say which, so a build
+    // that seems to hang (and a relay start-up that waits on it) names
+    // what it waits for.
+    match older_transactions(client).await {
+        Ok(Some(older)) => info!(
+            index = spec.name,
+            waits_for = %older,
+            "building an outbox index CONCURRENTLY: it waits until these transactions of the database have ended"
+        ),
+        Ok(None) => {}
+        Err(e) => {
+            debug!(error = %super::describe(&e), "cannot list the transactions an index build waits for")
+        }
+    }
     client
         .batch_execute(&create_index_sql(schema, spec, true))
         .await
@@ -529,6 +545,25 @@ async fn lock_holders(client: &Client, table: &str) -> Result<String, tokio_post
         )
         .await?
         .get(0))
+}
+
+/// The other sessions of this database in a transaction that holds an id
+/// or a snapshot (those a concurrent index build waits for), in words as
+/// [`lock_holders`] gives them; `None` when there are none.
+async fn older_transactions(client: &Client) -> Result<Option<String>, tokio_postgres::Error> {
+    client
+        .query_one(
+            "SELECT string_agg(format('pid %s (application_name %L, user %s, %s, transaction open %s s)',
+                                      pid, application_name, usename, state,
+                                      round(extract(epoch FROM clock_timestamp() - xact_start))::int8), '; '
+                               ORDER BY xact_start)
+               FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid()
+                AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)",
+            &[],
+        )
+        .await
+        .map(|row| row.get(0))
 }
 
 /// Drops index `name` of `schema` without blocking writers.

@@ -962,3 +962,61 @@ async fn migrate_behind_an_open_transaction(env: &TestEnv) {
 fn uuid_like(n: usize) -> String {
     format!("10000000-0000-4000-8000-{n:012}")
 }
+
+#[tokio::test]
+async fn an_index_build_names_the_transactions_it_waits_for() {
+    let env = TestEnv::new("cicwait").await;
+    env.migrate().await;
+    as_the_release_before_claim_order_left_it(&env).await;
+    // A transaction anywhere in the database, on no outbox table: a
+    // concurrent index build waits for it to end.
+    let holder = pg().await;
+    holder
+        .batch_execute("BEGIN; SELECT txid_current();")
+        .await
+        .unwrap();
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let log = env.dir.path().join("migrate.log");
+    let mut migrate = pushoccurrence(&env.write_config(), &["migrate"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until(
+        "migrate names the transaction its index build waits for",
+        || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let named = text.lines().any(|l| {
+                l.contains("it waits until these transactions of the database have ended")
+                    && l.contains("message_queue_log_pending_enqueued_idx")
+                    && l.contains(&format!("pid {holder_pid} (application_name 'po-test'"))
+            });
+            async move { named }
+        },
+    )
+    .await;
+    assert!(migrate.try_wait().unwrap().is_none(), "migrate is waiting");
+    holder.batch_execute("COMMIT").await.unwrap();
+    let status = tokio::time::timeout(PATIENCE, migrate.wait())
+        .await
+        .expect("migrate completes")
+        .unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert_eq!(
+        index_names(&env).await,
+        [
+            "message_queue_log_data_message_id_idx",
+            "message_queue_log_pending_enqueued_idx",
+            "message_queue_log_pkey"
+        ]
+    );
+    env.cleanup().await;
+}
