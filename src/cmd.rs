@@ -7,7 +7,9 @@ use anyhow::Context as _;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::db::outbox::{Outbox, REPEATABLE_IDS_WARNING};
+use crate::db::outbox::{
+    INDEXES, IndexState, Outbox, PENDING_INDEX, REPEATABLE_IDS_WARNING, SchemaError, index_state,
+};
 use crate::db::{self, SessionKind, describe, migrate};
 use crate::{mq, service, shutdown};
 
@@ -53,8 +55,15 @@ pub async fn migrate(config: Config) -> anyhow::Result<()> {
     let client = connect(&config).await?;
     let (report, outbox) =
         migrate::run(&client, &config.postgres.schema, &config.channels[0]).await?;
+    let list = |names: &[&str], label: &str| {
+        if names.is_empty() {
+            String::new()
+        } else {
+            format!(", {label}: {}", names.join(", "))
+        }
+    };
     println!(
-        "outbox {}: tables {}, indexes created: {}{}, message_id {}, message_body {}",
+        "outbox {}: tables {}, indexes created: {}{}{}, message_id {}, message_body {}",
         outbox.schema,
         if report.created_tables {
             "created"
@@ -66,17 +75,19 @@ pub async fn migrate(config: Config) -> anyhow::Result<()> {
         } else {
             report.created_indexes.join(", ")
         },
-        if report.dropped_indexes.is_empty() {
-            String::new()
-        } else {
-            format!(
-                ", dropped (superseded): {}",
-                report.dropped_indexes.join(", ")
-            )
-        },
+        list(&report.present_indexes, "already present"),
+        list(&report.dropped_indexes, "dropped (superseded)"),
         outbox.id_type,
         outbox.body_type_sql,
     );
+    if let Some(limit) = outbox.helper_limit() {
+        println!("note: {limit}");
+    }
+    // Everything else is done; an index the relay could not make because
+    // its name is taken needs the operator, so the run does not pass.
+    if !report.conflicts.is_empty() {
+        return Err(SchemaError::Unsupported(report.conflicts.join("; ")).into());
+    }
     Ok(())
 }
 
@@ -119,20 +130,32 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
-    let indexed = outbox
-        .pending_index_ready(&client)
+    let pending_index = index_state(&client, &outbox.schema, &INDEXES[0])
         .await
         .context("look for the pending-rows index")?;
+    let index_note = match pending_index {
+        state if state.ready() => String::new(),
+        IndexState::Absent | IndexState::Index { matches: true, .. } => {
+            " (no pending-rows index: claims will scan; run `pushoccurrence migrate`)".to_owned()
+        }
+        IndexState::Index { .. } => format!(
+            " (no pending-rows index: claims will scan; its name {PENDING_INDEX} is taken by an index \
+             that is not the relay's: rename that index and run `pushoccurrence migrate`)"
+        ),
+        IndexState::NotAnIndex { kind } => format!(
+            " (no pending-rows index: claims will scan; its name {PENDING_INDEX} is taken by a {kind}: \
+             rename it and run `pushoccurrence migrate`)"
+        ),
+    };
     println!(
-        "ok    outbox schema {}: message_id {}, message_body {}{}",
+        "ok    outbox schema {}: message_id {}, message_body {}{index_note}{}",
         outbox.schema,
         outbox.id_type,
         outbox.body_type_sql,
-        if indexed {
-            ""
-        } else {
-            " (no pending-rows index: claims will scan; run `pushoccurrence migrate`)"
-        }
+        outbox
+            .helper_limit()
+            .map(|limit| format!(" ({limit})"))
+            .unwrap_or_default()
     );
 
     let unique = outbox

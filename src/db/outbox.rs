@@ -18,6 +18,12 @@
 //! [`Outbox::prepare`] checks that column against the inspected type, so a
 //! body is never decoded by a stale type. The worker then reads the types
 //! again and prepares again.
+//!
+//! Every column the relay reads or writes is checked
+//! against the types it supports ([`check_types`]), so an unusable table
+//! is refused at start-up with the column named, not by a failing claim.
+//! The relay's indexes are described here by definition ([`IndexSpec`]),
+//! and [`index_state`] compares an existing index with one.
 
 use bytes::BytesMut;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, accepts, to_sql_checked};
@@ -36,9 +42,49 @@ pub const DATA_TABLE: &str = "message_queue_log_data";
 /// ([`CLAIM_ORDER`]).
 pub const PENDING_INDEX: &str = "message_queue_log_pending_enqueued_idx";
 /// Pending indexes of earlier releases, which `migrate` drops once
-/// [`PENDING_INDEX`] is built: `message_queue_log_pending_idx` was on
-/// `message_id` alone.
-pub const SUPERSEDED_INDEXES: [&str; 1] = ["message_queue_log_pending_idx"];
+/// [`PENDING_INDEX`] is built, but only where the definition is exactly
+/// what a release made (those releases left no comment on them): the first
+/// one's on `message_id` where `transferred IS NOT TRUE`, the next one's
+/// with [`PENDING_PREDICATE`]. An index of the same name and any other
+/// definition is the user's and stays.
+pub const SUPERSEDED_INDEXES: [IndexSpec; 2] = [
+    IndexSpec {
+        name: "message_queue_log_pending_idx",
+        table: LOG_TABLE,
+        keys: &["message_id"],
+        predicate: Some("transferred IS NOT TRUE"),
+    },
+    IndexSpec {
+        name: "message_queue_log_pending_idx",
+        table: LOG_TABLE,
+        keys: &["message_id"],
+        predicate: Some(PENDING_PREDICATE),
+    },
+];
+/// The relay's indexes, as `migrate` makes them.
+pub const INDEXES: [IndexSpec; 3] = [
+    IndexSpec {
+        name: PENDING_INDEX,
+        table: LOG_TABLE,
+        keys: &CLAIM_ORDER,
+        predicate: Some(PENDING_PREDICATE),
+    },
+    IndexSpec {
+        name: DATA_INDEX,
+        table: DATA_TABLE,
+        keys: &["message_id"],
+        predicate: None,
+    },
+    IndexSpec {
+        name: TRANSFERRED_INDEX,
+        table: LOG_TABLE,
+        keys: &["transfer_time"],
+        predicate: Some(TRANSFERRED_PREDICATE),
+    },
+];
+/// How the comment `migrate` puts on each index it makes starts: the mark
+/// that tells the relay's indexes from the user's (it drops only its own).
+pub const INDEX_COMMENT_MARK: &str = "pushoccurrence:";
 /// The order claims take pending rows in, and the key of [`PENDING_INDEX`]:
 /// oldest first. Rows are appended to the heap as they are written, so
 /// consecutive rows in this order share heap pages, and a batch reads and
@@ -76,6 +122,14 @@ pub const RELAY_COLUMNS: [(&str, &str); 5] = [
     ("relay_last_error", "text"),
     ("relay_parked_at", "timestamptz"),
 ];
+/// The type (`pg_type.typname`) each of [`RELAY_COLUMNS`] must have.
+const RELAY_COLUMN_TYPES: [(&str, &str); 5] = [
+    ("relay_enqueued_at", "timestamptz"),
+    ("relay_attempts", "int4"),
+    ("relay_next_attempt_at", "timestamptz"),
+    ("relay_last_error", "text"),
+    ("relay_parked_at", "timestamptz"),
+];
 /// Optional per-message columns on the status table, all nullable: where a
 /// message goes and the AMQP properties it carries. NULL means "as the
 /// config says" (see `routing`), so seed producers never need them.
@@ -106,6 +160,147 @@ pub const MAX_DOUBLINGS: i32 = 62;
 /// the hour the clocks repeat PostgreSQL reads a local time as the later
 /// of its two instants, so a row may look younger than it is, never older.
 pub const TRANSFER_INSTANT: &str = "transfer_time::timestamptz";
+/// A btree index by its definition: what `migrate` compares an existing
+/// index of the same name with, never trusting the name alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexSpec {
+    /// The index's name, in the outbox's schema.
+    pub name: &'static str,
+    /// The table it is on, in the same schema.
+    pub table: &'static str,
+    /// The key columns in order, as `pg_get_indexdef` writes them
+    /// (`relay_enqueued_at NULLS FIRST`).
+    pub keys: &'static [&'static str],
+    /// The partial index's predicate, if any.
+    pub predicate: Option<&'static str>,
+}
+
+/// What holds an index's name in the outbox's schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexState {
+    /// Nothing: the name is free.
+    Absent,
+    /// A relation that is not an index (a table, a view, a sequence...).
+    NotAnIndex {
+        /// What it is, in words.
+        kind: &'static str,
+    },
+    /// An index.
+    Index {
+        /// It has exactly the definition asked about.
+        matches: bool,
+        /// Usable by queries (not left invalid by an interrupted build).
+        valid: bool,
+        /// It carries the relay's comment ([`INDEX_COMMENT_MARK`]).
+        ours: bool,
+        /// `pg_get_indexdef`, for messages.
+        definition: String,
+    },
+}
+
+impl IndexState {
+    /// Whether it is a valid index with the definition asked about.
+    pub fn ready(&self) -> bool {
+        matches!(
+            self,
+            Self::Index {
+                matches: true,
+                valid: true,
+                ..
+            }
+        )
+    }
+}
+
+/// Reads what holds `spec.name` in `schema` and compares it with `spec` by
+/// definition (`pg_index`): the table, btree, not unique, no expressions
+/// or included columns, the key columns in order with their ordering, and
+/// the predicate (compared without parentheses, which `pg_get_expr` adds).
+///
+/// # Errors
+/// The catalog could not be read.
+pub async fn index_state(
+    client: &Client,
+    schema: &str,
+    spec: &IndexSpec,
+) -> Result<IndexState, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT c.relkind::text,
+                    i.indisvalid AND i.indisready,
+                    coalesce(obj_description(c.oid, 'pg_class'), ''),
+                    t.relname::text = $3::text
+                        AND am.amname = 'btree' AND NOT i.indisunique AND i.indexprs IS NULL
+                        AND i.indnatts = i.indnkeyatts,
+                    (SELECT array_agg(coalesce(a.attname::text, '?')
+                              || CASE WHEN k.o & 1 = 1 THEN ' DESC' ELSE '' END
+                              || CASE WHEN (k.o & 2 = 2) <> (k.o & 1 = 1)
+                                      THEN CASE WHEN k.o & 2 = 2 THEN ' NULLS FIRST' ELSE ' NULLS LAST' END
+                                      ELSE '' END
+                              ORDER BY k.ord)
+                       FROM unnest(i.indkey::int2[], i.indoption::int2[]) WITH ORDINALITY k(attnum, o, ord)
+                       LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum),
+                    pg_get_expr(i.indpred, i.indrelid),
+                    CASE WHEN i.indexrelid IS NOT NULL THEN pg_get_indexdef(c.oid) END
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               LEFT JOIN pg_index i ON i.indexrelid = c.oid
+               LEFT JOIN pg_class t ON t.oid = i.indrelid -- always in the index's schema
+               LEFT JOIN pg_am am ON am.oid = c.relam
+              WHERE n.nspname::text = $1::text AND c.relname::text = $2::text",
+            &[&schema, &spec.name, &spec.table],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(IndexState::Absent);
+    };
+    let relkind: String = row.get(0);
+    if relkind != "i" {
+        return Ok(IndexState::NotAnIndex {
+            kind: match relkind.as_str() {
+                "r" => "table",
+                "p" => "partitioned table",
+                "I" => "partitioned index",
+                "S" => "sequence",
+                "v" => "view",
+                "m" => "materialized view",
+                "f" => "foreign table",
+                "c" => "composite type",
+                _ => "relation",
+            },
+        });
+    }
+    let shape: Option<bool> = row.get(3);
+    let keys: Option<Vec<String>> = row.get(4);
+    let predicate: Option<String> = row.get(5);
+    let matches = shape == Some(true)
+        && keys.is_some_and(|keys| {
+            keys.iter()
+                .map(String::as_str)
+                .eq(spec.keys.iter().copied())
+        })
+        && predicate.as_deref().map(normalize_predicate) == spec.predicate.map(normalize_predicate);
+    let comment: String = row.get(2);
+    Ok(IndexState::Index {
+        matches,
+        valid: row.get::<_, Option<bool>>(1) == Some(true),
+        ours: comment.starts_with(INDEX_COMMENT_MARK),
+        definition: row.get::<_, Option<String>>(6).unwrap_or_default(),
+    })
+}
+
+/// A predicate without parentheses, in lower case, single-spaced: the form
+/// in which `pg_get_expr`'s output and the relay's text compare. (The
+/// relay's predicates are conjunctions of simple tests, so grouping
+/// cannot differ.)
+fn normalize_predicate(predicate: &str) -> String {
+    predicate
+        .replace(['(', ')'], " ")
+        .to_lowercase()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The predicate of rows the relay may claim (and of the partial index).
 /// `transferred` is nullable in the seed, so pending is `IS NOT TRUE`.
 pub const PENDING_PREDICATE: &str = "transferred IS NOT TRUE AND relay_parked_at IS NULL";
@@ -168,6 +363,8 @@ pub struct Outbox {
     pub schema: String,
     /// `message_id`'s type as SQL spells it (`uuid`, `text`, `character varying(64)`).
     pub id_type: String,
+    /// How ids of that type are made.
+    pub id_kind: IdKind,
     /// `message_body`'s type.
     pub body_type: BodyType,
     /// `message_body`'s type as SQL spells it.
@@ -175,6 +372,200 @@ pub struct Outbox {
     /// `message_body`'s type name in `pg_type` (`bytea`, `varchar`), as
     /// the driver names a result column's type.
     pub body_type_name: String,
+    /// `message_body`'s type without its length (`character varying`):
+    /// what `send` casts to, since a cast to `varchar(n)` cuts the text.
+    pub body_type_base: String,
+}
+
+/// How `message_id` values are compared and made, from its type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdKind {
+    /// `uuid`: the helper makes one with `gen_random_uuid()`.
+    Uuid,
+    /// `text`, `varchar(n)` or `char(n)` (`max_chars` is n): the helper
+    /// makes a uuid's text, where it fits ([`GENERATED_ID_CHARS`]).
+    Text {
+        /// The declared length, if any.
+        max_chars: Option<i32>,
+    },
+    /// `smallint`, `integer` or `bigint`: the helper takes the column's
+    /// default (a sequence or identity), and needs an id without one.
+    Integer {
+        /// The status table's `message_id` has a default or is an identity.
+        has_default: bool,
+    },
+}
+
+/// The length of the ids the producer helper makes for text columns: a
+/// uuid's text.
+pub const GENERATED_ID_CHARS: i32 = 36;
+
+/// The id types the relay supports, in words, for messages.
+const SUPPORTED_ID_TYPES: &str = "uuid, text, varchar, char, smallint, integer and bigint";
+
+impl IdKind {
+    fn of(column: &Column) -> Option<Self> {
+        match column.type_name.as_str() {
+            "uuid" => Some(Self::Uuid),
+            "text" | "varchar" | "bpchar" => Some(Self::Text {
+                max_chars: column.max_chars,
+            }),
+            "int2" | "int4" | "int8" => Some(Self::Integer {
+                has_default: column.has_default,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// One column of the outbox tables, as the catalog describes it.
+#[derive(Debug, Clone)]
+pub struct Column {
+    /// Its table's name.
+    pub table: String,
+    /// The column's name.
+    pub name: String,
+    /// Its type as SQL spells it (`character varying(64)`).
+    pub sql_type: String,
+    /// `pg_type.typname` (`varchar`).
+    pub type_name: String,
+    /// Its type without length or precision (`character varying`).
+    pub base_type: String,
+    /// The declared length of a `varchar(n)` or `char(n)`.
+    pub max_chars: Option<i32>,
+    /// It has a default, or is an identity column.
+    pub has_default: bool,
+}
+
+/// The columns of whichever outbox tables exist in `schema`.
+///
+/// # Errors
+/// The catalog could not be read.
+pub async fn read_columns(client: &Client, schema: &str) -> Result<Vec<Column>, SchemaError> {
+    let rows = client
+        .query(
+            "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), t.typname::text,
+                    format_type(a.atttypid, NULL),
+                    CASE WHEN t.typname IN ('varchar', 'bpchar') AND a.atttypmod >= 4 THEN a.atttypmod - 4 END,
+                    a.atthasdef OR a.attidentity <> ''
+               FROM pg_attribute a
+               JOIN pg_class c ON c.oid = a.attrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_type t ON t.oid = a.atttypid
+              WHERE n.nspname = $1 AND c.relname IN ($2, $3) AND c.relkind IN ('r', 'p')
+                AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&schema, &LOG_TABLE, &DATA_TABLE],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Column {
+            table: r.get(0),
+            name: r.get(1),
+            sql_type: r.get(2),
+            type_name: r.get(3),
+            base_type: r.get(4),
+            max_chars: r.get(5),
+            has_default: r.get(6),
+        })
+        .collect())
+}
+
+/// Column `name` of `table`, if it exists.
+pub fn find<'a>(columns: &'a [Column], table: &str, name: &str) -> Option<&'a Column> {
+    columns.iter().find(|c| c.table == table && c.name == name)
+}
+
+/// Checks the types of those columns the relay reads or writes that exist
+/// (so `migrate` can refuse tables before it adds to them): each names
+/// the column, its type and what is supported.
+///
+/// # Errors
+/// [`SchemaError::Unsupported`] for the first column of a type the relay
+/// cannot use.
+pub fn check_types(schema: &str, columns: &[Column]) -> Result<(), SchemaError> {
+    let refuse = |column: &Column, why: &str| {
+        Err(SchemaError::Unsupported(format!(
+            "{schema}.{}.{} is {}; {why}",
+            column.table, column.name, column.sql_type
+        )))
+    };
+    if let Some(c) = find(columns, LOG_TABLE, "transferred")
+        && c.type_name != "bool"
+    {
+        return refuse(
+            c,
+            "the relay sets it to true once a message is confirmed, so it must be boolean (the seed's type): \
+             alter the column",
+        );
+    }
+    if let Some(c) = find(columns, LOG_TABLE, "transfer_time")
+        && !matches!(c.type_name.as_str(), "timestamp" | "timestamptz")
+    {
+        return refuse(
+            c,
+            "the relay writes the database clock into it, so it must be timestamp (the seed's type) \
+             or timestamp with time zone: alter the column",
+        );
+    }
+    for table in [LOG_TABLE, DATA_TABLE] {
+        if let Some(c) = find(columns, table, "message_id")
+            && IdKind::of(c).is_none()
+        {
+            return refuse(
+                c,
+                &format!("supported id types are {SUPPORTED_ID_TYPES}, the same in both tables"),
+            );
+        }
+    }
+    if let (Some(log), Some(data)) = (
+        find(columns, LOG_TABLE, "message_id"),
+        find(columns, DATA_TABLE, "message_id"),
+    ) && log.sql_type != data.sql_type
+    {
+        return Err(SchemaError::Unsupported(format!(
+            "{schema}.{LOG_TABLE}.message_id is {} but {schema}.{DATA_TABLE}.message_id is {}; \
+             the seed requires the same type in both tables",
+            log.sql_type, data.sql_type
+        )));
+    }
+    if let Some(c) = find(columns, DATA_TABLE, "message_body")
+        && BodyType::from_type_name(&c.type_name).is_none()
+    {
+        return refuse(
+            c,
+            "supported types are bytea, jsonb, json and text (varchar, char)",
+        );
+    }
+    // The relay's own columns, as migrate adds them: a column of the same
+    // name and another type (the user's) would fail every claim or mark.
+    for (name, accepted) in RELAY_COLUMN_TYPES {
+        if let Some(c) = find(columns, LOG_TABLE, name)
+            && c.type_name != accepted
+        {
+            let sql_type = RELAY_COLUMNS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or("", |(_, ty)| ty);
+            return Err(SchemaError::Unsupported(format!(
+                "{schema}.{LOG_TABLE}.{name} is {}, but the relay keeps its bookkeeping in it as {sql_type}; \
+                 rename that column, then run `pushoccurrence migrate`",
+                c.sql_type
+            )));
+        }
+    }
+    for (name, sql_type, accepted) in MESSAGE_COLUMNS {
+        if let Some(c) = find(columns, LOG_TABLE, name)
+            && !accepted.contains(&c.type_name.as_str())
+        {
+            return Err(SchemaError::Unsupported(format!(
+                "{schema}.{LOG_TABLE}.{name} is {}, but the relay reads it as {sql_type}; \
+                 alter or rename that column, then run `pushoccurrence migrate`",
+                c.sql_type
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Why the outbox cannot be used as it is.
@@ -203,68 +594,58 @@ impl Outbox {
     /// # Errors
     /// [`SchemaError`] saying what is missing or wrong and how to fix it.
     pub async fn inspect(client: &Client, schema: &str) -> Result<Self, SchemaError> {
-        let rows = client
-            .query(
-                "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), t.typname::text
-                   FROM pg_attribute a
-                   JOIN pg_class c ON c.oid = a.attrelid
-                   JOIN pg_namespace n ON n.oid = c.relnamespace
-                   JOIN pg_type t ON t.oid = a.atttypid
-                  WHERE n.nspname = $1 AND c.relname IN ($2, $3) AND c.relkind IN ('r', 'p')
-                    AND a.attnum > 0 AND NOT a.attisdropped",
-                &[&schema, &LOG_TABLE, &DATA_TABLE],
-            )
-            .await?;
+        let columns = read_columns(client, schema).await?;
         for table in [LOG_TABLE, DATA_TABLE] {
-            if !rows.iter().any(|r| r.get::<_, String>(0) == table) {
+            if !columns.iter().any(|c| c.table == table) {
                 return Err(SchemaError::Missing(format!(
                     "table {schema}.{table} does not exist"
                 )));
             }
         }
-        let column = |table: &str, name: &str| -> Result<(String, String), SchemaError> {
-            rows.iter()
-                .find(|r| r.get::<_, String>(0) == table && r.get::<_, String>(1) == name)
-                .map(|r| (r.get(2), r.get(3)))
-                .ok_or_else(|| {
-                    SchemaError::Missing(format!("column {schema}.{table}.{name} does not exist"))
-                })
+        let column = |table: &str, name: &str| -> Result<&Column, SchemaError> {
+            find(&columns, table, name).ok_or_else(|| {
+                SchemaError::Missing(format!("column {schema}.{table}.{name} does not exist"))
+            })
         };
-        let (id_type, _) = column(LOG_TABLE, "message_id")?;
-        column(LOG_TABLE, "transferred")?;
-        column(LOG_TABLE, "transfer_time")?;
-        for (name, _) in RELAY_COLUMNS {
+        for name in ["message_id", "transferred", "transfer_time"]
+            .into_iter()
+            .chain(RELAY_COLUMNS.map(|(name, _)| name))
+            .chain(MESSAGE_COLUMNS.map(|(name, _, _)| name))
+        {
             column(LOG_TABLE, name)?;
         }
-        for (name, sql_type, accepted) in MESSAGE_COLUMNS {
-            let (found, type_name) = column(LOG_TABLE, name)?;
-            if !accepted.contains(&type_name.as_str()) {
-                return Err(SchemaError::Unsupported(format!(
-                    "{schema}.{LOG_TABLE}.{name} is {found}, but the relay reads it as {sql_type}; \
-                     alter or rename that column, then run `pushoccurrence migrate`"
-                )));
-            }
-        }
-        let (data_id_type, _) = column(DATA_TABLE, "message_id")?;
-        let (body_type_sql, body_type_name) = column(DATA_TABLE, "message_body")?;
-        if id_type != data_id_type {
-            return Err(SchemaError::Unsupported(format!(
-                "{schema}.{LOG_TABLE}.message_id is {id_type} but {schema}.{DATA_TABLE}.message_id is {data_id_type}; \
-                 the seed requires the same type in both tables"
-            )));
-        }
-        let body_type = BodyType::from_type_name(&body_type_name).ok_or_else(|| {
-            SchemaError::Unsupported(format!(
-                "{schema}.{DATA_TABLE}.message_body is {body_type_sql}; supported types are bytea, jsonb, json and text"
-            ))
-        })?;
+        column(DATA_TABLE, "message_id")?;
+        column(DATA_TABLE, "message_body")?;
+        check_types(schema, &columns)?;
+        let id = column(LOG_TABLE, "message_id")?;
+        let body = column(DATA_TABLE, "message_body")?;
         Ok(Self {
             schema: schema.to_owned(),
-            id_type,
-            body_type,
-            body_type_sql,
-            body_type_name,
+            id_type: id.sql_type.clone(),
+            // Both checked by check_types.
+            id_kind: IdKind::of(id).unwrap_or(IdKind::Text { max_chars: None }),
+            body_type: BodyType::from_type_name(&body.type_name).unwrap_or(BodyType::Bytea),
+            body_type_sql: body.sql_type.clone(),
+            body_type_base: body.base_type.clone(),
+            body_type_name: body.type_name.clone(),
         })
+    }
+
+    /// What the producer helper cannot do with this id type, in words with
+    /// the fix: make an id for a `varchar(n)` shorter than a uuid's text,
+    /// or for an integer id without a default. `None` when it can.
+    pub fn helper_limit(&self) -> Option<String> {
+        let problem = match self.id_kind {
+            IdKind::Text { max_chars: Some(n) } if n < GENERATED_ID_CHARS => {
+                "too short for the ids it makes"
+            }
+            IdKind::Integer { has_default: false } => "without a default",
+            _ => return None,
+        };
+        Some(format!(
+            "push_occurrence() and `send` need an id from the caller: message_id is {} {problem}",
+            self.id_type
+        ))
     }
 
     /// The privileges the relay uses that the session's role lacks, in
@@ -324,7 +705,8 @@ impl Outbox {
         Ok(missing)
     }
 
-    /// Whether [`PENDING_INDEX`] exists and is valid. Without it (an outbox
+    /// Whether [`PENDING_INDEX`] exists, is valid and has the definition
+    /// claims need. Without it (an outbox
     /// `migrate` has not brought up to this release) claims still work, but
     /// sort every pending row to find the oldest.
     ///
@@ -334,15 +716,11 @@ impl Outbox {
         &self,
         client: &Client,
     ) -> Result<bool, tokio_postgres::Error> {
-        Ok(client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                  JOIN pg_index i ON i.indexrelid = c.oid
-                 WHERE n.nspname = $1 AND c.relname = $2 AND i.indisvalid)",
-                &[&self.schema, &PENDING_INDEX],
-            )
+        // By definition, not by name: an index of the user's under that
+        // name, on other columns, would leave every claim scanning.
+        Ok(index_state(client, &self.schema, &INDEXES[0])
             .await?
-            .get(0))
+            .ready())
     }
 
     /// Whether `message_id` of the status table is unique: a valid unique
@@ -558,7 +936,9 @@ impl Outbox {
     pub fn send_sql(&self) -> String {
         let body = match self.body_type {
             BodyType::Bytea => "convert_to($1::text, 'UTF8')".to_owned(),
-            _ => format!("$1::text::{}", self.body_type_sql),
+            // Never to the length-limited type: a cast cuts the text
+            // silently, where storing it into the column refuses (22001).
+            _ => format!("$1::text::{}", self.body_type_base),
         };
         format!(
             "SELECT {schema}.{f}({body}, p_channel => $2::text, p_exchange => $3::text, p_routing_key => $4::text)::text",
@@ -823,9 +1203,11 @@ mod tests {
         Outbox {
             schema: "Data".into(),
             id_type: "uuid".into(),
+            id_kind: IdKind::Uuid,
             body_type,
             body_type_sql: "jsonb".into(),
             body_type_name: "jsonb".into(),
+            body_type_base: "jsonb".into(),
         }
     }
 
@@ -870,6 +1252,25 @@ mod tests {
             bytea
                 .bodies_sql()
                 .contains("SELECT d.message_id::text, d.message_body,")
+        );
+    }
+
+    #[test]
+    fn every_relay_column_has_its_checked_type() {
+        let checked: Vec<&str> = RELAY_COLUMN_TYPES.iter().map(|(n, _)| *n).collect();
+        let added: Vec<&str> = RELAY_COLUMNS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(checked, added);
+    }
+
+    #[test]
+    fn predicates_compare_without_the_parentheses_postgres_adds() {
+        assert_eq!(
+            normalize_predicate("((transferred IS NOT TRUE) AND (relay_parked_at IS NULL))"),
+            normalize_predicate(PENDING_PREDICATE)
+        );
+        assert_ne!(
+            normalize_predicate("(transferred IS NOT TRUE)"),
+            normalize_predicate(PENDING_PREDICATE)
         );
     }
 

@@ -14,9 +14,28 @@ async fn index_names(env: &TestEnv) -> Vec<String> {
 #[tokio::test]
 async fn migrate_creates_the_seed_schema_and_is_idempotent() {
     let env = TestEnv::new("migrate").await;
-    for _ in 0..2 {
-        env.migrate().await;
-    }
+    let first = env.migrate().await;
+    assert!(
+        first.contains("tables created, indexes created: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx, message_queue_log_transfer_time_idx, message_id uuid"),
+        "{first}"
+    );
+    let again = env.migrate().await;
+    assert!(
+        again.contains("tables already present, indexes created: none, already present: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx, message_queue_log_transfer_time_idx, message_id uuid"),
+        "{again}"
+    );
+    // The indexes are marked as the relay's in the creating transaction.
+    let comments: i64 = env
+        .pg
+        .query_one(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND obj_description(c.oid, 'pg_class') LIKE 'pushoccurrence:%'",
+            &[&env.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(comments, 3);
     assert_eq!(
         index_names(&env).await,
         [
@@ -196,7 +215,7 @@ async fn claims_take_the_oldest_rows_first_and_an_earlier_pending_index_is_repla
     as_the_release_before_claim_order_left_it(&env).await;
     let stdout = env.migrate().await;
     assert!(
-        stdout.contains("indexes created: message_queue_log_pending_enqueued_idx, dropped (superseded): message_queue_log_pending_idx"),
+        stdout.contains("indexes created: message_queue_log_pending_enqueued_idx, already present: message_queue_log_data_message_id_idx, message_queue_log_transfer_time_idx, dropped (superseded): message_queue_log_pending_idx"),
         "{stdout}"
     );
     assert_eq!(
@@ -516,5 +535,496 @@ async fn a_schema_named_with_the_helpers_dollar_quote_tag_migrates_and_relays() 
     env.wait_all_transferred().await;
     assert_exactly_once(&consumer, &ids);
     assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
+
+/// Runs `pushoccurrence <args>`: its exit code and everything it printed.
+async fn command(env: &TestEnv, args: &[&str]) -> (Option<i32>, String) {
+    let out = pushoccurrence(&env.write_config(), args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `(index, comment)` of every index in the test's schema, by name.
+async fn index_comments(env: &TestEnv) -> Vec<(String, Option<String>)> {
+    env.pg
+        .query(
+            "SELECT c.relname::text, obj_description(c.oid, 'pg_class') FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relkind = 'i' ORDER BY 1",
+            &[&env.name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test]
+async fn indexes_are_checked_by_definition_and_a_users_own_index_is_never_dropped() {
+    let env = TestEnv::new("idxdef").await;
+    env.migrate().await;
+    let s = &env.name;
+    // The user's own objects under the relay's index names: an index on
+    // other columns, a table, and an index named like the earlier
+    // release's pending index (which migrate replaces).
+    env.pg
+        .batch_execute(&format!(
+            "DROP INDEX \"{s}\".message_queue_log_pending_enqueued_idx;
+             DROP INDEX \"{s}\".message_queue_log_data_message_id_idx;
+             CREATE INDEX message_queue_log_pending_enqueued_idx ON \"{s}\".message_queue_log (transfer_time);
+             CREATE TABLE \"{s}\".message_queue_log_data_message_id_idx (x int);
+             CREATE INDEX message_queue_log_pending_idx ON \"{s}\".message_queue_log (message_id, transferred);"
+        ))
+        .await
+        .unwrap();
+    let (code, out) = command(&env, &["migrate"]).await;
+    assert_eq!(code, Some(78), "{out}");
+    assert!(
+        out.contains(&format!(
+            "index {s}.message_queue_log_pending_enqueued_idx: the name is taken by an index that is not the relay's"
+        )) && out.contains("ALTER INDEX"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "index {s}.message_queue_log_data_message_id_idx: the name is taken by a table"
+        )),
+        "{out}"
+    );
+    // Nothing of the user's was dropped, nothing was claimed created.
+    assert!(out.contains("indexes created: none"), "{out}");
+    assert_eq!(
+        index_names(&env).await,
+        [
+            "message_queue_log_pending_enqueued_idx",
+            "message_queue_log_pending_idx",
+            "message_queue_log_pkey",
+            "message_queue_log_transfer_time_idx"
+        ]
+    );
+    // `check` does not take the user's index for the relay's.
+    let (code, out) = command(&env, &["check"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("no pending-rows index: claims will scan; its name message_queue_log_pending_enqueued_idx is taken by an index that is not the relay's"),
+        "{out}"
+    );
+
+    // Once the names are free, migrate builds and marks its own indexes,
+    // and still leaves the user's index alone.
+    env.pg
+        .batch_execute(&format!(
+            "ALTER INDEX \"{s}\".message_queue_log_pending_enqueued_idx RENAME TO users_transfer_time_idx;
+             DROP TABLE \"{s}\".message_queue_log_data_message_id_idx;"
+        ))
+        .await
+        .unwrap();
+    let out = env.migrate().await;
+    assert!(
+        out.contains("indexes created: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx"),
+        "{out}"
+    );
+    assert!(!out.contains("dropped"), "{out}");
+    let comments = index_comments(&env).await;
+    let comment = |name: &str| {
+        comments
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, c)| c.clone())
+            .unwrap_or_default()
+    };
+    assert!(comment("message_queue_log_pending_enqueued_idx").starts_with("pushoccurrence:"));
+    assert!(comment("message_queue_log_data_message_id_idx").starts_with("pushoccurrence:"));
+    assert_eq!(comment("message_queue_log_pending_idx"), "");
+    assert_eq!(
+        index_names(&env).await,
+        [
+            "message_queue_log_data_message_id_idx",
+            "message_queue_log_pending_enqueued_idx",
+            "message_queue_log_pending_idx",
+            "message_queue_log_pkey",
+            "message_queue_log_transfer_time_idx",
+            "users_transfer_time_idx"
+        ]
+    );
+    // An index of exactly the relay's definition without the mark (as an
+    // earlier release left it) is taken as the relay's and marked.
+    env.pg
+        .batch_execute(&format!(
+            "COMMENT ON INDEX \"{s}\".message_queue_log_pending_enqueued_idx IS NULL"
+        ))
+        .await
+        .unwrap();
+    let out = env.migrate().await;
+    assert!(
+        out.contains("indexes created: none, already present: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx"),
+        "{out}"
+    );
+    assert!(
+        index_comments(&env).await.iter().all(|(name, comment)| name
+            == "message_queue_log_pending_idx"
+            || name == "users_transfer_time_idx"
+            || name == "message_queue_log_pkey"
+            || comment
+                .as_deref()
+                .is_some_and(|c| c.starts_with("pushoccurrence:"))),
+        "{:?}",
+        index_comments(&env).await
+    );
+    let (code, out) = command(&env, &["check"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("no pending-rows index"), "{out}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn column_types_the_relay_cannot_use_are_refused_naming_the_column() {
+    for (alter, column, found, supported) in [
+        (
+            "ALTER COLUMN transferred DROP DEFAULT, ALTER COLUMN transferred TYPE integer USING transferred::integer",
+            "transferred",
+            "integer",
+            "boolean",
+        ),
+        (
+            "ALTER COLUMN transfer_time TYPE text",
+            "transfer_time",
+            "text",
+            "timestamp",
+        ),
+        (
+            "ALTER COLUMN relay_attempts DROP DEFAULT, ALTER COLUMN relay_attempts TYPE text",
+            "relay_attempts",
+            "text",
+            "integer",
+        ),
+    ] {
+        let env = TestEnv::new("coltype").await;
+        env.migrate().await;
+        env.pg
+            .batch_execute(&format!(
+                // The partial indexes' predicates need a boolean `transferred`.
+                "DROP INDEX \"{s}\".message_queue_log_pending_enqueued_idx;
+                 DROP INDEX \"{s}\".message_queue_log_transfer_time_idx;
+                 ALTER TABLE \"{s}\".message_queue_log {alter}",
+                s = env.name
+            ))
+            .await
+            .unwrap();
+        let expected = format!("{}.message_queue_log.{column} is {found}", env.name);
+        for args in [&["check"][..], &["status"], &["migrate"]] {
+            let (code, out) = command(&env, args).await;
+            assert_eq!(code, Some(78), "{args:?}: {out}");
+            assert!(
+                out.contains(&expected) && out.contains(supported),
+                "{args:?}: {out}"
+            );
+        }
+        env.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn ids_the_helper_cannot_make_are_refused_and_a_bigint_id_takes_its_default() {
+    // A bigint id with an identity: the helper and `send` take its next
+    // value, and the event is relayed under it.
+    let env = TestEnv::new("bigid").await;
+    env.create_seed_tables("bigint GENERATED BY DEFAULT AS IDENTITY", "bytea")
+        .await;
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let (code, out) = command(&env, &["send", "hello"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    let id = out.lines().next().unwrap().trim().to_owned();
+    assert!(id.parse::<i64>().is_ok(), "{out}");
+    consumer.wait_for_all(std::slice::from_ref(&id)).await;
+    assert_eq!(consumer.get(&id).body, b"hello");
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+
+    // Without a default there is nothing to take: the helper says so.
+    let env = TestEnv::new("bigid0").await;
+    env.create_seed_tables("bigint", "bytea").await;
+    let out = env.migrate().await;
+    assert!(
+        out.contains("need an id from the caller: message_id is bigint without a default"),
+        "{out}"
+    );
+    let s = &env.name;
+    let e = env
+        .pg
+        .execute(&format!("SELECT \"{s}\".push_occurrence('\\x01')"), &[])
+        .await
+        .unwrap_err();
+    let text = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(
+        text.contains("message_id is bigint and has no default") && text.contains("p_message_id"),
+        "{e:?}"
+    );
+    env.pg
+        .execute(&format!("SELECT \"{s}\".push_occurrence('\\x01', 7)"), &[])
+        .await
+        .unwrap();
+    env.cleanup().await;
+
+    // An id column too short for a generated id (a uuid's 36 characters):
+    // refused, never truncated into colliding ids.
+    let env = TestEnv::new("shortid").await;
+    env.create_seed_tables("varchar(8)", "bytea").await;
+    env.migrate().await;
+    let s = &env.name;
+    let e = env
+        .pg
+        .execute(&format!("SELECT \"{s}\".push_occurrence('\\x01')"), &[])
+        .await
+        .unwrap_err();
+    let text = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(
+        text.contains("message_id is character varying(8)") && text.contains("36"),
+        "{e:?}"
+    );
+    assert_eq!(env.pending().await, 0);
+    env.cleanup().await;
+
+    // A body longer than a varchar(n) column: `send` fails, nothing written.
+    let env = TestEnv::new("shortbody").await;
+    env.create_seed_tables("text", "varchar(8)").await;
+    env.migrate().await;
+    let (code, out) = command(&env, &["send", "0123456789"]).await;
+    assert_ne!(code, Some(0), "{out}");
+    assert!(out.contains("SQLSTATE 22001"), "{out}");
+    assert_eq!(env.pending().await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_body_table_alone_gets_a_status_table_of_its_id_type_and_a_failure_creates_nothing() {
+    let env = TestEnv::new("halfmade").await;
+    let s = &env.name;
+    env.pg
+        .batch_execute(&format!(
+            "CREATE SCHEMA \"{s}\";
+             CREATE TABLE \"{s}\".message_queue_log_data (message_id text, message_body bytea);"
+        ))
+        .await
+        .unwrap();
+    let out = env.migrate().await;
+    assert!(out.contains("message_id text"), "{out}");
+    env.pg
+        .execute(
+            &format!("SELECT \"{s}\".push_occurrence('\\x01', 'my-id')"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(env.pending().await, 1);
+    env.cleanup().await;
+
+    // A body table the relay cannot read: refused, and nothing is created.
+    let env = TestEnv::new("halfbad").await;
+    let s = &env.name;
+    env.pg
+        .batch_execute(&format!(
+            "CREATE SCHEMA \"{s}\";
+             CREATE TABLE \"{s}\".message_queue_log_data (message_id text, message_body integer);"
+        ))
+        .await
+        .unwrap();
+    let (code, out) = command(&env, &["migrate"]).await;
+    assert_eq!(code, Some(78), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{s}.message_queue_log_data.message_body is integer"
+        )),
+        "{out}"
+    );
+    let tables = env
+        .texts(
+            "SELECT relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 ORDER BY 1",
+            &[&env.name],
+        )
+        .await;
+    assert_eq!(tables, ["message_queue_log_data"]);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn migrate_behind_an_open_transaction_never_blocks_producers() {
+    // The seed's tables: migrate adds the relay's columns.
+    let env = TestEnv::new("locktmo").await;
+    env.create_seed_tables("uuid", "bytea").await;
+    migrate_behind_an_open_transaction(&env).await;
+    env.cleanup().await;
+    // The release before: migrate changes a column's default.
+    let env = TestEnv::new("locktmo2").await;
+    env.migrate().await;
+    as_the_release_before_claim_order_left_it(&env).await;
+    migrate_behind_an_open_transaction(&env).await;
+    env.cleanup().await;
+}
+
+/// Holds a transaction that wrote to the outbox open while `migrate` runs
+/// and producers insert under a statement timeout: no insert times out,
+/// migrate says what it waits for, and completes once the transaction ends.
+async fn migrate_behind_an_open_transaction(env: &TestEnv) {
+    let s = env.name.clone();
+    // A transaction that touched the outbox stays open.
+    let holder = pg().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let held = "00000000-0000-4000-8000-000000000001";
+    holder
+        .batch_execute(&format!(
+            "INSERT INTO \"{s}\".message_queue_log (message_id) VALUES ('{held}');
+             INSERT INTO \"{s}\".message_queue_log_data VALUES ('{held}', '\\x01');"
+        ))
+        .await
+        .unwrap();
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Migrate needs an exclusive lock on the status table.
+    let log = env.dir.path().join("migrate.log");
+    let mut migrate = pushoccurrence(&env.write_config(), &["migrate"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Producers keep writing, each statement under a timeout, until
+    // migrate has said what it waits for more than once.
+    let producer = pg().await;
+    producer
+        .batch_execute("SET statement_timeout = '10s'")
+        .await
+        .unwrap();
+    let mut ids = vec![held.to_owned()];
+    wait_until("migrate reports the lock it waits for, twice", || {
+        let id = uuid_like(ids.len());
+        ids.push(id.clone());
+        let (producer, s, log) = (&producer, &s, &log);
+        async move {
+            producer
+                .batch_execute(&format!(
+                    "BEGIN;
+                     INSERT INTO \"{s}\".message_queue_log (message_id) VALUES ('{id}');
+                     INSERT INTO \"{s}\".message_queue_log_data VALUES ('{id}', '\\x01');
+                     COMMIT;"
+                ))
+                .await
+                .unwrap_or_else(|e| panic!("a producer's insert failed: {e:?}"));
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            text.matches(&format!("pid {holder_pid}")).count() >= 2
+        }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("waiting for a lock") && text.contains("idle in transaction"),
+        "{text}"
+    );
+    // Once the transaction ends, migrate completes.
+    holder.batch_execute("COMMIT").await.unwrap();
+    let status = tokio::time::timeout(PATIENCE, migrate.wait())
+        .await
+        .expect("migrate completes")
+        .unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert_eq!(env.pending().await, ids.len() as i64);
+    assert_eq!(
+        index_names(env).await,
+        [
+            "message_queue_log_data_message_id_idx",
+            "message_queue_log_pending_enqueued_idx",
+            "message_queue_log_pkey",
+            "message_queue_log_transfer_time_idx"
+        ]
+    );
+}
+
+/// A distinct uuid-shaped id for the `n`th event of a test.
+fn uuid_like(n: usize) -> String {
+    format!("10000000-0000-4000-8000-{n:012}")
+}
+
+#[tokio::test]
+async fn an_index_build_names_the_transactions_it_waits_for() {
+    let env = TestEnv::new("cicwait").await;
+    env.migrate().await;
+    as_the_release_before_claim_order_left_it(&env).await;
+    // A transaction anywhere in the database, on no outbox table: a
+    // concurrent index build waits for it to end.
+    let holder = pg().await;
+    holder
+        .batch_execute("BEGIN; SELECT txid_current();")
+        .await
+        .unwrap();
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let log = env.dir.path().join("migrate.log");
+    let mut migrate = pushoccurrence(&env.write_config(), &["migrate"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until(
+        "migrate names the transaction its index build waits for",
+        || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let named = text.lines().any(|l| {
+                l.contains("it waits until these transactions of the database have ended")
+                    && l.contains("message_queue_log_pending_enqueued_idx")
+                    && l.contains(&format!("pid {holder_pid} (application_name 'po-test'"))
+            });
+            async move { named }
+        },
+    )
+    .await;
+    assert!(migrate.try_wait().unwrap().is_none(), "migrate is waiting");
+    holder.batch_execute("COMMIT").await.unwrap();
+    let status = tokio::time::timeout(PATIENCE, migrate.wait())
+        .await
+        .expect("migrate completes")
+        .unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert_eq!(
+        index_names(&env).await,
+        [
+            "message_queue_log_data_message_id_idx",
+            "message_queue_log_pending_enqueued_idx",
+            "message_queue_log_pkey",
+            "message_queue_log_transfer_time_idx"
+        ]
+    );
     env.cleanup().await;
 }
