@@ -35,6 +35,12 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.log_format.unwrap_or(config.log_format));
+    for warning in &config.env_notes.warnings {
+        tracing::warn!("{warning}");
+    }
+    for ignored in &config.env_notes.ignored {
+        tracing::debug!("{ignored}");
+    }
     let runtime = match pushoccurrence::service::runtime() {
         Ok(runtime) => runtime,
         Err(e) => {

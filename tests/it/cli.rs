@@ -507,3 +507,130 @@ async fn no_output_path_prints_a_secret() {
     }
     env.cleanup().await;
 }
+
+/// Kubernetes sets these for Services named `pushoccurrence` and
+/// `pushoccurrence-postgres` in the relay's namespace.
+const SERVICE_LINKS: &[(&str, &str)] = &[
+    ("PUSHOCCURRENCE_SERVICE_HOST", "10.0.0.1"),
+    ("PUSHOCCURRENCE_SERVICE_PORT", "9780"),
+    ("PUSHOCCURRENCE_PORT", "tcp://10.0.0.1:9780"),
+    ("PUSHOCCURRENCE_PORT_9780_TCP", "tcp://10.0.0.1:9780"),
+    ("PUSHOCCURRENCE_PORT_9780_TCP_PROTO", "tcp"),
+    ("PUSHOCCURRENCE_PORT_9780_TCP_PORT", "9780"),
+    ("PUSHOCCURRENCE_PORT_9780_TCP_ADDR", "10.0.0.1"),
+    ("PUSHOCCURRENCE_POSTGRES_SERVICE_HOST", "10.0.0.5"),
+    ("PUSHOCCURRENCE_POSTGRES_SERVICE_PORT", "5432"),
+    ("PUSHOCCURRENCE_POSTGRES_PORT", "tcp://10.0.0.5:5432"),
+    ("PUSHOCCURRENCE_POSTGRES_PORT_5432_TCP_ADDR", "10.0.0.5"),
+];
+
+#[tokio::test]
+async fn kubernetes_service_links_and_unknown_variables_never_stop_the_relay() {
+    use std::os::unix::ffi::OsStringExt;
+    let env = TestEnv::new("k8senv").await;
+    env.migrate().await;
+    let mut vars = SERVICE_LINKS.to_vec();
+    vars.push(("PUSHOCCURRENCE_TEAM", "payments"));
+    let mut cmd = pushoccurrence(&env.write_config(), &["check"]);
+    for (k, v) in &vars {
+        cmd.env(k, v);
+    }
+    // Not UTF-8, elsewhere in the environment and under the prefix.
+    cmd.env(
+        "PO_TEST_LATIN1",
+        std::ffi::OsString::from_vec(b"caf\xe9".to_vec()),
+    );
+    cmd.env(
+        "PUSHOCCURRENCE_NOTE",
+        std::ffi::OsString::from_vec(b"caf\xe9".to_vec()),
+    );
+    let out = cmd.output().await.unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    // The file's port (the real server's) stood against the service link.
+    assert!(
+        text.contains(&format!("ok    postgres: 127.0.0.1:{}", pg_port())),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "WARN pushoccurrence: environment variable PUSHOCCURRENCE_TEAM is not a setting of this relay; ignored"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("PUSHOCCURRENCE_NOTE is not a setting of this relay (and its value is not UTF-8); ignored"),
+        "{text}"
+    );
+    assert!(!text.contains("PUSHOCCURRENCE_PORT"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+
+    // A likely misspelling of a real setting is still an error: the
+    // operator believes it took effect.
+    let (code, text) = run_with(&env, &["check"], &[("PUSHOCCURRENCE_POSTGRES_HSOT", "db")]).await;
+    assert_eq!(code, Some(78), "{text}");
+    assert!(
+        text.contains(
+            "environment variable PUSHOCCURRENCE_POSTGRES_HSOT is not a setting of this relay; did you mean PUSHOCCURRENCE_POSTGRES_HOST?"
+        ),
+        "{text}"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn config_errors_name_the_variable_or_the_file_that_set_the_value() {
+    let env = TestEnv::new("cfgsrc").await;
+    let (code, text) = run_with(
+        &env,
+        &["check"],
+        &[("PUSHOCCURRENCE_POSTGRES_PORT", "70000")],
+    )
+    .await;
+    assert_eq!(code, Some(78), "{text}");
+    assert_eq!(
+        text.trim(),
+        "error: environment variable PUSHOCCURRENCE_POSTGRES_PORT (key postgres.port): invalid value: 70000, expected a whole number from 0 to 65535"
+    );
+    let (code, text) = run_with(
+        &env,
+        &["check"],
+        &[("PUSHOCCURRENCE_RELAY_BATCH_SIZE", "0")],
+    )
+    .await;
+    assert_eq!(code, Some(78), "{text}");
+    assert_eq!(
+        text.trim(),
+        "error: environment variable PUSHOCCURRENCE_RELAY_BATCH_SIZE (key relay.batch_size): must be at least 1"
+    );
+
+    // A byte order mark (Windows editors) is not an error; a key given twice is.
+    let path = env.write_config();
+    let json = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("\u{feff}{json}")).unwrap();
+    let out = pushoccurrence(&path, &["check"]).output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ok    config"), "{stdout}");
+    let twice = json.replacen(
+        "\"host\": \"127.0.0.1\",",
+        "\"host\": \"127.0.0.1\", \"host\": \"db\",",
+        1,
+    );
+    assert_ne!(twice, json);
+    std::fs::write(&path, twice).unwrap();
+    let out = pushoccurrence(&path, &["check"]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "error: {} is not valid JSON: key postgres.host is given twice; keep one at line",
+            path.display()
+        )),
+        "{stderr}"
+    );
+    env.cleanup().await;
+}
