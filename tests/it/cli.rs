@@ -634,3 +634,131 @@ async fn config_errors_name_the_variable_or_the_file_that_set_the_value() {
     );
     env.cleanup().await;
 }
+
+/// Runs a command against `env`'s config: (exit code, stdout, stderr).
+async fn output(env: &TestEnv, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = tokio::time::timeout(PATIENCE, pushoccurrence(&env.write_config(), args).output())
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn parked_and_requeue_tell_each_case_apart_and_read_ids_in_the_columns_type() {
+    let env = TestEnv::new("requeue").await;
+    env.migrate().await;
+    let s = &env.name;
+    let ids: Vec<String> = (0..8)
+        .map(|n| format!("{:08x}-2a4b-4c7d-9e8f-{n:012x}", fastrand::u32(..)))
+        .collect();
+    for id in &ids {
+        env.insert_event(id, "'\\x01'", false).await;
+    }
+    // 0-4 parked (with a reason holding a line break and a tab), 5 pending,
+    // 6 transferred, 7 parked.
+    env.pg
+        .execute(
+            &format!(
+                "UPDATE \"{s}\".message_queue_log
+                    SET relay_parked_at = now() - make_interval(secs => 10 - right(message_id::text, 1)::int),
+                        relay_attempts = 3, relay_last_error = E'first line\\nsecond\\tpart'
+                  WHERE message_id = ANY($1::text[]::uuid[])"
+            ),
+            &[&vec![&ids[0], &ids[1], &ids[2], &ids[3], &ids[4], &ids[7]]],
+        )
+        .await
+        .unwrap();
+    env.pg
+        .execute(
+            &format!(
+                "UPDATE \"{s}\".message_queue_log SET transferred = true, transfer_time = now() WHERE message_id = $1::text::uuid"
+            ),
+            &[&ids[6]],
+        )
+        .await
+        .unwrap();
+
+    // Limits the command line refuses, instead of an empty list or a raw SQL error.
+    for bad in [&["parked", "--limit", "0"][..], &["parked", "--limit=-1"]] {
+        let (code, _, stderr) = output(&env, bad).await;
+        assert_eq!(code, Some(2), "{bad:?}: {stderr}");
+        assert!(stderr.contains("--limit"), "{stderr}");
+    }
+    let (code, stdout, stderr) = output(&env, &["parked", "--limit", "2"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(
+        lines[0].starts_with(&format!("{}\tattempts=3\t", ids[0])),
+        "{stdout}"
+    );
+    assert!(lines[1].starts_with(&ids[1]), "{stdout}");
+    assert!(
+        lines[0].ends_with("\treason=first line\\nsecond\\tpart"),
+        "{stdout}"
+    );
+    assert_eq!(
+        lines[2],
+        "4 more parked row(s) not shown; raise --limit to see them"
+    );
+    let (_, stdout, _) = output(&env, &["parked"]).await;
+    assert_eq!(
+        stdout.lines().count(),
+        6,
+        "one line per parked row: {stdout}"
+    );
+
+    // Parked ids in other spellings of the same uuid.
+    let upper = ids[0].to_uppercase();
+    let braced = format!("{{{}}}", ids[1]);
+    let bare = ids[2].replace('-', "");
+    let (code, stdout, stderr) = output(&env, &["requeue", &upper, &braced, &bare]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout, "requeued 3 row(s)\n");
+    let parked = env
+        .texts(
+            &format!(
+                "SELECT message_id::text FROM \"{s}\".message_queue_log WHERE relay_parked_at IS NOT NULL ORDER BY 1"
+            ),
+            &[],
+        )
+        .await;
+    let mut still = vec![ids[3].clone(), ids[4].clone(), ids[7].clone()];
+    still.sort();
+    assert_eq!(parked, still);
+
+    // Nothing matched: each id with its own reason, exit 1.
+    let unknown = "00000000-0000-4000-8000-000000000000";
+    let (code, stdout, stderr) =
+        output(&env, &["requeue", &ids[5], &ids[6], unknown, "no-such-id"]).await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert_eq!(
+        stdout,
+        format!(
+            "requeued 0 row(s)\n\
+             malformed, left alone: no-such-id (not a uuid (message_id is uuid), e.g. 5f0c6e1e-2a4b-4c7d-9e8f-0123456789ab)\n\
+             not found in the outbox (check the id and postgres.schema): {unknown}\n\
+             not parked (still pending; the relay sends it), left alone: {}\n\
+             already transferred, left alone: {}\n",
+            ids[5], ids[6]
+        )
+    );
+    assert_eq!(
+        stderr.trim(),
+        "error: nothing requeued: no id given names a parked row"
+    );
+
+    // Some matched: exit 0, the rest reported.
+    let (code, stdout, _) = output(&env, &["requeue", &ids[3], "no-such-id"]).await;
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.starts_with("requeued 1 row(s)\nmalformed, left alone: no-such-id"),
+        "{stdout}"
+    );
+    env.cleanup().await;
+}
