@@ -16,6 +16,33 @@ use crate::{mq, service, shutdown};
 #[error("{0}")]
 pub struct Unavailable(pub String);
 
+/// The text of `error` for the operator: the error and each cause, each
+/// said once. Several errors already write their cause into their own text
+/// (`take the migration lock: deadlock detected`) and also return it as
+/// their source, so printing the whole chain (anyhow's `{:#}`) said
+/// everything twice or three times. A cause whose text is already written
+/// is dropped with everything below it: the error that wrote it has said
+/// what it knows of its own causes. A PostgreSQL error is said as
+/// [`describe`] says it (the server's message and SQLSTATE), which is also
+/// how the relay's own errors quote one, and ends the chain (its sources
+/// are in that text).
+pub fn error_text(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let pg = cause.downcast_ref::<tokio_postgres::Error>();
+        let said = pg.map_or_else(|| cause.to_string(), describe);
+        if text.contains(&said) {
+            break;
+        }
+        text.push_str(": ");
+        text.push_str(&said);
+        if pg.is_some() {
+            break;
+        }
+    }
+    text
+}
+
 /// `run`: relays until a signal; a second signal exits at once.
 ///
 /// # Errors
@@ -395,4 +422,42 @@ pub async fn requeue(config: Config, ids: &[String], all: bool) -> anyhow::Resul
         return Err(NothingRequeued.into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A driver error: says its kind, and its cause in its text.
+    #[derive(Debug, thiserror::Error)]
+    #[error("db error: ERROR: deadlock detected")]
+    struct Driver;
+
+    /// Like `MigrateError::Statement`: writes the cause into its own text
+    /// and also returns it as the source.
+    #[derive(Debug, thiserror::Error)]
+    #[error("take the migration lock: deadlock detected (40P01)")]
+    struct Step(#[source] Driver);
+
+    /// Like `StartError::Migrate`.
+    #[derive(Debug, thiserror::Error)]
+    enum Start {
+        #[error("migrate the outbox: {0}")]
+        Migrate(#[from] Step),
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let e = anyhow::Error::from(Start::from(Step(Driver)));
+        assert_eq!(
+            error_text(&e),
+            "migrate the outbox: take the migration lock: deadlock detected (40P01)"
+        );
+        // A context that does not repeat its cause keeps it.
+        let e = anyhow::Error::from(Driver).context("list parked rows");
+        assert_eq!(
+            error_text(&e),
+            "list parked rows: db error: ERROR: deadlock detected"
+        );
+    }
 }

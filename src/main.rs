@@ -51,7 +51,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(&cli, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", cmd::error_text(&error));
             ExitCode::from(exit_code(&error))
         }
     }

@@ -762,3 +762,32 @@ async fn parked_and_requeue_tell_each_case_apart_and_read_ids_in_the_columns_typ
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_error_and_its_causes_are_each_said_once() {
+    let mut env = TestEnv::new("once").await;
+    let role = env.name.clone();
+    env.pg
+        .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN"))
+        .await
+        .unwrap();
+    env.config["postgres"]["user"] = role.clone().into();
+    let (code, _, stderr) = output(&env, &["migrate"]).await;
+    assert_eq!(code, Some(78), "{stderr}");
+    assert_eq!(
+        stderr,
+        "error: create the outbox schema and tables: permission denied for database test (SQLSTATE 42501)\n"
+    );
+    let (code, _, stderr) = output(&env, &["run"]).await;
+    assert_eq!(code, Some(78), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        "error: migrate the outbox: create the outbox schema and tables: permission denied for database test (SQLSTATE 42501)"
+    );
+    env.pg
+        .batch_execute(&format!("DROP ROLE \"{role}\""))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
