@@ -411,7 +411,7 @@ async fn no_output_path_prints_a_secret() {
                 "PUSHOCCURRENCE_RABBITMQ_URL",
                 "amqp://guest:Zq9/kW7@127.0.0.1:5672/",
             )],
-            "key rabbitmq.url: 'amqp://guest:***@127.0.0.1:5672/'",
+            "environment variable PUSHOCCURRENCE_RABBITMQ_URL (key rabbitmq.url): 'amqp://guest:***@127.0.0.1:5672/'",
         ),
     ];
     for (case, edit, vars, expected) in bad_configs {
@@ -434,7 +434,9 @@ async fn no_output_path_prints_a_secret() {
     let (code, text) = run_with(&env, &["check"], &file_var).await;
     assert_eq!(code, Some(78), "{text}");
     assert!(
-        text.contains("key rabbitmq.url: 'amqp://guest:***@127.0.0.1:5672/'"),
+        text.contains(
+            "environment variable PUSHOCCURRENCE_RABBITMQ_URL_FILE (key rabbitmq.url): 'amqp://guest:***@127.0.0.1:5672/'"
+        ),
         "{text}"
     );
     assert!(!leaks(&text), "the _FILE secret leaked: {text}");
