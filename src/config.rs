@@ -1041,7 +1041,24 @@ impl Source<'_> {
         {
             Some((key, var)) if key == path => format!("environment variable {var} (key {key})"),
             Some((_, var)) => format!("environment variable {var} (key {path})"),
-            None => format!("{}: key {path}", self.origin),
+            None => {
+                // A block (`rabbitmq.queue`) with parts from the environment.
+                let inside: Vec<&str> = self
+                    .from_env
+                    .iter()
+                    .filter(|(key, _)| is_at_or_under(key, path))
+                    .map(|(_, var)| var.as_str())
+                    .collect();
+                if inside.is_empty() {
+                    format!("{}: key {path}", self.origin)
+                } else {
+                    format!(
+                        "{}: key {path} (with {} from the environment)",
+                        self.origin,
+                        inside.join(", ")
+                    )
+                }
+            }
         }
     }
 
@@ -1794,6 +1811,13 @@ pub(crate) mod tests {
         assert_eq!(
             e,
             "config.json: key relay: invalid type: string \"fast\", expected an object"
+        );
+        let e = err(SEED, &[("PUSHOCCURRENCE_RABBITMQ_QUEUE_DURABLE", "false")]);
+        assert!(
+            e.starts_with(
+                "config.json: key rabbitmq.queue (with PUSHOCCURRENCE_RABBITMQ_QUEUE_DURABLE from the environment): "
+            ),
+            "{e}"
         );
         let e = err(&edit(|v| v["postgres"]["port"] = (-1).into()), &[]);
         assert!(!e.contains("u16") && e.contains("0 to 65535"), "{e}");
