@@ -65,14 +65,18 @@ pub enum Command {
     /// List parked rows (bad input the relay gave up on): id, attempts,
     /// when it was parked and why, oldest first.
     Parked {
-        /// The most rows to list.
-        #[arg(long, default_value_t = 100)]
+        /// The most rows to list (at least 1); the output says how many
+        /// more there are.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
     },
     /// Put parked rows back into the stream after fixing them; their
-    /// attempt count starts again and running relays are woken.
+    /// attempt count starts again and running relays are woken. Each id
+    /// not requeued is reported with why (malformed, not found, not
+    /// parked, already transferred); exits 1 when none was requeued.
     Requeue {
-        /// The message ids to requeue.
+        /// The message ids to requeue (a uuid in any spelling PostgreSQL
+        /// reads: upper case, braces, without hyphens).
         #[arg(required_unless_present = "all")]
         ids: Vec<String>,
         /// Requeue every parked row.

@@ -18,6 +18,33 @@ use crate::{mq, service, shutdown};
 #[error("{0}")]
 pub struct Unavailable(pub String);
 
+/// The text of `error` for the operator: the error and each cause, each
+/// said once. Several errors already write their cause into their own text
+/// (`take the migration lock: deadlock detected`) and also return it as
+/// their source, so printing the whole chain (anyhow's `{:#}`) said
+/// everything twice or three times. A cause whose text is already written
+/// is dropped with everything below it: the error that wrote it has said
+/// what it knows of its own causes. A PostgreSQL error is said as
+/// [`describe`] says it (the server's message and SQLSTATE), which is also
+/// how the relay's own errors quote one, and ends the chain (its sources
+/// are in that text).
+pub fn error_text(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let pg = cause.downcast_ref::<tokio_postgres::Error>();
+        let said = pg.map_or_else(|| cause.to_string(), describe);
+        if text.contains(&said) {
+            break;
+        }
+        text.push_str(": ");
+        text.push_str(&said);
+        if pg.is_some() {
+            break;
+        }
+    }
+    text
+}
+
 /// `run`: relays until a signal; a second signal exits at once.
 ///
 /// # Errors
@@ -315,17 +342,24 @@ pub async fn send(config: Config, body: &str, route: SendRoute) -> anyhow::Resul
     Ok(())
 }
 
-/// `parked`: one line per parked row, oldest first.
+/// `parked`: one line per parked row, oldest first, and how many more
+/// there are. Values are escaped (`\n`, `\t`, `\\`) so one row stays one
+/// line with tab-separated fields, whatever a reason or a text id holds.
 ///
 /// # Errors
 /// Unreachable database or unusable schema.
 pub async fn parked(config: Config, limit: i64) -> anyhow::Result<()> {
     let (client, outbox) = open_outbox(&config).await?;
+    let total: i64 = client
+        .query_one(&outbox.parked_count_sql(), &[])
+        .await
+        .context("count parked rows")?
+        .get(0);
     let rows = client
         .query(&outbox.parked_sql(), &[&limit])
         .await
         .context("list parked rows")?;
-    if rows.is_empty() {
+    if total == 0 {
         println!("no parked rows in {}", outbox.schema);
     }
     for row in &rows {
@@ -334,40 +368,154 @@ pub async fn parked(config: Config, limit: i64) -> anyhow::Result<()> {
         let parked_at: String = row.get(2);
         let reason: Option<String> = row.get(3);
         println!(
-            "{id}\tattempts={attempts}\tparked_at={parked_at}\treason={}",
-            reason.unwrap_or_default()
+            "{}\tattempts={attempts}\tparked_at={parked_at}\treason={}",
+            one_line(&id),
+            one_line(&reason.unwrap_or_default())
+        );
+    }
+    let shown = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+    if total > shown {
+        println!(
+            "{} more parked row(s) not shown; raise --limit to see them",
+            total - shown
         );
     }
     Ok(())
 }
 
-/// `requeue`: un-parks rows and wakes running relays.
+/// `text` with backslashes and control characters escaped, so it fits on
+/// one line of tab-separated output.
+fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Nothing was requeued of the ids given; exit code 1.
+#[derive(Debug, thiserror::Error)]
+#[error("nothing requeued: no id given names a parked row")]
+pub struct NothingRequeued;
+
+/// `requeue`: un-parks rows and wakes running relays. Each id that is not
+/// requeued is reported with why: malformed, not found, still pending (not
+/// parked) or already transferred.
 ///
 /// # Errors
-/// Unreachable database or unusable schema.
+/// Unreachable database or unusable schema; [`NothingRequeued`] when ids
+/// were given and none named a parked row.
 pub async fn requeue(config: Config, ids: &[String], all: bool) -> anyhow::Result<()> {
-    let (client, outbox) = open_outbox(&config).await?;
-    let rows = client
-        .query(&outbox.requeue_sql(), &[&ids, &all])
+    let (mut client, outbox) = open_outbox(&config).await?;
+    let mut malformed = Vec::new();
+    // (as typed, canonical)
+    let mut wanted: Vec<(&String, String)> = Vec::new();
+    for id in ids {
+        match outbox.canonical_id(id) {
+            Ok(canonical) => wanted.push((id, canonical)),
+            Err(why) => malformed.push(format!("{} ({why})", one_line(id))),
+        }
+    }
+    let canonical: Vec<&str> = wanted.iter().map(|(_, c)| c.as_str()).collect();
+    let tx = client.transaction().await.context("begin the requeue")?;
+    let requeued: Vec<String> = tx
+        .query(&outbox.requeue_sql(), &[&canonical, &all])
         .await
-        .context("requeue parked rows")?;
-    let requeued: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        .context("requeue parked rows")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let states: Vec<(String, bool, bool)> = tx
+        .query(&outbox.id_states_sql(), &[&canonical])
+        .await
+        .context("look up the ids not requeued")?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    tx.commit().await.context("commit the requeue")?;
     // Wake every relay listening on the first channel; the payload is only a hint.
-    client
-        .execute("SELECT pg_notify($1, '')", &[&config.channels[0]])
-        .await
-        .context("notify the relays")?;
+    if !requeued.is_empty() {
+        client
+            .execute("SELECT pg_notify($1, '')", &[&config.channels[0]])
+            .await
+            .context("notify the relays")?;
+    }
     println!("requeued {} row(s)", requeued.len());
-    let missed: Vec<&String> = ids.iter().filter(|id| !requeued.contains(id)).collect();
-    if !missed.is_empty() {
-        println!(
-            "not parked, left alone: {}",
-            missed
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+    let (mut pending, mut transferred, mut missing) = (Vec::new(), Vec::new(), Vec::new());
+    for (typed, canonical) in &wanted {
+        if requeued.contains(canonical) {
+            continue;
+        }
+        let shown = one_line(typed);
+        match states.iter().find(|(id, _, _)| id == canonical) {
+            None => missing.push(shown),
+            Some((_, true, _)) => transferred.push(shown),
+            Some((_, false, _)) => pending.push(shown),
+        }
+    }
+    for (what, list) in [
+        ("malformed, left alone", &malformed),
+        (
+            "not found in the outbox (check the id and postgres.schema)",
+            &missing,
+        ),
+        (
+            "not parked (still pending; the relay sends it), left alone",
+            &pending,
+        ),
+        ("already transferred, left alone", &transferred),
+    ] {
+        if !list.is_empty() {
+            println!("{what}: {}", list.join(", "));
+        }
+    }
+    if !ids.is_empty() && requeued.is_empty() {
+        return Err(NothingRequeued.into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A driver error: says its kind, and its cause in its text.
+    #[derive(Debug, thiserror::Error)]
+    #[error("db error: ERROR: deadlock detected")]
+    struct Driver;
+
+    /// Like `MigrateError::Statement`: writes the cause into its own text
+    /// and also returns it as the source.
+    #[derive(Debug, thiserror::Error)]
+    #[error("take the migration lock: deadlock detected (40P01)")]
+    struct Step(#[source] Driver);
+
+    /// Like `StartError::Migrate`.
+    #[derive(Debug, thiserror::Error)]
+    enum Start {
+        #[error("migrate the outbox: {0}")]
+        Migrate(#[from] Step),
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let e = anyhow::Error::from(Start::from(Step(Driver)));
+        assert_eq!(
+            error_text(&e),
+            "migrate the outbox: take the migration lock: deadlock detected (40P01)"
+        );
+        // A context that does not repeat its cause keeps it.
+        let e = anyhow::Error::from(Driver).context("list parked rows");
+        assert_eq!(
+            error_text(&e),
+            "list parked rows: db error: ERROR: deadlock detected"
+        );
+    }
 }

@@ -12,6 +12,13 @@
 //! ([`redact_url`]), and every message is scrubbed of the secret values in
 //! effect, in case a library's text quotes one.
 //!
+//! Unknown `PUSHOCCURRENCE_*` variables never stop the relay: Kubernetes
+//! injects service links (`PUSHOCCURRENCE_PORT=tcp://…`,
+//! `PUSHOCCURRENCE_SERVICE_HOST`, …) for a Service named `pushoccurrence`,
+//! and those are ignored ([`is_service_link`]); anything else unknown is a
+//! warning, except a likely misspelling of a real setting, which is an
+//! error naming the setting meant (the operator thinks it took effect).
+//!
 //! This is the only module that reads the process environment.
 
 use std::collections::BTreeMap;
@@ -227,6 +234,18 @@ pub struct Config {
     pub stall_after: Duration,
     /// Deletion of old transferred rows; `None` keeps them forever.
     pub retention: Option<RetentionConfig>,
+    /// What the environment held that is not a setting (logged once
+    /// logging is set up, which needs the config first).
+    pub env_notes: EnvNotes,
+}
+
+/// `PUSHOCCURRENCE_*` variables that are not settings and were left alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnvNotes {
+    /// Unknown variables, each with why it is ignored: logged as WARN.
+    pub warnings: Vec<String>,
+    /// Kubernetes service links and the like: logged at DEBUG.
+    pub ignored: Vec<String>,
 }
 
 /// Which transferred rows are deleted, and how gently.
@@ -379,10 +398,10 @@ impl Config {
                 path.display()
             ))
         })?;
-        let env: BTreeMap<String, String> = std::env::vars()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-            .collect();
-        Self::parse(&text, &env, &path.display().to_string())
+        let (env, unreadable) = read_env(std::env::vars_os())?;
+        let mut config = Self::parse(&text, &env, &path.display().to_string())?;
+        config.env_notes.warnings.extend(unreadable);
+        Ok(config)
     }
 
     /// Parses config text with the given `PUSHOCCURRENCE_*` variables.
@@ -394,7 +413,9 @@ impl Config {
         env: &BTreeMap<String, String>,
         origin: &str,
     ) -> Result<Self, ConfigError> {
-        let mut json: Value = serde_json::from_str(&blank_comment_lines(text))
+        // Editors on Windows save UTF-8 with a byte order mark; JSON has none.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let mut json = strict_json(&blank_comment_lines(text))
             .map_err(|e| ConfigError::new(format!("{origin} is not valid JSON: {e}")))?;
         // Every secret value in effect, so that no message below can echo
         // one, whatever the input (a value of the wrong type, a library's
@@ -418,24 +439,31 @@ impl Config {
                 secrets.extend(items.flat_map(|v| url_secrets(v.trim())));
             }
         }
-        let parsed = apply_env(&mut json, env).and_then(|()| {
+        let parsed = apply_env(&mut json, env).and_then(|applied| {
             secrets.extend(secret_values(&json));
+            let source = Source {
+                origin,
+                from_env: &applied.from_env,
+            };
             let raw: RawConfig = serde_path_to_error::deserialize(json).map_err(|e| {
                 let path = e.path().to_string();
-                let inner = e.into_inner();
+                let inner = plain_words(&e.into_inner().to_string());
                 if path == "." {
                     ConfigError::new(format!("{origin}: {inner}"))
                 } else if let Some(key) = SECRET_KEYS.iter().find(|k| is_at_or_under(&path, k)) {
                     // serde quotes the offending value ("invalid type:
                     // integer `73195046`"), which here is the secret.
                     ConfigError::new(format!(
-                        "{origin}: key {key}: expected a string; put the value in quotes"
+                        "{}: expected a string; put the value in quotes",
+                        source.of(key)
                     ))
                 } else {
-                    ConfigError::new(format!("{origin}: key {path}: {inner}"))
+                    ConfigError::new(format!("{}: {inner}", source.of(&path)))
                 }
             })?;
-            Self::from_raw(raw)
+            let mut config = Self::from_raw(raw).map_err(|e| source.attribute(e))?;
+            config.env_notes = applied.notes;
+            Ok(config)
         });
         parsed.map_err(|e| e.scrubbed(&secrets))
     }
@@ -678,6 +706,7 @@ impl Config {
             admin_required,
             stall_after,
             retention,
+            env_notes: EnvNotes::default(),
             relay: RelayConfig {
                 buffer_size: retry.buffer_size,
                 batch_size,
@@ -833,9 +862,20 @@ fn positive_ms(key: &str, ms: u64) -> Result<Duration, ConfigError> {
     Ok(Duration::from_millis(ms))
 }
 
+/// What [`apply_env`] did: which keys the environment set (by variable),
+/// and the variables it left alone.
+struct Applied {
+    from_env: BTreeMap<String, String>,
+    notes: EnvNotes,
+}
+
 /// Lays the `PUSHOCCURRENCE_*` variables over the file's JSON.
-fn apply_env(json: &mut Value, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+fn apply_env(json: &mut Value, env: &BTreeMap<String, String>) -> Result<Applied, ConfigError> {
     let mut known: Vec<String> = vec![ENV_CONFIG_PATH.to_owned()];
+    let mut applied = Applied {
+        from_env: BTreeMap::new(),
+        notes: EnvNotes::default(),
+    };
     for &(key, kind) in ENV_KEYS {
         let var = env_name(key);
         let file_var = format!("{var}_FILE");
@@ -848,14 +888,23 @@ fn apply_env(json: &mut Value, env: &BTreeMap<String, String>) -> Result<(), Con
                         "environment: set either {var} or {file_var}, not both"
                     )));
                 }
-                (Some(v), None) => Some(v.clone()),
-                (None, Some(file)) => Some(read_secret_file(&file_var, file)?),
+                (Some(v), None) => Some((var.clone(), v.clone())),
+                (None, Some(file)) => Some((file_var.clone(), read_secret_file(&file_var, file)?)),
                 (None, None) => None,
             }
         } else {
-            env.get(&var).cloned()
+            env.get(&var).map(|v| (var.clone(), v.clone()))
         };
-        let Some(raw) = raw else { continue };
+        let Some((var, raw)) = raw else { continue };
+        // A Service named `pushoccurrence-postgres` makes Kubernetes set
+        // PUSHOCCURRENCE_POSTGRES_PORT=tcp://10.0.0.5:5432: not a port the
+        // operator chose, so the file's value stands.
+        if is_service_link(&var, &raw) {
+            applied.notes.ignored.push(format!(
+                "{var}: a Kubernetes service link, not a value for {key}; ignored"
+            ));
+            continue;
+        }
         let value = match kind {
             EnvKind::Text | EnvKind::Secret => Value::String(raw),
             EnvKind::Number => {
@@ -885,18 +934,371 @@ fn apply_env(json: &mut Value, env: &BTreeMap<String, String>) -> Result<(), Con
         };
         set_path(json, key, value)
             .map_err(|msg| ConfigError::new(format!("environment variable {var}: {msg}")))?;
+        applied.from_env.insert(key.to_owned(), var);
     }
-    if let Some(unknown) = env.keys().find(|k| !known.contains(k)) {
-        return Err(ConfigError::new(format!(
-            "environment variable {unknown} is not a setting of this relay; the settings are {}",
-            ENV_KEYS
+    for (name, value) in env.iter().filter(|(k, _)| !known.contains(k)) {
+        if is_service_link(name, value) {
+            applied
+                .notes
+                .ignored
+                .push(format!("{name}: a Kubernetes service link; ignored"));
+        } else if let Some(meant) = likely_meant(name, &known) {
+            return Err(ConfigError::new(format!(
+                "environment variable {name} is not a setting of this relay; did you mean {meant}? \
+                 (the settings are listed in the README, section Configuration)"
+            )));
+        } else {
+            applied.notes.warnings.push(format!(
+                "environment variable {name} is not a setting of this relay; ignored"
+            ));
+        }
+    }
+    Ok(applied)
+}
+
+/// The `PUSHOCCURRENCE_*` variables of a process environment, and a
+/// warning for each one that is not UTF-8 and not a setting (those are
+/// skipped: `std::env::vars` would panic on them). A setting whose value
+/// is not UTF-8 is an error: the operator meant it.
+fn read_env(
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<(BTreeMap<String, String>, Vec<String>), ConfigError> {
+    let mut env = BTreeMap::new();
+    let mut warnings = Vec::new();
+    for (name, value) in vars {
+        let Some(name) = name.to_str() else {
+            let lossy = name.to_string_lossy();
+            if lossy.starts_with(ENV_PREFIX) {
+                warnings.push(format!(
+                    "environment variable {lossy} has a name that is not UTF-8; ignored"
+                ));
+            }
+            continue;
+        };
+        if !name.starts_with(ENV_PREFIX) {
+            continue;
+        }
+        match value.into_string() {
+            Ok(value) => {
+                env.insert(name.to_owned(), value);
+            }
+            Err(_) if is_setting_var(name) => {
+                return Err(ConfigError::new(format!(
+                    "environment variable {name}: its value is not valid UTF-8; set it as UTF-8 text"
+                )));
+            }
+            Err(_) => warnings.push(format!(
+                "environment variable {name} is not a setting of this relay (and its value is not UTF-8); ignored"
+            )),
+        }
+    }
+    Ok((env, warnings))
+}
+
+/// Whether `name` is a variable the relay reads.
+fn is_setting_var(name: &str) -> bool {
+    name == ENV_CONFIG_PATH
+        || ENV_KEYS.iter().any(|&(key, kind)| {
+            let var = env_name(key);
+            name == var || (kind == EnvKind::Secret && name.strip_suffix("_FILE") == Some(&var))
+        })
+}
+
+/// Whether `name=value` is one of the variables Kubernetes sets for every
+/// Service in the namespace: `<SVC>_SERVICE_HOST`, `<SVC>_SERVICE_PORT`,
+/// `<SVC>_SERVICE_PORT_<NAME>`, `<SVC>_PORT=tcp://host:port` and
+/// `<SVC>_PORT_<n>_<PROTO>[_ADDR|_PORT|_PROTO]`.
+fn is_service_link(name: &str, value: &str) -> bool {
+    let link_url = ["tcp://", "udp://", "sctp://"]
+        .iter()
+        .any(|scheme| value.starts_with(scheme));
+    let parts: Vec<&str> = name.split('_').collect();
+    let service = parts
+        .windows(2)
+        .any(|w| w[0] == "SERVICE" && (w[1] == "HOST" || w[1] == "PORT"));
+    let port_proto = parts.windows(3).any(|w| {
+        w[0] == "PORT"
+            && !w[1].is_empty()
+            && w[1].bytes().all(|b| b.is_ascii_digit())
+            && matches!(w[2], "TCP" | "UDP" | "SCTP")
+    });
+    (link_url && name.ends_with("_PORT")) || service || port_proto
+}
+
+/// The setting an unknown variable most likely misspells: within a small
+/// edit distance, or a real name with blocks left out
+/// (`PUSHOCCURRENCE_QUEUE_NAME` for `PUSHOCCURRENCE_RABBITMQ_QUEUE_NAME`).
+fn likely_meant(name: &str, known: &[String]) -> Option<String> {
+    let short = name.strip_prefix(ENV_PREFIX)?;
+    // A real setting's name with _FILE added: only secrets read files.
+    if let Some(stem) = name.strip_suffix("_FILE")
+        && known.iter().any(|k| k == stem)
+    {
+        return Some(format!(
+            "{stem} (only {} can be read from a file)",
+            SECRET_KEYS
+                .map(env_name)
+                .map(|v| format!("{v}_FILE"))
+                .join(" and ")
+        ));
+    }
+    let mut best: Option<(usize, &String)> = None;
+    for candidate in known {
+        let Some(real) = candidate.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let allowed = if short.len() >= 8 { 2 } else { 1 };
+        let distance = edit_distance(short, real);
+        let dropped_blocks = short.contains('_') && real.ends_with(&format!("_{short}"));
+        if distance <= allowed || dropped_blocks {
+            let score = if dropped_blocks { 0 } else { distance };
+            if best.is_none_or(|(b, _)| score < b) {
+                best = Some((score, candidate));
+            }
+        }
+    }
+    best.map(|(_, c)| c.clone())
+}
+
+/// Optimal string alignment distance: insertions, deletions, substitutions
+/// and swaps of neighbours each cost one.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = v;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+/// Where a key's value came from, for error messages: the variable that
+/// set it, or the file.
+struct Source<'a> {
+    origin: &'a str,
+    from_env: &'a BTreeMap<String, String>,
+}
+
+impl Source<'_> {
+    /// `environment variable X (key k)` or `<file>: key k`, for a key path
+    /// as serde or a validation message names it (`rabbitmq.queues[0].name`).
+    fn of(&self, path: &str) -> String {
+        match self
+            .from_env
+            .iter()
+            .find(|(key, _)| is_at_or_under(path, key))
+        {
+            Some((key, var)) if key == path => format!("environment variable {var} (key {key})"),
+            Some((_, var)) => format!("environment variable {var} (key {path})"),
+            None => {
+                // A block (`rabbitmq.queue`) with parts from the environment.
+                let inside: Vec<&str> = self
+                    .from_env
+                    .iter()
+                    .filter(|(key, _)| is_at_or_under(key, path))
+                    .map(|(_, var)| var.as_str())
+                    .collect();
+                if inside.is_empty() {
+                    format!("{}: key {path}", self.origin)
+                } else {
+                    format!(
+                        "{}: key {path} (with {} from the environment)",
+                        self.origin,
+                        inside.join(", ")
+                    )
+                }
+            }
+        }
+    }
+
+    /// A validation message `key k: …` (or `keys k and l: …`) with its
+    /// source in front, so a value set in the environment is not blamed on
+    /// the file.
+    fn attribute(&self, error: ConfigError) -> ConfigError {
+        let msg = &error.0;
+        if let Some(rest) = msg.strip_prefix("key ")
+            && let Some((path, tail)) = rest.split_once(": ")
+            && !path.contains(' ')
+        {
+            return ConfigError::new(format!("{}: {tail}", self.of(path)));
+        }
+        if let Some(rest) = msg.strip_prefix("keys ") {
+            let vars: Vec<&String> = self
+                .from_env
                 .iter()
-                .map(|(k, _)| env_name(k))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
+                .filter(|(key, _)| {
+                    rest.split(':')
+                        .next()
+                        .is_some_and(|keys| keys.contains(key.as_str()))
+                })
+                .map(|(_, var)| var)
+                .collect();
+            if !vars.is_empty() {
+                let vars: Vec<&str> = vars.iter().map(|v| v.as_str()).collect();
+                return ConfigError::new(format!(
+                    "{msg} (set by environment variable {})",
+                    vars.join(", ")
+                ));
+            }
+            return ConfigError::new(format!("{}: {msg}", self.origin));
+        }
+        error
     }
-    Ok(())
+}
+
+/// serde's words for types (`u16`, `struct RawRelay`, `sequence`) in the
+/// words of a JSON config file.
+fn plain_words(message: &str) -> String {
+    const WORDS: &[(&str, &str)] = &[
+        ("expected u8", "expected a whole number from 0 to 255"),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected i32", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected f32", "expected a number"),
+        ("expected f64", "expected a number"),
+        ("expected a sequence", "expected a list"),
+        ("expected a map", "expected an object"),
+        ("invalid type: sequence", "invalid type: list"),
+        ("invalid type: map", "invalid type: object"),
+        ("invalid type: integer", "invalid type: number"),
+        ("invalid type: floating point", "invalid type: number"),
+    ];
+    let mut out = message.to_owned();
+    for (from, to) in WORDS {
+        // Whole words only: `expected u16` must not also match `u160`.
+        let mut rebuilt = String::new();
+        let mut rest = out.as_str();
+        while let Some(at) = rest.find(from) {
+            let after = &rest[at + from.len()..];
+            rebuilt.push_str(&rest[..at]);
+            if after.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+                rebuilt.push_str(from);
+            } else {
+                rebuilt.push_str(to);
+            }
+            rest = after;
+        }
+        rebuilt.push_str(rest);
+        out = rebuilt;
+    }
+    // `invalid value: integer `70000`, expected …`: the number as written.
+    if let Some(at) = out.find("invalid value: integer `") {
+        let start = at + "invalid value: ".len();
+        let number = start + "integer `".len();
+        if let Some(len) = out[number..].find('`') {
+            let digits = out[number..number + len].to_owned();
+            out.replace_range(start..number + len + 1, &digits);
+        }
+    }
+    // `expected struct RawRelay` (a block given as something else).
+    while let Some(at) = out.find("struct Raw") {
+        let end = out[at + "struct ".len()..]
+            .find(|c: char| !c.is_ascii_alphanumeric())
+            .map_or(out.len(), |e| at + "struct ".len() + e);
+        out.replace_range(at..end, "an object");
+    }
+    out
+}
+
+/// Parses JSON like `serde_json::from_str`, but a key given twice in one
+/// object is an error naming it (serde_json keeps the last silently, so
+/// the first value an operator reads would not be the one in effect).
+fn strict_json(text: &str) -> Result<Value, serde_json::Error> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = StrictJson {
+        path: String::new(),
+    }
+    .deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+/// One JSON value at `path`, with duplicate keys refused.
+struct StrictJson {
+    path: String,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for StrictJson {
+    type Value = Value;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for StrictJson {
+    type Value = Value;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(StrictJson {
+            path: format!("{}[{}]", self.path, items.len()),
+        })? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let path = if self.path.is_empty() {
+                key.clone()
+            } else {
+                format!("{}.{key}", self.path)
+            };
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "key {path} is given twice; keep one"
+                )));
+            }
+            let value = map.next_value_seed(StrictJson { path })?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
 }
 
 fn read_secret_file(var: &str, path: &str) -> Result<String, ConfigError> {
@@ -1276,7 +1678,9 @@ pub(crate) mod tests {
             &[("PUSHOCCURRENCE_RABBITMQ_URL", "relay:s3cret@localhost:5672")],
         );
         assert!(
-            e.starts_with("key rabbitmq.url: 'relay:***@localhost:5672'"),
+            e.starts_with(
+                "environment variable PUSHOCCURRENCE_RABBITMQ_URL (key rabbitmq.url): 'relay:***@localhost:5672'"
+            ),
             "{e}"
         );
         assert!(!e.contains("s3cret"), "{e}");
@@ -1428,6 +1832,157 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn kubernetes_service_links_are_ignored_and_never_override_a_setting() {
+        // What Kubernetes sets for Services named `pushoccurrence` and
+        // `pushoccurrence-postgres` in the relay's namespace.
+        let links = [
+            ("PUSHOCCURRENCE_SERVICE_HOST", "10.0.0.1"),
+            ("PUSHOCCURRENCE_SERVICE_PORT", "9780"),
+            ("PUSHOCCURRENCE_SERVICE_PORT_METRICS", "9780"),
+            ("PUSHOCCURRENCE_PORT", "tcp://10.0.0.1:9780"),
+            ("PUSHOCCURRENCE_PORT_9780_TCP", "tcp://10.0.0.1:9780"),
+            ("PUSHOCCURRENCE_PORT_9780_TCP_PROTO", "tcp"),
+            ("PUSHOCCURRENCE_PORT_9780_TCP_PORT", "9780"),
+            ("PUSHOCCURRENCE_PORT_9780_TCP_ADDR", "10.0.0.1"),
+            ("PUSHOCCURRENCE_POSTGRES_SERVICE_HOST", "10.0.0.5"),
+            ("PUSHOCCURRENCE_POSTGRES_SERVICE_PORT", "5432"),
+            ("PUSHOCCURRENCE_POSTGRES_PORT", "tcp://10.0.0.5:5432"),
+            ("PUSHOCCURRENCE_POSTGRES_PORT_5432_TCP_ADDR", "10.0.0.5"),
+            (
+                "PUSHOCCURRENCE_POSTGRES_PORT_5432_UDP",
+                "udp://10.0.0.5:5432",
+            ),
+        ];
+        let c = parse(SEED, &links).unwrap();
+        assert_eq!(c.postgres.port, 5432, "the file's port stands");
+        assert_eq!(c.env_notes.warnings, Vec::<String>::new());
+        assert_eq!(c.env_notes.ignored.len(), links.len(), "{:?}", c.env_notes);
+        // A real port still overrides.
+        let c = parse(SEED, &[("PUSHOCCURRENCE_POSTGRES_PORT", "6432")]).unwrap();
+        assert_eq!(c.postgres.port, 6432);
+    }
+
+    #[test]
+    fn unknown_variables_are_warnings_and_likely_misspellings_are_errors() {
+        let c = parse(SEED, &[("PUSHOCCURRENCE_TEAM", "payments")]).unwrap();
+        assert_eq!(
+            c.env_notes.warnings,
+            ["environment variable PUSHOCCURRENCE_TEAM is not a setting of this relay; ignored"]
+        );
+        for (typo, meant) in [
+            (
+                "PUSHOCCURRENCE_POSTGRES_PROT",
+                "PUSHOCCURRENCE_POSTGRES_PORT",
+            ),
+            (
+                "PUSHOCCURRENCE_RELAY_BATCHSIZE",
+                "PUSHOCCURRENCE_RELAY_BATCH_SIZE",
+            ),
+            (
+                "PUSHOCCURRENCE_QUEUE_NAME",
+                "PUSHOCCURRENCE_RABBITMQ_QUEUE_NAME",
+            ),
+            (
+                "PUSHOCCURRENCE_RABBITMQ_URL_FLIE",
+                "PUSHOCCURRENCE_RABBITMQ_URL_FILE",
+            ),
+            (
+                "PUSHOCCURRENCE_POSTGRES_HOST_FILE",
+                "PUSHOCCURRENCE_POSTGRES_HOST",
+            ),
+        ] {
+            let e = err(SEED, &[(typo, "1")]);
+            assert!(
+                e.starts_with(&format!(
+                    "environment variable {typo} is not a setting of this relay; did you mean {meant}"
+                )),
+                "{typo}: {e}"
+            );
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_variable_that_is_not_utf8_never_panics() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let bad = || OsString::from_vec(vec![b'x', 0xff, b'y']);
+        let vars = vec![
+            (OsString::from("LANG_JUNK"), bad()),
+            (OsString::from_vec(b"PUSHOCCURRENCE_\xff".to_vec()), bad()),
+            (OsString::from("PUSHOCCURRENCE_TEAM"), bad()),
+            (
+                OsString::from("PUSHOCCURRENCE_LOG_FORMAT"),
+                OsString::from("json"),
+            ),
+        ];
+        let (env, warnings) = read_env(vars.into_iter()).unwrap();
+        assert_eq!(
+            env.keys().collect::<Vec<_>>(),
+            ["PUSHOCCURRENCE_LOG_FORMAT"]
+        );
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        let e = read_env(vec![(OsString::from("PUSHOCCURRENCE_POSTGRES_HOST"), bad())].into_iter())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "environment variable PUSHOCCURRENCE_POSTGRES_HOST: its value is not valid UTF-8; set it as UTF-8 text"
+        );
+    }
+
+    #[test]
+    fn errors_blame_the_variable_or_the_file_that_set_the_value() {
+        let e = err(SEED, &[("PUSHOCCURRENCE_POSTGRES_PORT", "70000")]);
+        assert_eq!(
+            e,
+            "environment variable PUSHOCCURRENCE_POSTGRES_PORT (key postgres.port): invalid value: 70000, expected a whole number from 0 to 65535"
+        );
+        let e = err(SEED, &[("PUSHOCCURRENCE_RABBITMQ_RETRY_BUFFER_SIZE", "0")]);
+        assert!(
+            e.starts_with(
+                "environment variable PUSHOCCURRENCE_RABBITMQ_RETRY_BUFFER_SIZE (key rabbitmq.retry.buffer_size): must be at least 1"
+            ),
+            "{e}"
+        );
+        let text = edit(|v| v["rabbitmq"]["retry"]["buffer_size"] = 0.into());
+        let e = err(&text, &[]);
+        assert!(
+            e.starts_with("config.json: key rabbitmq.retry.buffer_size: must be at least 1"),
+            "{e}"
+        );
+        let e = err(&edit(|v| v["relay"] = "fast".into()), &[]);
+        assert_eq!(
+            e,
+            "config.json: key relay: invalid type: string \"fast\", expected an object"
+        );
+        let e = err(SEED, &[("PUSHOCCURRENCE_RABBITMQ_QUEUE_DURABLE", "false")]);
+        assert!(
+            e.starts_with(
+                "config.json: key rabbitmq.queue (with PUSHOCCURRENCE_RABBITMQ_QUEUE_DURABLE from the environment): "
+            ),
+            "{e}"
+        );
+        let e = err(&edit(|v| v["postgres"]["port"] = (-1).into()), &[]);
+        assert!(!e.contains("u16") && e.contains("0 to 65535"), "{e}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_accepted_and_a_key_given_twice_is_refused() {
+        let c = parse(&format!("\u{feff}{SEED}"), &[]).unwrap();
+        assert_eq!(c.postgres.port, 5432);
+        let twice = SEED.replacen(r#""port": 5432"#, r#""port": 5432, "port": 6432"#, 1);
+        assert_ne!(twice, SEED);
+        let e = err(&twice, &[]);
+        assert!(
+            e.starts_with(
+                "config.json is not valid JSON: key postgres.port is given twice; keep one at line"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unsafe_queues_are_refused_unless_allowed() {
         let text = edit(|v| v["rabbitmq"]["queue"]["durable"] = Value::Bool(false));
         let e = err(&text, &[]);
@@ -1473,7 +2028,9 @@ pub(crate) mod tests {
         ] {
             let e = err(&with(queue, arguments), &[]);
             assert!(
-                e.starts_with(key) && e.contains("x-overflow") && e.contains("allow_unsafe"),
+                e.starts_with(&format!("config.json: {key}"))
+                    && e.contains("x-overflow")
+                    && e.contains("allow_unsafe"),
                 "{e}"
             );
         }
@@ -1630,7 +2187,10 @@ pub(crate) mod tests {
         ];
         for (f, expected) in cases {
             let e = err(&edit(f), &[]);
-            assert!(e.starts_with(expected), "expected '{expected}' in: {e}");
+            assert!(
+                e.starts_with(&format!("config.json: {expected}")),
+                "expected '{expected}' in: {e}"
+            );
         }
     }
 
@@ -1671,7 +2231,7 @@ pub(crate) mod tests {
             &[],
         );
         assert!(
-            e.starts_with("key postgres.ssl_root_cert: ssl_mode 'verify-ca' checks"),
+            e.starts_with("config.json: key postgres.ssl_root_cert: ssl_mode 'verify-ca' checks"),
             "{e}"
         );
         let e = err(
@@ -1682,7 +2242,7 @@ pub(crate) mod tests {
             )],
         );
         assert!(
-            e.starts_with("key postgres.ssl_root_cert: cannot read /nonexistent/ca.pem"),
+            e.starts_with("environment variable PUSHOCCURRENCE_POSTGRES_SSL_ROOT_CERT (key postgres.ssl_root_cert): cannot read /nonexistent/ca.pem"),
             "{e}"
         );
         let dir = tempfile::tempdir().unwrap();
@@ -1693,7 +2253,7 @@ pub(crate) mod tests {
             &[("PUSHOCCURRENCE_RABBITMQ_CA_FILE", ca.to_str().unwrap())],
         );
         assert!(
-            e.starts_with("key rabbitmq.ca_file: set, but rabbitmq.url is not amqps://"),
+            e.starts_with("environment variable PUSHOCCURRENCE_RABBITMQ_CA_FILE (key rabbitmq.ca_file): set, but rabbitmq.url is not amqps://"),
             "{e}"
         );
     }

@@ -35,6 +35,12 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.log_format.unwrap_or(config.log_format));
+    for warning in &config.env_notes.warnings {
+        tracing::warn!("{warning}");
+    }
+    for ignored in &config.env_notes.ignored {
+        tracing::debug!("{ignored}");
+    }
     let runtime = match pushoccurrence::service::runtime() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -45,7 +51,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(&cli, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", cmd::error_text(&error));
             ExitCode::from(exit_code(&error))
         }
     }

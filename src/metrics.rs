@@ -80,8 +80,10 @@ pub struct Metrics {
     pub backlog_sample_failures: Counter,
     /// Age of the oldest waiting row (sampled; NaN when unknown).
     pub oldest_pending_seconds: Gauge<f64, AtomicU64>,
-    /// 1 while a connection is up (the broker's: up and not blocked).
+    /// 1 while a connection is up (blocked or not).
     pub connected: Family<ConnectionLabel, Gauge>,
+    /// 1 while the broker blocks publishing (a memory or disk alarm).
+    pub broker_blocked: Gauge,
     /// Times a connection came back after being lost.
     pub reconnects: Family<ConnectionLabel, Counter>,
     /// 1 while part of the configured topology is missing or refused.
@@ -225,8 +227,14 @@ impl Metrics {
         let connected = Family::<ConnectionLabel, Gauge>::default();
         r.register(
             "connection_up",
-            "1 while the connection is up (rabbitmq: and not blocked)",
+            "1 while the connection is up (rabbitmq: also while it blocks publishing, see rabbitmq_blocked)",
             connected.clone(),
+        );
+        let broker_blocked = Gauge::default();
+        r.register(
+            "rabbitmq_blocked",
+            "1 while RabbitMQ blocks publishing (a memory or disk alarm); the relay pauses",
+            broker_blocked.clone(),
         );
         let reconnects = Family::<ConnectionLabel, Counter>::default();
         r.register(
@@ -267,6 +275,7 @@ impl Metrics {
             backlog_sample_failures,
             oldest_pending_seconds,
             connected,
+            broker_blocked,
             reconnects,
             topology_broken,
             session_reconnects,
@@ -338,22 +347,50 @@ impl Metrics {
         mut listening: watch::Receiver<bool>,
         token: CancellationToken,
     ) {
-        let mut broker_seen = false;
+        let mut broker_seen = ConnectionSeen::default();
         let mut listener_seen = false;
         loop {
-            let (broker_up, topology_broken) = {
+            let (broker_conn, blocked, topology_broken) = {
                 let state = broker.borrow_and_update();
-                (state.usable().is_some(), state.topology_fault.is_some())
+                // The connection itself, not whether it may publish: a
+                // broker alarm (blocked) is not a lost connection.
+                let conn = state
+                    .connection
+                    .as_ref()
+                    .filter(|c| c.status().connected())
+                    .map(|c| Arc::as_ptr(c) as usize);
+                (conn, state.blocked, state.topology_fault.is_some())
             };
             self.topology_broken.set(i64::from(topology_broken));
+            self.broker_blocked
+                .set(i64::from(blocked && broker_conn.is_some()));
             let listener_up = *listening.borrow_and_update();
-            self.track(&RABBITMQ, broker_up, &mut broker_seen);
+            self.track_broker(broker_conn, &mut broker_seen);
             self.track(&LISTENER, listener_up, &mut listener_seen);
             tokio::select! {
                 () = token.cancelled() => return,
                 changed = broker.changed() => if changed.is_err() { return },
                 changed = listening.changed() => if changed.is_err() { return },
             }
+        }
+    }
+
+    /// The broker connection `conn` (by identity) is up, or none is. A
+    /// reconnection is a new connection after an earlier one, whether or
+    /// not a state without one was observed in between.
+    fn track_broker(&self, conn: Option<usize>, seen: &mut ConnectionSeen) {
+        self.connected
+            .get_or_create(&RABBITMQ)
+            .set(i64::from(conn.is_some()));
+        match conn {
+            Some(id) => {
+                if seen.last.is_some_and(|last| seen.lost || last != id) {
+                    self.reconnects.get_or_create(&RABBITMQ).inc();
+                }
+                seen.last = Some(id);
+                seen.lost = false;
+            }
+            None => seen.lost = seen.last.is_some(),
         }
     }
 
@@ -368,6 +405,15 @@ impl Metrics {
             *seen_up = true;
         }
     }
+}
+
+/// The broker connection last seen up, by identity (its `Arc`'s address),
+/// and whether it was seen lost since. A new connection may reuse a dropped
+/// one's address, so a loss observed counts as well as a changed address.
+#[derive(Default)]
+struct ConnectionSeen {
+    last: Option<usize>,
+    lost: bool,
 }
 
 #[cfg(test)]
@@ -423,9 +469,28 @@ mod tests {
         let m = Metrics::new();
         let mut seen = false;
         for up in [false, true, true, false, true] {
-            m.track(&RABBITMQ, up, &mut seen);
+            m.track(&LISTENER, up, &mut seen);
         }
-        assert_eq!(m.reconnects.get_or_create(&RABBITMQ).get(), 1);
+        assert_eq!(m.reconnects.get_or_create(&LISTENER).get(), 1);
+        assert_eq!(m.connected.get_or_create(&LISTENER).get(), 1);
+
+        // The broker: by the connection's identity. The same connection
+        // seen again (an alarm's blocked/unblocked) is no reconnection; a
+        // new one is, also at a reused address once the old one was lost.
+        let mut seen = ConnectionSeen::default();
+        for conn in [
+            None,
+            Some(1),
+            Some(1),
+            Some(1),
+            Some(2),
+            None,
+            Some(2),
+            Some(3),
+        ] {
+            m.track_broker(conn, &mut seen);
+        }
+        assert_eq!(m.reconnects.get_or_create(&RABBITMQ).get(), 3);
         assert_eq!(m.connected.get_or_create(&RABBITMQ).get(), 1);
     }
 }

@@ -9,6 +9,11 @@
 //! * every batch failed (its claim, its claim session's connect, its
 //!   publish), since the last commit.
 //!
+//! It is also not ready when the backlog sample itself has failed for
+//! `admin.stall_after_sec` (a revoked grant, a dropped schema): a relay that
+//! cannot see its outbox cannot tell idle from stuck, and its gauges read
+//! NaN.
+//!
 //! An idle relay (nothing claimable) is not stalled, however long since its
 //! last commit; nor are rows waiting out a retry delay or parked. Since a
 //! batch that finds nothing to claim also counts as one that worked, a
@@ -35,6 +40,8 @@ struct State {
     /// Claimable rows in the latest sample, and since when every sample
     /// showed some; `None` when unknown or none.
     claimable: Option<(u64, Instant)>,
+    /// The first failed backlog sample since the last one that worked.
+    sample_failing_since: Option<Instant>,
 }
 
 impl Progress {
@@ -77,6 +84,11 @@ impl Progress {
     /// sample failed.
     pub fn sampled(&self, claimable: Option<u64>, now: Instant) {
         self.with(|s| {
+            if claimable.is_some() {
+                s.sample_failing_since = None;
+            } else {
+                s.sample_failing_since.get_or_insert(now);
+            }
             s.claimable = match (claimable, s.claimable) {
                 (Some(0) | None, _) => None,
                 (Some(n), Some((_, since))) => Some((n, since)),
@@ -98,6 +110,14 @@ impl Progress {
             if secs >= limit {
                 why.push(format!(
                     "{rows} rows claimable and no batch committed for {secs:.0}s (admin.stall_after_sec {limit})"
+                ));
+            }
+        }
+        if let Some(since) = s.sample_failing_since {
+            let secs = now.saturating_duration_since(since).as_secs_f64();
+            if secs >= limit {
+                why.push(format!(
+                    "the outbox's backlog cannot be read for {secs:.0}s (admin.stall_after_sec {limit}; see the log)"
                 ));
             }
         }
@@ -163,12 +183,19 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_sample_forgets_the_claimable_rows() {
+    fn a_failed_sample_forgets_the_claimable_rows_and_stalls_once_it_keeps_failing() {
         let p = Progress::new(STALL);
         let t = Instant::now();
         p.sampled(Some(5), t);
         p.sampled(None, at(t, 5));
-        assert!(p.stalled(at(t, 100)).is_empty());
+        assert!(p.stalled(at(t, 64)).is_empty());
+        p.sampled(None, at(t, 60));
+        assert_eq!(
+            p.stalled(at(t, 65)),
+            ["the outbox's backlog cannot be read for 60s (admin.stall_after_sec 60; see the log)"]
+        );
+        p.sampled(Some(0), at(t, 66));
+        assert!(p.stalled(at(t, 999)).is_empty());
     }
 
     #[test]

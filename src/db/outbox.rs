@@ -1009,12 +1009,96 @@ impl Outbox {
 
     /// Un-parks the parked rows whose ids are in `$1` (every parked row when
     /// `$2` is true) and returns their ids. The last error stays as history.
+    /// The ids must have gone through [`Outbox::canonical_id`].
     pub fn requeue_sql(&self) -> String {
         format!(
             "UPDATE {log} SET relay_parked_at = NULL, relay_attempts = 0, relay_next_attempt_at = NULL
               WHERE relay_parked_at IS NOT NULL AND transferred IS NOT TRUE
-                AND ($2 OR message_id::text = ANY($1::text[]))
+                AND ($2 OR {matches})
           RETURNING message_id::text",
+            log = self.table(LOG_TABLE),
+            matches = self.id_in_param(),
+        )
+    }
+
+    /// The rows whose ids are in `$1`: `(id, transferred, parked)`, to say
+    /// why an id was not requeued.
+    pub fn id_states_sql(&self) -> String {
+        format!(
+            "SELECT message_id::text, transferred IS TRUE, relay_parked_at IS NOT NULL
+               FROM {log} WHERE {matches}",
+            log = self.table(LOG_TABLE),
+            matches = self.id_in_param(),
+        )
+    }
+
+    /// `message_id` is one of the `text[]` in `$1`, compared in the
+    /// column's type: a uuid column matches any spelling PostgreSQL reads
+    /// as the same uuid. Other types compare as text (a cast to
+    /// `varchar(n)` would truncate, and match the wrong row).
+    fn id_in_param(&self) -> String {
+        if self.id_type == "uuid" {
+            "message_id = ANY($1::text[]::uuid[])".to_owned()
+        } else {
+            "message_id::text = ANY($1::text[])".to_owned()
+        }
+    }
+
+    /// An id as an operator typed it, in the form [`Outbox::requeue_sql`]
+    /// compares, or why it cannot be an id of this outbox. For a uuid
+    /// column, upper case, braces and missing hyphens are the same uuid
+    /// (as PostgreSQL reads them), and the result is the canonical form.
+    ///
+    /// # Errors
+    /// The id cannot be a `message_id` of this column's type.
+    pub fn canonical_id(&self, raw: &str) -> Result<String, String> {
+        if self.id_type != "uuid" {
+            return if raw.is_empty() {
+                Err("an empty id".to_owned())
+            } else {
+                Ok(raw.to_owned())
+            };
+        }
+        let inner = raw
+            .trim()
+            .strip_prefix('{')
+            .and_then(|r| r.strip_suffix('}'))
+            .unwrap_or(raw.trim());
+        // PostgreSQL's uuid_in: 32 hex digits, a hyphen allowed after any
+        // group of four (never first, last or doubled).
+        let mut hex = String::with_capacity(32);
+        let mut hyphens_ok = !inner.ends_with('-');
+        let mut after_hyphen = false;
+        for c in inner.chars() {
+            if c == '-' {
+                hyphens_ok &= !hex.is_empty() && hex.len().is_multiple_of(4) && !after_hyphen;
+                after_hyphen = true;
+            } else {
+                hex.push(c);
+                after_hyphen = false;
+            }
+        }
+        if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) || !hyphens_ok {
+            return Err(
+                "not a uuid (message_id is uuid), e.g. 5f0c6e1e-2a4b-4c7d-9e8f-0123456789ab"
+                    .to_owned(),
+            );
+        }
+        let hex = hex.to_ascii_lowercase();
+        Ok(format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..]
+        ))
+    }
+
+    /// How many rows are parked.
+    pub fn parked_count_sql(&self) -> String {
+        format!(
+            "SELECT count(*) FROM {log} WHERE relay_parked_at IS NOT NULL AND transferred IS NOT TRUE",
             log = self.table(LOG_TABLE),
         )
     }
@@ -1209,6 +1293,42 @@ mod tests {
             body_type_name: "jsonb".into(),
             body_type_base: "jsonb".into(),
         }
+    }
+
+    #[test]
+    fn a_uuid_id_is_read_in_every_spelling_postgresql_reads() {
+        let o = outbox(BodyType::Bytea);
+        let canonical = "5f0c6e1e-2a4b-4c7d-9e8f-0123456789ab";
+        for spelling in [
+            canonical,
+            "5F0C6E1E-2A4B-4C7D-9E8F-0123456789AB",
+            "{5f0c6e1e-2a4b-4c7d-9e8f-0123456789ab}",
+            "5f0c6e1e2a4b4c7d9e8f0123456789ab",
+            "5f0c-6e1e-2a4b-4c7d-9e8f-0123-4567-89ab",
+        ] {
+            assert_eq!(
+                o.canonical_id(spelling).as_deref(),
+                Ok(canonical),
+                "{spelling}"
+            );
+        }
+        for bad in [
+            "no-such-id",
+            "",
+            "5f0c6e1e-2a4b-4c7d-9e8f-0123456789a",
+            "5f0c6e1e-2a4b-4c7d-9e8f-0123456789abc",
+            "-5f0c6e1e2a4b4c7d9e8f0123456789ab",
+            "5f0c6e1e--2a4b4c7d9e8f0123456789ab",
+            "5f0c6e1-e2a4b4c7d9e8f0123456789ab",
+            "5f0c6e1e-2a4b-4c7d-9e8f-0123456789ag",
+        ] {
+            assert!(o.canonical_id(bad).is_err(), "{bad}");
+        }
+        let text = Outbox {
+            id_type: "text".into(),
+            ..o
+        };
+        assert_eq!(text.canonical_id("Order-7").as_deref(), Ok("Order-7"));
     }
 
     #[test]

@@ -309,3 +309,52 @@ async fn a_long_broker_alarm_duplicates_nothing_in_flight() {
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
+
+/// A broker alarm pauses the relay but loses no connection: it is not a
+/// reconnection, and the metrics say blocked, not down.
+#[tokio::test]
+async fn a_broker_alarm_is_reported_as_blocked_and_never_counted_as_a_reconnection() {
+    let broker = PrivateBroker::start().await;
+    let mut env = TestEnv::new("alarmmetric").await;
+    env.config["rabbitmq"]["url"] = broker.url().into();
+    let consumer = Consumer::start(&broker.url(), &env.name).await;
+    let relay = env.relay().await;
+    let admin = relay.admin().await;
+    let series = |text: &str, name: &str| metric(text, name).unwrap_or(-1.0);
+    let up = "pushoccurrence_connection_up{connection=\"rabbitmq\"}";
+    let reconnections = "pushoccurrence_reconnections_total{connection=\"rabbitmq\"}";
+    let blocked = "pushoccurrence_rabbitmq_blocked";
+
+    for round in 0..2 {
+        assert!(broker.ctl(&["set_vm_memory_high_watermark", "0.0000001"]));
+        // Publishing is what makes the broker block a connection.
+        let ids = env.insert_many(10, 10).await;
+        relay.wait_log("rabbitmq blocked publishing; pausing").await;
+        wait_until("/readyz and the metrics say blocked", || async {
+            let text = http_get(&admin, "/metrics").await.1;
+            http_get(&admin, "/readyz").await.1 == "not ready: rabbitmq blocked publishing\n"
+                && series(&text, blocked) == 1.0
+        })
+        .await;
+        let text = http_get(&admin, "/metrics").await.1;
+        assert_eq!(series(&text, up), 1.0, "round {round}: {text}");
+        assert!(broker.ctl(&["set_vm_memory_high_watermark", "0.4"]));
+        consumer.wait_for_all(&ids).await;
+        wait_until("ready again", || async {
+            http_get(&admin, "/readyz").await.0 == 200
+        })
+        .await;
+        let text = http_get(&admin, "/metrics").await.1;
+        assert_eq!(series(&text, blocked), 0.0, "round {round}: {text}");
+        assert_eq!(series(&text, up), 1.0, "round {round}: {text}");
+        assert_eq!(series(&text, reconnections), 0.0, "round {round}: {text}");
+    }
+    assert_eq!(
+        relay.log_count("connection lost"),
+        0,
+        "{}",
+        relay.log_text()
+    );
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}

@@ -411,7 +411,7 @@ async fn no_output_path_prints_a_secret() {
                 "PUSHOCCURRENCE_RABBITMQ_URL",
                 "amqp://guest:Zq9/kW7@127.0.0.1:5672/",
             )],
-            "key rabbitmq.url: 'amqp://guest:***@127.0.0.1:5672/'",
+            "environment variable PUSHOCCURRENCE_RABBITMQ_URL (key rabbitmq.url): 'amqp://guest:***@127.0.0.1:5672/'",
         ),
     ];
     for (case, edit, vars, expected) in bad_configs {
@@ -434,7 +434,9 @@ async fn no_output_path_prints_a_secret() {
     let (code, text) = run_with(&env, &["check"], &file_var).await;
     assert_eq!(code, Some(78), "{text}");
     assert!(
-        text.contains("key rabbitmq.url: 'amqp://guest:***@127.0.0.1:5672/'"),
+        text.contains(
+            "environment variable PUSHOCCURRENCE_RABBITMQ_URL_FILE (key rabbitmq.url): 'amqp://guest:***@127.0.0.1:5672/'"
+        ),
         "{text}"
     );
     assert!(!leaks(&text), "the _FILE secret leaked: {text}");
@@ -505,5 +507,289 @@ async fn no_output_path_prints_a_secret() {
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(!leaks(&text), "{case} (run) leaked a secret: {text}");
     }
+    env.cleanup().await;
+}
+
+/// Kubernetes sets these for Services named `pushoccurrence` and
+/// `pushoccurrence-postgres` in the relay's namespace.
+const SERVICE_LINKS: &[(&str, &str)] = &[
+    ("PUSHOCCURRENCE_SERVICE_HOST", "10.0.0.1"),
+    ("PUSHOCCURRENCE_SERVICE_PORT", "9780"),
+    ("PUSHOCCURRENCE_PORT", "tcp://10.0.0.1:9780"),
+    ("PUSHOCCURRENCE_PORT_9780_TCP", "tcp://10.0.0.1:9780"),
+    ("PUSHOCCURRENCE_PORT_9780_TCP_PROTO", "tcp"),
+    ("PUSHOCCURRENCE_PORT_9780_TCP_PORT", "9780"),
+    ("PUSHOCCURRENCE_PORT_9780_TCP_ADDR", "10.0.0.1"),
+    ("PUSHOCCURRENCE_POSTGRES_SERVICE_HOST", "10.0.0.5"),
+    ("PUSHOCCURRENCE_POSTGRES_SERVICE_PORT", "5432"),
+    ("PUSHOCCURRENCE_POSTGRES_PORT", "tcp://10.0.0.5:5432"),
+    ("PUSHOCCURRENCE_POSTGRES_PORT_5432_TCP_ADDR", "10.0.0.5"),
+];
+
+#[tokio::test]
+async fn kubernetes_service_links_and_unknown_variables_never_stop_the_relay() {
+    use std::os::unix::ffi::OsStringExt;
+    let env = TestEnv::new("k8senv").await;
+    env.migrate().await;
+    let mut vars = SERVICE_LINKS.to_vec();
+    vars.push(("PUSHOCCURRENCE_TEAM", "payments"));
+    let mut cmd = pushoccurrence(&env.write_config(), &["check"]);
+    for (k, v) in &vars {
+        cmd.env(k, v);
+    }
+    // Not UTF-8, elsewhere in the environment and under the prefix.
+    cmd.env(
+        "PO_TEST_LATIN1",
+        std::ffi::OsString::from_vec(b"caf\xe9".to_vec()),
+    );
+    cmd.env(
+        "PUSHOCCURRENCE_NOTE",
+        std::ffi::OsString::from_vec(b"caf\xe9".to_vec()),
+    );
+    let out = cmd.output().await.unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    // The file's port (the real server's) stood against the service link.
+    assert!(
+        text.contains(&format!("ok    postgres: 127.0.0.1:{}", pg_port())),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "WARN pushoccurrence: environment variable PUSHOCCURRENCE_TEAM is not a setting of this relay; ignored"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("PUSHOCCURRENCE_NOTE is not a setting of this relay (and its value is not UTF-8); ignored"),
+        "{text}"
+    );
+    assert!(!text.contains("PUSHOCCURRENCE_PORT"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+
+    // A likely misspelling of a real setting is still an error: the
+    // operator believes it took effect.
+    let (code, text) = run_with(&env, &["check"], &[("PUSHOCCURRENCE_POSTGRES_HSOT", "db")]).await;
+    assert_eq!(code, Some(78), "{text}");
+    assert!(
+        text.contains(
+            "environment variable PUSHOCCURRENCE_POSTGRES_HSOT is not a setting of this relay; did you mean PUSHOCCURRENCE_POSTGRES_HOST?"
+        ),
+        "{text}"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn config_errors_name_the_variable_or_the_file_that_set_the_value() {
+    let env = TestEnv::new("cfgsrc").await;
+    let (code, text) = run_with(
+        &env,
+        &["check"],
+        &[("PUSHOCCURRENCE_POSTGRES_PORT", "70000")],
+    )
+    .await;
+    assert_eq!(code, Some(78), "{text}");
+    assert_eq!(
+        text.trim(),
+        "error: environment variable PUSHOCCURRENCE_POSTGRES_PORT (key postgres.port): invalid value: 70000, expected a whole number from 0 to 65535"
+    );
+    let (code, text) = run_with(
+        &env,
+        &["check"],
+        &[("PUSHOCCURRENCE_RELAY_BATCH_SIZE", "0")],
+    )
+    .await;
+    assert_eq!(code, Some(78), "{text}");
+    assert_eq!(
+        text.trim(),
+        "error: environment variable PUSHOCCURRENCE_RELAY_BATCH_SIZE (key relay.batch_size): must be at least 1"
+    );
+
+    // A byte order mark (Windows editors) is not an error; a key given twice is.
+    let path = env.write_config();
+    let json = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("\u{feff}{json}")).unwrap();
+    let out = pushoccurrence(&path, &["check"]).output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ok    config"), "{stdout}");
+    let twice = json.replacen(
+        "\"host\": \"127.0.0.1\",",
+        "\"host\": \"127.0.0.1\", \"host\": \"db\",",
+        1,
+    );
+    assert_ne!(twice, json);
+    std::fs::write(&path, twice).unwrap();
+    let out = pushoccurrence(&path, &["check"]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "error: {} is not valid JSON: key postgres.host is given twice; keep one at line",
+            path.display()
+        )),
+        "{stderr}"
+    );
+    env.cleanup().await;
+}
+
+/// Runs a command against `env`'s config: (exit code, stdout, stderr).
+async fn output(env: &TestEnv, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = tokio::time::timeout(PATIENCE, pushoccurrence(&env.write_config(), args).output())
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn parked_and_requeue_tell_each_case_apart_and_read_ids_in_the_columns_type() {
+    let env = TestEnv::new("requeue").await;
+    env.migrate().await;
+    let s = &env.name;
+    let ids: Vec<String> = (0..8)
+        .map(|n| format!("{:08x}-2a4b-4c7d-9e8f-{n:012x}", fastrand::u32(..)))
+        .collect();
+    for id in &ids {
+        env.insert_event(id, "'\\x01'", false).await;
+    }
+    // 0-4 parked (with a reason holding a line break and a tab), 5 pending,
+    // 6 transferred, 7 parked.
+    env.pg
+        .execute(
+            &format!(
+                "UPDATE \"{s}\".message_queue_log
+                    SET relay_parked_at = now() - make_interval(secs => 10 - right(message_id::text, 1)::int),
+                        relay_attempts = 3, relay_last_error = E'first line\\nsecond\\tpart'
+                  WHERE message_id = ANY($1::text[]::uuid[])"
+            ),
+            &[&vec![&ids[0], &ids[1], &ids[2], &ids[3], &ids[4], &ids[7]]],
+        )
+        .await
+        .unwrap();
+    env.pg
+        .execute(
+            &format!(
+                "UPDATE \"{s}\".message_queue_log SET transferred = true, transfer_time = now() WHERE message_id = $1::text::uuid"
+            ),
+            &[&ids[6]],
+        )
+        .await
+        .unwrap();
+
+    // Limits the command line refuses, instead of an empty list or a raw SQL error.
+    for bad in [&["parked", "--limit", "0"][..], &["parked", "--limit=-1"]] {
+        let (code, _, stderr) = output(&env, bad).await;
+        assert_eq!(code, Some(2), "{bad:?}: {stderr}");
+        assert!(stderr.contains("--limit"), "{stderr}");
+    }
+    let (code, stdout, stderr) = output(&env, &["parked", "--limit", "2"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(
+        lines[0].starts_with(&format!("{}\tattempts=3\t", ids[0])),
+        "{stdout}"
+    );
+    assert!(lines[1].starts_with(&ids[1]), "{stdout}");
+    assert!(
+        lines[0].ends_with("\treason=first line\\nsecond\\tpart"),
+        "{stdout}"
+    );
+    assert_eq!(
+        lines[2],
+        "4 more parked row(s) not shown; raise --limit to see them"
+    );
+    let (_, stdout, _) = output(&env, &["parked"]).await;
+    assert_eq!(
+        stdout.lines().count(),
+        6,
+        "one line per parked row: {stdout}"
+    );
+
+    // Parked ids in other spellings of the same uuid.
+    let upper = ids[0].to_uppercase();
+    let braced = format!("{{{}}}", ids[1]);
+    let bare = ids[2].replace('-', "");
+    let (code, stdout, stderr) = output(&env, &["requeue", &upper, &braced, &bare]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout, "requeued 3 row(s)\n");
+    let parked = env
+        .texts(
+            &format!(
+                "SELECT message_id::text FROM \"{s}\".message_queue_log WHERE relay_parked_at IS NOT NULL ORDER BY 1"
+            ),
+            &[],
+        )
+        .await;
+    let mut still = vec![ids[3].clone(), ids[4].clone(), ids[7].clone()];
+    still.sort();
+    assert_eq!(parked, still);
+
+    // Nothing matched: each id with its own reason, exit 1.
+    let unknown = "00000000-0000-4000-8000-000000000000";
+    let (code, stdout, stderr) =
+        output(&env, &["requeue", &ids[5], &ids[6], unknown, "no-such-id"]).await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert_eq!(
+        stdout,
+        format!(
+            "requeued 0 row(s)\n\
+             malformed, left alone: no-such-id (not a uuid (message_id is uuid), e.g. 5f0c6e1e-2a4b-4c7d-9e8f-0123456789ab)\n\
+             not found in the outbox (check the id and postgres.schema): {unknown}\n\
+             not parked (still pending; the relay sends it), left alone: {}\n\
+             already transferred, left alone: {}\n",
+            ids[5], ids[6]
+        )
+    );
+    assert_eq!(
+        stderr.trim(),
+        "error: nothing requeued: no id given names a parked row"
+    );
+
+    // Some matched: exit 0, the rest reported.
+    let (code, stdout, _) = output(&env, &["requeue", &ids[3], "no-such-id"]).await;
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.starts_with("requeued 1 row(s)\nmalformed, left alone: no-such-id"),
+        "{stdout}"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_error_and_its_causes_are_each_said_once() {
+    let mut env = TestEnv::new("once").await;
+    let role = env.name.clone();
+    env.pg
+        .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN"))
+        .await
+        .unwrap();
+    env.config["postgres"]["user"] = role.clone().into();
+    let (code, _, stderr) = output(&env, &["migrate"]).await;
+    assert_eq!(code, Some(78), "{stderr}");
+    assert_eq!(
+        stderr,
+        "error: create the outbox schema and tables: permission denied for database test (SQLSTATE 42501)\n"
+    );
+    let (code, _, stderr) = output(&env, &["run"]).await;
+    assert_eq!(code, Some(78), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        "error: migrate the outbox: create the outbox schema and tables: permission denied for database test (SQLSTATE 42501)"
+    );
+    env.pg
+        .batch_execute(&format!("DROP ROLE \"{role}\""))
+        .await
+        .unwrap();
     env.cleanup().await;
 }

@@ -580,3 +580,125 @@ async fn an_idle_relay_stays_ready_past_the_stall_time() {
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
+
+/// A relay that cannot read its outbox (the schema dropped under it) is
+/// blind: its backlog gauges read NaN, not 0, and `/readyz` says so after
+/// `admin.stall_after_sec`; once the schema is back it is ready again.
+#[tokio::test]
+async fn a_dropped_outbox_schema_turns_readyz_and_the_gauges_and_recovers() {
+    let mut env = TestEnv::new("dropschema").await;
+    env.config["admin"]["stall_after_sec"] = 1.into();
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let admin = relay.admin().await;
+    let ids = env.insert_many(3, 3).await;
+    consumer.wait_for_all(&ids).await;
+    wait_until("ready, with an empty backlog sampled", || async {
+        let text = http_get(&admin, "/metrics").await.1;
+        http_get(&admin, "/readyz").await.0 == 200
+            && metric(&text, "pushoccurrence_pending_rows") == Some(0.0)
+    })
+    .await;
+
+    env.pg
+        .batch_execute(&format!("DROP SCHEMA \"{}\" CASCADE", env.name))
+        .await
+        .unwrap();
+    wait_until("/readyz names the unreadable backlog", || async {
+        let (code, why) = http_get(&admin, "/readyz").await;
+        code == 503 && why.contains("the outbox's backlog cannot be read for")
+    })
+    .await;
+    let text = http_get(&admin, "/metrics").await.1;
+    for gauge in [
+        "pushoccurrence_pending_rows",
+        "pushoccurrence_claimable_rows",
+        "pushoccurrence_oldest_pending_age_seconds",
+    ] {
+        assert!(
+            metric(&text, gauge).is_some_and(f64::is_nan),
+            "{gauge}: {text}"
+        );
+    }
+    assert!(
+        metric(&text, "pushoccurrence_backlog_sample_failures_total").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert_eq!(http_get(&admin, "/healthz").await.0, 200);
+
+    env.migrate().await;
+    let more = env.insert_many(3, 3).await;
+    consumer.wait_for_all(&more).await;
+    wait_until("ready again", || async {
+        http_get(&admin, "/readyz").await == (200, "ready\n".to_owned())
+    })
+    .await;
+    assert_exactly_once(&consumer, &[ids, more].concat());
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
+
+/// Descriptors the process `pid` has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// Half-open requests (headers never finished) must not exhaust the relay:
+/// the endpoint holds a bounded number of connections, closes one whose
+/// headers do not arrive in time, and health and relaying carry on.
+#[tokio::test]
+async fn a_flood_of_half_open_admin_requests_never_starves_health_or_relaying() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const FLOOD: usize = 3000;
+    let env = TestEnv::new("adminflood").await;
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let admin = relay.admin().await;
+    let pid = relay.child.id().unwrap();
+    let before = open_fds(pid);
+
+    let mut flood = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        let mut stream = tokio::net::TcpStream::connect(&admin).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: flood\r\n")
+            .await
+            .unwrap();
+        flood.push(stream);
+    }
+    assert_eq!(http_get(&admin, "/healthz").await, (200, "ok\n".to_owned()));
+    assert_eq!(http_get(&admin, "/readyz").await.0, 200);
+    let ids = env.insert_many(20, 10).await;
+    consumer.wait_for_all(&ids).await;
+    // Every connection of the flood was accepted before the probe; most are
+    // closed again.
+    wait_until(
+        "the relay holds a bounded number of descriptors",
+        || async { open_fds(pid) < before + FLOOD / 4 },
+    )
+    .await;
+    drop(flood);
+
+    // A request whose headers never end is closed by the server.
+    let mut stream = tokio::net::TcpStream::connect(&admin).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: slow\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
+        "the server kept a half-open request open"
+    );
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("200 OK"),
+        "{rest:?}"
+    );
+
+    let more = env.insert_many(20, 10).await;
+    consumer.wait_for_all(&more).await;
+    assert_exactly_once(&consumer, &[ids, more].concat());
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
