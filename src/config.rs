@@ -1719,7 +1719,10 @@ pub(crate) mod tests {
             v["rabbitmq"].as_object_mut().unwrap().remove("url");
         });
         let e = err(&text, &[]);
-        assert!(e.starts_with("config.json: key rabbitmq.url: missing"), "{e}");
+        assert!(
+            e.starts_with("config.json: key rabbitmq.url: missing"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1758,7 +1761,10 @@ pub(crate) mod tests {
             &edit(|v| v["rabbitmq"]["urls"] = serde_json::json!(["amqp://x/"])),
             &[],
         );
-        assert!(e.starts_with("config.json: keys rabbitmq.url and rabbitmq.urls"), "{e}");
+        assert!(
+            e.starts_with("config.json: keys rabbitmq.url and rabbitmq.urls"),
+            "{e}"
+        );
         let e = err(
             &edit(|v| {
                 v["rabbitmq"].as_object_mut().unwrap().remove("url");
@@ -1778,7 +1784,10 @@ pub(crate) mod tests {
             }),
             &[],
         );
-        assert!(e.starts_with("config.json: key rabbitmq.urls: list at least one"), "{e}");
+        assert!(
+            e.starts_with("config.json: key rabbitmq.urls: list at least one"),
+            "{e}"
+        );
     }
 
     #[test]
