@@ -306,3 +306,93 @@ async fn the_relay_follows_a_promoted_standby_and_delivers_every_row_it_has() {
     assert!(relay.terminate().await.success());
     env.cleanup_queue_only().await;
 }
+
+#[tokio::test]
+async fn a_server_that_turns_read_only_is_left_after_one_failed_batch_per_session() {
+    let server = PrivatePg::primary();
+    let mut env = TestEnv::new("readonly").await;
+    env.config["postgres"]["port"] = server.port.into();
+    env.config["postgres"]["database"] = "postgres".into();
+    let relay = env.relay().await;
+    let consumer = Consumer::attach(&env.name).await;
+    let pg = server.client().await;
+    let write = |n: i32| {
+        format!(
+            "SELECT \"{}\".push_occurrence(convert_to('ro ' || i, 'UTF8'))::text
+               FROM generate_series(1, {n}) AS i",
+            env.name
+        )
+    };
+    let mut ids: Vec<String> = pg
+        .query(&write(50), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    consumer.wait_for_all(&ids).await;
+
+    // The server turns read-only under the relay's sessions, as a primary
+    // being demoted does: every new transaction on them is refused with
+    // SQLSTATE 25006. (A producer's session that set its own default still
+    // writes, so rows keep coming.)
+    for sql in [
+        "ALTER SYSTEM SET default_transaction_read_only = on",
+        "SELECT pg_reload_conf()",
+    ] {
+        pg.batch_execute(sql).await.unwrap();
+    }
+    pg.batch_execute("SET default_transaction_read_only = off")
+        .await
+        .unwrap();
+    let during: Vec<String> = pg
+        .query(&write(30), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // Each session that meets the refusal is dropped; its replacement is
+    // refused at connect, because the server does not accept writes.
+    relay.wait_log("database does not allow writes").await;
+    relay.wait_log("the server is read-only").await;
+    wait_until("the relay has tried again a few times", || async {
+        relay.log_count("database does not allow writes") >= 4
+    })
+    .await;
+    // Never a loop of failing batches: at most one per claim session open
+    // when the server turned (buffer_size 100 / batch_size 50 = 2 workers).
+    let refused_batches = relay.log_count("the server is read-only");
+    assert!(refused_batches <= 2, "{}", relay.log_text());
+    // The rows were not charged for it.
+    let charged: i64 = pg
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM \"{}\".message_queue_log WHERE relay_attempts > 0",
+                env.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(charged, 0);
+
+    // Writable again: the relay resumes by itself and delivers every row.
+    for sql in [
+        "ALTER SYSTEM RESET default_transaction_read_only",
+        "SELECT pg_reload_conf()",
+    ] {
+        pg.batch_execute(sql).await.unwrap();
+    }
+    ids.extend(during);
+    consumer.wait_for_all(&ids).await;
+    wait_until("every row is transferred", || async {
+        let (transferred, all) = counts(&pg, &env.name).await;
+        transferred == all
+    })
+    .await;
+    assert_no_loss(&consumer, &ids, 0);
+    assert!(relay.terminate().await.success());
+    env.cleanup_queue_only().await;
+}
