@@ -129,9 +129,8 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
         Ok(client) => client,
         Err(e) => {
             let msg = format!(
-                "postgres: cannot connect to {}:{} database {} as {}: {}; check postgres.* and that the server is up",
-                pg.host,
-                pg.port,
+                "postgres: cannot connect to {} database {} as {}: {}; check postgres.* and that the server is up (with several hosts, that one accepts writes)",
+                pg.servers_text(),
                 pg.database,
                 pg.user,
                 describe(&e)
@@ -146,8 +145,10 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
         .context("read the server version")?
         .get(0);
     println!(
-        "ok    postgres: {}:{} database {} (server {version})",
-        pg.host, pg.port, pg.database
+        "ok    postgres: {} database {} (server {version}{})",
+        pg.servers_text(),
+        pg.database,
+        connected_to(&client, pg).await
     );
 
     let outbox = match Outbox::inspect(&client, &pg.schema).await {
@@ -269,6 +270,29 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
     );
     let _closed = connection.close(200, "check done".into()).await;
     Ok(())
+}
+
+/// With several servers configured, which one the session went to (the
+/// one that accepted writes), as `; writes go to host:port`; nothing for one.
+async fn connected_to(
+    client: &tokio_postgres::Client,
+    pg: &crate::config::PostgresConfig,
+) -> String {
+    if pg.servers.len() < 2 {
+        return String::new();
+    }
+    match client
+        .query_one(
+            "SELECT host(inet_server_addr()) || ':' || inet_server_port()",
+            &[],
+        )
+        .await
+        .ok()
+        .and_then(|row| row.get::<_, Option<String>>(0))
+    {
+        Some(addr) => format!("; writes go to {addr}"),
+        None => String::new(),
+    }
 }
 
 /// Opens a plain session for a one-off command; unreachable is exit 69.

@@ -54,6 +54,9 @@ pub enum EnvKind {
     Secret,
     /// A JSON number.
     Number,
+    /// A JSON number, or several separated by commas (kept as text, read by
+    /// the key's own parser): `postgres.port` with one port per host.
+    NumberOrList,
     /// `true` or `false`.
     Bool,
     /// A comma-separated list of strings.
@@ -74,7 +77,7 @@ impl EnvKind {
 /// replaced by `_` (see [`env_name`]).
 pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("postgres.host", EnvKind::Text),
-    ("postgres.port", EnvKind::Number),
+    ("postgres.port", EnvKind::NumberOrList),
     ("postgres.database", EnvKind::Text),
     ("postgres.user", EnvKind::Text),
     ("postgres.password", EnvKind::Secret),
@@ -268,13 +271,23 @@ pub enum LogFormat {
     Json,
 }
 
-/// How to reach PostgreSQL and where the outbox lives.
-#[derive(Debug, Clone)]
-pub struct PostgresConfig {
+/// One PostgreSQL server the relay may open sessions to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgServer {
     /// Host name or address.
     pub host: String,
     /// TCP port.
     pub port: u16,
+}
+
+/// How to reach PostgreSQL and where the outbox lives.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// The servers of `postgres.host` and `postgres.port`, in the configured
+    /// order; every session goes to the first that accepts writes (libpq's
+    /// `target_session_attrs=read-write`), so after a failover the relay
+    /// follows the new primary.
+    pub servers: Vec<PgServer>,
     /// Database name.
     pub database: String,
     /// Login role.
@@ -548,12 +561,10 @@ impl Config {
             .map_err(|e| ConfigError::new(format!("key postgres.ssl_root_cert: {e}")))?;
         check_identifier("postgres.schema", &pg.schema)?;
         non_empty("postgres.host", &pg.host)?;
+        let servers = pg_servers(&pg.host, &pg.port.0)?;
         non_empty("postgres.database", &pg.database)?;
         non_empty("postgres.user", &pg.user)?;
         non_empty("postgres.application_name", &pg.application_name)?;
-        if pg.port == 0 {
-            return Err(ConfigError::new("key postgres.port: must be 1-65535"));
-        }
         let connect_timeout =
             positive_secs("postgres.connect_timeout_sec", pg.connect_timeout_sec)?;
         let query_timeout = positive_ms("postgres.query_timeout_ms", pg.query_timeout_ms)?;
@@ -674,8 +685,7 @@ impl Config {
 
         Ok(Config {
             postgres: PostgresConfig {
-                host: pg.host,
-                port: pg.port,
+                servers,
                 database: pg.database,
                 user: pg.user,
                 password: pg.password.map(Secret),
@@ -821,6 +831,53 @@ fn split_userinfo(url: &str) -> Option<(&str, &str, &str)> {
     Some((&url[..start], user, password))
 }
 
+/// The servers named by `postgres.host` (one host, or several separated by
+/// commas, as libpq reads a connection string's `host`) and `postgres.port`
+/// (one port for every host, or one per host in the same order).
+fn pg_servers(hosts: &str, ports: &[u16]) -> Result<Vec<PgServer>, ConfigError> {
+    let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
+    if hosts.iter().any(|h| h.is_empty()) {
+        return Err(ConfigError::new(format!(
+            "key postgres.host: '{}' has an empty host name; name one host, or several separated by commas (db1,db2)",
+            hosts.join(",")
+        )));
+    }
+    if ports.is_empty() {
+        return Err(ConfigError::new(
+            "key postgres.port: list at least one port",
+        ));
+    }
+    if ports.contains(&0) {
+        return Err(ConfigError::new("key postgres.port: must be 1-65535"));
+    }
+    if ports.len() != 1 && ports.len() != hosts.len() {
+        return Err(ConfigError::new(format!(
+            "keys postgres.host and postgres.port: {} hosts but {} ports; give one port for all hosts, or one per host in the same order",
+            hosts.len(),
+            ports.len()
+        )));
+    }
+    Ok(hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| PgServer {
+            host: (*host).to_owned(),
+            port: if ports.len() == 1 { ports[0] } else { ports[i] },
+        })
+        .collect())
+}
+
+impl PostgresConfig {
+    /// The servers as `host:port` separated by commas, for messages.
+    pub fn servers_text(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| format!("{}:{}", s.host, s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 fn non_empty(key: &str, value: &str) -> Result<(), ConfigError> {
     if value.trim().is_empty() {
         return Err(ConfigError::new(format!("key {key}: must not be empty")));
@@ -907,7 +964,8 @@ fn apply_env(json: &mut Value, env: &BTreeMap<String, String>) -> Result<Applied
         }
         let value = match kind {
             EnvKind::Text | EnvKind::Secret => Value::String(raw),
-            EnvKind::Number => {
+            EnvKind::NumberOrList if raw.contains(',') => Value::String(raw),
+            EnvKind::Number | EnvKind::NumberOrList => {
                 let n: serde_json::Number = raw.trim().parse().map_err(|_| {
                     ConfigError::new(format!(
                         "environment variable {var} (key {key}): expected a number, got '{raw}'"
@@ -1352,7 +1410,7 @@ struct RawPostgres {
     #[serde(default = "default_host")]
     host: String,
     #[serde(default = "default_pg_port")]
-    port: u16,
+    port: RawPorts,
     database: String,
     user: String,
     #[serde(default)]
@@ -1510,8 +1568,57 @@ impl Default for RawRelay {
 fn default_host() -> String {
     "localhost".to_owned()
 }
-fn default_pg_port() -> u16 {
-    5432
+fn default_pg_port() -> RawPorts {
+    RawPorts(vec![5432])
+}
+
+/// `postgres.port`: one port (the seed's number), or one per host as a list
+/// of numbers or a text of numbers separated by commas (libpq's form, and
+/// what an environment variable can hold).
+#[derive(Debug)]
+struct RawPorts(Vec<u16>);
+
+impl<'de> Deserialize<'de> for RawPorts {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, IntoDeserializer, SeqAccess, Unexpected, Visitor};
+
+        struct Ports;
+        impl<'de> Visitor<'de> for Ports {
+            type Value = RawPorts;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a port (a whole number from 1 to 65535), or one per host as a list or separated by commas",
+                )
+            }
+
+            // A single number keeps the words of a plain port's errors.
+            fn visit_u64<E: Error>(self, v: u64) -> Result<RawPorts, E> {
+                u16::deserialize(v.into_deserializer()).map(|p| RawPorts(vec![p]))
+            }
+
+            fn visit_i64<E: Error>(self, v: i64) -> Result<RawPorts, E> {
+                u16::deserialize(v.into_deserializer()).map(|p| RawPorts(vec![p]))
+            }
+
+            fn visit_str<E: Error>(self, v: &str) -> Result<RawPorts, E> {
+                v.split(',')
+                    .map(|p| p.trim().parse::<u16>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(RawPorts)
+                    .map_err(|_| E::invalid_value(Unexpected::Str(v), &self))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawPorts, A::Error> {
+                let mut ports = Vec::new();
+                while let Some(port) = seq.next_element::<u16>()? {
+                    ports.push(port);
+                }
+                Ok(RawPorts(ports))
+            }
+        }
+        deserializer.deserialize_any(Ports)
+    }
 }
 fn default_ssl_mode() -> String {
     "disable".to_owned()
@@ -1567,6 +1674,86 @@ pub(crate) mod tests {
 
     fn err(text: &str, env: &[(&str, &str)]) -> String {
         parse(text, env).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn several_postgres_hosts_take_one_port_each_or_one_for_all() {
+        let servers = |text: &str, env: &[(&str, &str)]| -> Vec<(String, u16)> {
+            parse(text, env)
+                .unwrap()
+                .postgres
+                .servers
+                .into_iter()
+                .map(|s| (s.host, s.port))
+                .collect()
+        };
+        let pair = |h: &str, p: u16| (h.to_owned(), p);
+        // The seed's single host and numeric port, unchanged.
+        assert_eq!(servers(SEED, &[]), [pair("localhost", 5432)]);
+        // One port for every host.
+        let text = edit(|v| v["postgres"]["host"] = "db1, db2".into());
+        assert_eq!(servers(&text, &[]), [pair("db1", 5432), pair("db2", 5432)]);
+        // One port per host: libpq's text, or a list.
+        let text = edit(|v| {
+            v["postgres"]["host"] = "127.0.0.1,127.0.0.1".into();
+            v["postgres"]["port"] = "5432, 5433".into();
+        });
+        assert_eq!(
+            servers(&text, &[]),
+            [pair("127.0.0.1", 5432), pair("127.0.0.1", 5433)]
+        );
+        let text = edit(|v| {
+            v["postgres"]["host"] = "db1,db2".into();
+            v["postgres"]["port"] = serde_json::json!([6432, 6433]);
+        });
+        assert_eq!(servers(&text, &[]), [pair("db1", 6432), pair("db2", 6433)]);
+        // The same from the environment.
+        let env = [
+            ("PUSHOCCURRENCE_POSTGRES_HOST", "db1,db2"),
+            ("PUSHOCCURRENCE_POSTGRES_PORT", "7001,7002"),
+        ];
+        assert_eq!(servers(SEED, &env), [pair("db1", 7001), pair("db2", 7002)]);
+        let env = [("PUSHOCCURRENCE_POSTGRES_PORT", "7001")];
+        assert_eq!(servers(SEED, &env), [pair("localhost", 7001)]);
+
+        // Mistakes name the key and the fix.
+        let text = edit(|v| {
+            v["postgres"]["host"] = "db1,db2".into();
+            v["postgres"]["port"] = "1,2,3".into();
+        });
+        assert_eq!(
+            err(&text, &[]),
+            "config.json: keys postgres.host and postgres.port: 2 hosts but 3 ports; give one port for all hosts, or one per host in the same order"
+        );
+        let e = err(&edit(|v| v["postgres"]["host"] = "db1,,db2".into()), &[]);
+        assert!(
+            e.starts_with("config.json: key postgres.host: 'db1,,db2' has an empty host name"),
+            "{e}"
+        );
+        let e = err(&edit(|v| v["postgres"]["port"] = "5432,x".into()), &[]);
+        assert!(
+            e.starts_with("config.json: key postgres.port: invalid value"),
+            "{e}"
+        );
+        assert!(
+            e.contains("one per host as a list or separated by commas"),
+            "{e}"
+        );
+        let e = err(
+            &edit(|v| v["postgres"]["port"] = serde_json::json!([5432, 0])),
+            &[],
+        );
+        assert_eq!(e, "config.json: key postgres.port: must be 1-65535");
+        let e = err(
+            &edit(|v| v["postgres"]["port"] = serde_json::json!([])),
+            &[],
+        );
+        assert_eq!(e, "config.json: key postgres.port: list at least one port");
+        let e = err(SEED, &[("PUSHOCCURRENCE_POSTGRES_PORT", "5432,70000")]);
+        assert!(
+            e.starts_with("environment variable PUSHOCCURRENCE_POSTGRES_PORT (key postgres.port): invalid value"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1804,7 +1991,7 @@ pub(crate) mod tests {
         )
         .unwrap();
         assert_eq!(c.postgres.password.unwrap().expose(), "12345");
-        assert_eq!(c.postgres.port, 6543);
+        assert_eq!(c.postgres.servers[0].port, 6543);
         assert_eq!(c.channels, vec!["a", "b"]);
         assert_eq!(c.relay.batch_size, 10);
         assert_eq!(c.relay.workers, 10);
@@ -1863,12 +2050,12 @@ pub(crate) mod tests {
             ),
         ];
         let c = parse(SEED, &links).unwrap();
-        assert_eq!(c.postgres.port, 5432, "the file's port stands");
+        assert_eq!(c.postgres.servers[0].port, 5432, "the file's port stands");
         assert_eq!(c.env_notes.warnings, Vec::<String>::new());
         assert_eq!(c.env_notes.ignored.len(), links.len(), "{:?}", c.env_notes);
         // A real port still overrides.
         let c = parse(SEED, &[("PUSHOCCURRENCE_POSTGRES_PORT", "6432")]).unwrap();
-        assert_eq!(c.postgres.port, 6432);
+        assert_eq!(c.postgres.servers[0].port, 6432);
     }
 
     #[test]
@@ -1979,7 +2166,7 @@ pub(crate) mod tests {
     #[test]
     fn a_byte_order_mark_is_accepted_and_a_key_given_twice_is_refused() {
         let c = parse(&format!("\u{feff}{SEED}"), &[]).unwrap();
-        assert_eq!(c.postgres.port, 5432);
+        assert_eq!(c.postgres.servers[0].port, 5432);
         let twice = SEED.replacen(r#""port": 5432"#, r#""port": 5432, "port": 6432"#, 1);
         assert_ne!(twice, SEED);
         let e = err(&twice, &[]);

@@ -49,8 +49,18 @@ pub async fn connect(
 /// The driver configuration for one session.
 pub fn session_config(pg: &PostgresConfig, kind: SessionKind) -> tokio_postgres::Config {
     let mut cfg = tokio_postgres::Config::new();
-    cfg.host(&pg.host)
-        .port(pg.port)
+    for server in &pg.servers {
+        cfg.host(&server.host).port(server.port);
+    }
+    // Every session must be able to write (claims lock and mark rows, the
+    // listener must hear the primary's NOTIFYs: LISTEN on a standby works
+    // but hears nothing). With several hosts the driver tries them in order
+    // and takes the first whose `transaction_read_only` is off, as libpq's
+    // `target_session_attrs=read-write` does, so a reconnect after a
+    // failover finds the promoted standby; a lone read-only server is
+    // refused at connect ("database does not allow writes") instead of
+    // failing every batch.
+    cfg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite)
         .dbname(&pg.database)
         .user(&pg.user)
         .application_name(&pg.application_name)
@@ -135,9 +145,12 @@ pub fn quote_literal(text: &str) -> String {
 /// by SQLSTATE (never by message text): a transaction rollback (class 40:
 /// deadlock, serialization failure), a connection exception (class 08),
 /// `lock_not_available` (55P03), the server shutting down or starting
-/// (57P01-57P03), `too_many_connections` (53300); or no SQLSTATE at all
-/// because the session is closed or its socket failed. Everything else
-/// (privileges, missing or mistyped objects, bad SQL) needs a person.
+/// (57P01-57P03), `too_many_connections` (53300), a read-only server
+/// (25006 `read_only_sql_transaction`: the session landed on a standby or a
+/// primary demoted under it; a new session goes to the one that accepts
+/// writes, see [`is_read_only`]); or no SQLSTATE at all because the session
+/// is closed or its socket failed. Everything else (privileges, missing or
+/// mistyped objects, bad SQL) needs a person.
 pub fn is_transient(error: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
     match error.code() {
@@ -150,6 +163,7 @@ pub fn is_transient(error: &tokio_postgres::Error) -> bool {
                     SqlState::CRASH_SHUTDOWN,
                     SqlState::CANNOT_CONNECT_NOW,
                     SqlState::TOO_MANY_CONNECTIONS,
+                    SqlState::READ_ONLY_SQL_TRANSACTION,
                 ]
                 .contains(code)
         }
@@ -167,6 +181,14 @@ pub fn is_transient(error: &tokio_postgres::Error) -> bool {
             false
         }
     }
+}
+
+/// Whether the server refused a write because it is read-only (SQLSTATE
+/// 25006): a fault of the session, not of any row, and never cured by
+/// trying again on it, so the session is dropped and replaced (with
+/// back-off) by one on the server that accepts writes.
+pub fn is_read_only(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
 }
 
 /// Whether the server refused a statement about rows for a reason of those

@@ -83,6 +83,15 @@ impl From<tokio_postgres::Error> for BatchError {
                 describe(&e)
             ));
         }
+        // A session fault: the batch fails (the session is always dropped
+        // after a failed batch) and the new one goes to the writable server.
+        if db::is_read_only(&e) {
+            return Self::Database(format!(
+                "the server is read-only, a standby or a demoted primary ({}); \
+                 reconnecting to the server that accepts writes",
+                describe(&e)
+            ));
+        }
         Self::Database(describe(&e))
     }
 }

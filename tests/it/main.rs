@@ -7,6 +7,7 @@ mod bad_input; // each bad-input rule: retried, parked with a reason, stream kee
 mod broker; // channel faults, refused messages, full queues, long alarms, a lost queue: owner pays
 mod cli; // the binary's commands: bad config, check, exit codes, secrets
 mod cluster; // a three-node RabbitMQ cluster, quorum queues, nodes stopped under load
+mod failover; // a private primary and its streaming standby: the primary dies, the standby is promoted, the relay follows
 mod faults; // broker, database and process faults injected for real; nothing lost
 mod migrate; // schema creation on fresh and existing seed databases
 mod ops; // the admin endpoint: metrics against what was sent, health, readiness
