@@ -27,7 +27,7 @@
 //! no transaction spans an outage, and it keeps its claim transaction alive
 //! while a blocked broker holds back the confirms of a batch already sent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -528,17 +528,31 @@ impl Worker {
             let mut unmarked: Vec<&str> = Vec::new();
             if !confirmed.is_empty() {
                 let mark = &statements.mark;
-                let (_, refused) = row_by_row(txr, limit, &confirmed, |ids: &[&&str]| {
+                let (marked, refused) = row_by_row(txr, limit, &confirmed, |ids: &[&&str]| {
                     let ids: Vec<&str> = ids.iter().map(|id| **id).collect();
                     async move { txr.query(mark, &[&ids]).await }
                 })
                 .await?;
+                let marked: HashSet<String> = marked.iter().map(|r| r.get(0)).collect();
                 for (id, words) in refused {
                     unmarked.push(id);
                     failed.push((id, format!(
                         "published and confirmed, but the database refused to mark it transferred: {words}; \
                          it is published again after a delay"
                     )));
+                }
+                // Skipped without an error (a BEFORE UPDATE trigger returning
+                // NULL, a rule, a row-level security policy): the same rule.
+                let skipped: Vec<&str> = confirmed
+                    .iter()
+                    .copied()
+                    .filter(|id| !marked.contains(*id) && !unmarked.contains(id))
+                    .collect();
+                for id in skipped {
+                    unmarked.push(id);
+                    failed.push((id, "published and confirmed, but marking it transferred updated no row \
+                         (a BEFORE UPDATE trigger returning NULL, a rule or a row-level security policy skips it); \
+                         it is published again after a delay".to_owned()));
                 }
             }
             let mut recorded: Vec<(String, bool, i32)> = Vec::new();
@@ -559,7 +573,13 @@ impl Worker {
                 })
                 .await?;
                 recorded = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
-                for ((id, _), words) in refused {
+                let skipped = failed.iter().filter(|(id, _)| {
+                    !recorded.iter().any(|(r, _, _)| r == id) && !refused.iter().any(|((r, _), _)| r == id)
+                });
+                let skipped: Vec<(&(&str, String), String)> = skipped
+                    .map(|row| (row, "the update recording it changed no row".to_owned()))
+                    .collect();
+                for ((id, _), words) in refused.into_iter().chain(skipped) {
                     let (attempts, held) = unwritable.charge(id, relay);
                     remembered.push((id, words, attempts, held));
                 }
@@ -750,8 +770,9 @@ impl Worker {
 /// row the database refuses neither aborts the claim transaction (and its
 /// locks) nor undoes the other rows. Returns what the statement returned
 /// for the rows it updated, and the rows refused with the database's words.
-/// Any other error (a lost session, a timeout, a passing condition) fails
-/// the batch and charges nobody.
+/// Any other error (a lost session, a timeout, a passing condition), or one
+/// the statement meets for no row at all (a revoked grant: the table's
+/// fault, not a row's), fails the batch and charges nobody.
 async fn row_by_row<'r, T, F, Fut>(
     tx: &tokio_postgres::Transaction<'_>,
     limit: Duration,
@@ -788,6 +809,16 @@ where
         Err(e) => {
             let words = refused_by_row(e)?;
             within(limit, tx.batch_execute(outbox::ROLLBACK_TO_SAVEPOINT)).await?;
+            // The statement for no row at all checks what is the table's,
+            // not a row's: privileges (a revoked grant), column types. If it
+            // fails too, the fault is the table's and no row is charged.
+            if let Err(e) = attempt(Vec::new()).await? {
+                within(limit, tx.batch_execute(outbox::ROLLBACK_TO_SAVEPOINT)).await?;
+                return Err(BatchError::Database(format!(
+                    "the database refuses the relay's update of the outbox itself, for any row: {}",
+                    describe(&e)
+                )));
+            }
             if let [row] = rows {
                 return Ok((Vec::new(), vec![(row, words)]));
             }

@@ -860,11 +860,15 @@ impl Outbox {
     }
 
     /// Marks the rows whose ids (as text) are in `$1` transferred, with the
-    /// database clock.
+    /// database clock, and returns the ids it marked: a `BEFORE UPDATE`
+    /// trigger returning NULL, a rule or a row-level security policy can
+    /// skip a row without an error, and a row left pending that way would be
+    /// published again and again.
     pub fn mark_sql(&self) -> String {
         format!(
             "UPDATE {log} SET transferred = true, transfer_time = now()
-              WHERE message_id = ANY($1::text[]::{id}[])",
+              WHERE message_id = ANY($1::text[]::{id}[])
+          RETURNING message_id::text",
             log = self.table(LOG_TABLE),
             id = self.id_type,
         )

@@ -702,3 +702,59 @@ async fn a_flood_of_half_open_admin_requests_never_starves_health_or_relaying() 
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
+
+/// A grant taken away from the columns the mark writes is the table's
+/// fault, not the rows': the mark fails for no row at all as it does for
+/// these, so no row is charged or parked, and the rows go out once the
+/// grant is back.
+#[tokio::test]
+async fn a_grant_revoked_on_the_marked_columns_charges_no_row() {
+    let mut env = TestEnv::new("revokemark").await;
+    env.config["relay"]["max_attempts"] = 2.into();
+    env.config["relay"]["attempt_delay_ms"] = 50.into();
+    let role = as_relay_role(&mut env, 1.0).await;
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let admin = relay.admin().await;
+    let s = &env.name;
+    // The claim's FOR UPDATE still works (UPDATE on `transferred` stays).
+    env.pg
+        .batch_execute(&format!(
+            "REVOKE UPDATE (transfer_time) ON \"{s}\".message_queue_log FROM \"{role}\""
+        ))
+        .await
+        .unwrap();
+    let ids = env.insert_many(5, 5).await;
+    wait_until("several batches failed", || async {
+        let text = http_get(&admin, "/metrics").await.1;
+        metric(&text, "pushoccurrence_batches_failed_total").unwrap_or(0.0) >= 3.0
+    })
+    .await;
+    let charged: i64 = env
+        .pg
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM \"{s}\".message_queue_log
+                  WHERE relay_attempts > 0 OR relay_parked_at IS NOT NULL"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(charged, 0, "{}", relay.log_text());
+    assert_eq!(env.pending().await, 5);
+    env.pg
+        .batch_execute(&format!(
+            "GRANT UPDATE (transfer_time) ON \"{s}\".message_queue_log TO \"{role}\""
+        ))
+        .await
+        .unwrap();
+    consumer.wait_for_all(&ids).await;
+    env.wait_all_transferred().await;
+    // Each failed batch was published before its mark failed.
+    assert_no_loss(&consumer, &ids, usize::MAX);
+    assert!(relay.terminate().await.success());
+    drop_role(&env, &role).await;
+    env.cleanup().await;
+}

@@ -287,3 +287,53 @@ async fn a_body_column_retyped_under_a_running_relay_is_read_by_its_new_type_bot
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_row_a_trigger_silently_skips_is_sent_max_attempts_times_and_its_batch_once() {
+    let env = env_with_attempts("skipped").await;
+    let s = &env.name;
+    let (good1, bad, good2) = (uuid(10), uuid(11), uuid(12));
+    // No error: the trigger just makes every UPDATE of that row do nothing.
+    env.pg
+        .batch_execute(&format!(
+            "CREATE FUNCTION \"{s}\".skip() RETURNS trigger LANGUAGE plpgsql AS $f$
+                 BEGIN RETURN NULL; END $f$;
+             CREATE TRIGGER skip BEFORE UPDATE ON \"{s}\".message_queue_log FOR EACH ROW
+                 WHEN (OLD.message_id = '{bad}') EXECUTE FUNCTION \"{s}\".skip();"
+        ))
+        .await
+        .unwrap();
+    insert_rows(
+        &env,
+        &[
+            (&good1, Some("'\\x01'")),
+            (&bad, Some("'\\x02'")),
+            (&good2, Some("'\\x03'")),
+        ],
+    )
+    .await;
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+
+    relay
+        .wait_log("row held in memory after repeated failures")
+        .await;
+    env.wait_all_transferred_but(1).await;
+    wait_until("the skipped row arrived three times", || async {
+        consumer.counts().get(&bad).copied() == Some(3)
+    })
+    .await;
+    let fresh = env.insert_many(5, 5).await;
+    consumer.wait_for_all(&fresh).await;
+    env.wait_all_transferred_but(1).await;
+    let mut expected = vec![(good1.as_str(), 1), (bad.as_str(), 3), (good2.as_str(), 1)];
+    expected.extend(fresh.iter().map(|id| (id.as_str(), 1)));
+    assert_counts(&consumer, &expected);
+    assert!(
+        relay.log_text().contains("updated no row"),
+        "{}",
+        relay.log_text()
+    );
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
