@@ -109,20 +109,17 @@ async fn a_row_whose_mark_is_refused_is_charged_and_parked_while_its_batch_is_ma
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_row_the_database_refuses_any_update_of_is_sent_max_attempts_times_and_its_batch_once() {
-    let env = env_with_attempts("updrefused").await;
-    let s = &env.name;
+/// Creates `trigger` (SQL given the schema and the bad row's id) on a
+/// fresh outbox holding a good row, the bad row and another good row, runs
+/// the relay, and checks what every update the database refuses or skips
+/// must come to: the bad row is published `max_attempts` (3) times and held
+/// in memory, its bookkeeping untouched, while the other rows and later
+/// ones go out once. Returns the relay's log.
+async fn a_row_no_update_reaches(tag: &str, trigger: impl Fn(&str, &str) -> String) -> String {
+    let env = env_with_attempts(tag).await;
     let (good1, bad, good2) = (uuid(4), uuid(5), uuid(6));
-    // Fires on every UPDATE of that row: marking it and recording its
-    // failure are both refused.
     env.pg
-        .batch_execute(&format!(
-            "CREATE FUNCTION \"{s}\".audit() RETURNS trigger LANGUAGE plpgsql AS $f$
-                 BEGIN RAISE EXCEPTION 'audit log refuses row %', NEW.message_id; END $f$;
-             CREATE TRIGGER audit AFTER UPDATE ON \"{s}\".message_queue_log FOR EACH ROW
-                 WHEN (NEW.message_id = '{bad}') EXECUTE FUNCTION \"{s}\".audit();"
-        ))
+        .batch_execute(&trigger(&env.name, &bad))
         .await
         .unwrap();
     insert_rows(
@@ -141,7 +138,7 @@ async fn a_row_the_database_refuses_any_update_of_is_sent_max_attempts_times_and
         .wait_log("row held in memory after repeated failures")
         .await;
     env.wait_all_transferred_but(1).await;
-    wait_until("the refused row arrived three times", || async {
+    wait_until("the bad row arrived three times", || async {
         consumer.counts().get(&bad).copied() == Some(3)
     })
     .await;
@@ -155,12 +152,43 @@ async fn a_row_the_database_refuses_any_update_of_is_sent_max_attempts_times_and
     // The table could not be written: its bookkeeping is untouched.
     assert_eq!(env.row_state(&bad).await, (0, None, false, false));
     let log = relay.log_text();
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+    log
+}
+
+#[tokio::test]
+async fn a_row_the_database_refuses_any_update_of_is_sent_max_attempts_times_and_its_batch_once() {
+    // Fires on every UPDATE of that row: marking it and recording its
+    // failure are both refused.
+    let log = a_row_no_update_reaches("updrefused", |s, bad| {
+        format!(
+            "CREATE FUNCTION \"{s}\".audit() RETURNS trigger LANGUAGE plpgsql AS $f$
+                 BEGIN RAISE EXCEPTION 'audit log refuses row %', NEW.message_id; END $f$;
+             CREATE TRIGGER audit AFTER UPDATE ON \"{s}\".message_queue_log FOR EACH ROW
+                 WHEN (NEW.message_id = '{bad}') EXECUTE FUNCTION \"{s}\".audit();"
+        )
+    })
+    .await;
     assert!(
         log.contains("audit log refuses row") && log.contains("P0001"),
         "{log}"
     );
-    assert!(relay.terminate().await.success());
-    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_row_a_trigger_silently_skips_is_sent_max_attempts_times_and_its_batch_once() {
+    // No error: the trigger makes every UPDATE of that row do nothing.
+    let log = a_row_no_update_reaches("skipped", |s, bad| {
+        format!(
+            "CREATE FUNCTION \"{s}\".skip() RETURNS trigger LANGUAGE plpgsql AS $f$
+                 BEGIN RETURN NULL; END $f$;
+             CREATE TRIGGER skip BEFORE UPDATE ON \"{s}\".message_queue_log FOR EACH ROW
+                 WHEN (OLD.message_id = '{bad}') EXECUTE FUNCTION \"{s}\".skip();"
+        )
+    })
+    .await;
+    assert!(log.contains("updated no row"), "{log}");
 }
 
 #[tokio::test]
@@ -284,56 +312,6 @@ async fn a_body_column_retyped_under_a_running_relay_is_read_by_its_new_type_bot
 
     env.wait_all_transferred().await;
     assert_exactly_once(&consumer, &[first, second, third]);
-    assert!(relay.terminate().await.success());
-    env.cleanup().await;
-}
-
-#[tokio::test]
-async fn a_row_a_trigger_silently_skips_is_sent_max_attempts_times_and_its_batch_once() {
-    let env = env_with_attempts("skipped").await;
-    let s = &env.name;
-    let (good1, bad, good2) = (uuid(10), uuid(11), uuid(12));
-    // No error: the trigger just makes every UPDATE of that row do nothing.
-    env.pg
-        .batch_execute(&format!(
-            "CREATE FUNCTION \"{s}\".skip() RETURNS trigger LANGUAGE plpgsql AS $f$
-                 BEGIN RETURN NULL; END $f$;
-             CREATE TRIGGER skip BEFORE UPDATE ON \"{s}\".message_queue_log FOR EACH ROW
-                 WHEN (OLD.message_id = '{bad}') EXECUTE FUNCTION \"{s}\".skip();"
-        ))
-        .await
-        .unwrap();
-    insert_rows(
-        &env,
-        &[
-            (&good1, Some("'\\x01'")),
-            (&bad, Some("'\\x02'")),
-            (&good2, Some("'\\x03'")),
-        ],
-    )
-    .await;
-    let consumer = env.consumer().await;
-    let relay = env.relay().await;
-
-    relay
-        .wait_log("row held in memory after repeated failures")
-        .await;
-    env.wait_all_transferred_but(1).await;
-    wait_until("the skipped row arrived three times", || async {
-        consumer.counts().get(&bad).copied() == Some(3)
-    })
-    .await;
-    let fresh = env.insert_many(5, 5).await;
-    consumer.wait_for_all(&fresh).await;
-    env.wait_all_transferred_but(1).await;
-    let mut expected = vec![(good1.as_str(), 1), (bad.as_str(), 3), (good2.as_str(), 1)];
-    expected.extend(fresh.iter().map(|id| (id.as_str(), 1)));
-    assert_counts(&consumer, &expected);
-    assert!(
-        relay.log_text().contains("updated no row"),
-        "{}",
-        relay.log_text()
-    );
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
