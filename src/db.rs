@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 use tracing::debug;
 
-use crate::config::{PostgresConfig, SslMode};
+use crate::config::{Pooler, PostgresConfig, SslMode};
 
 /// What a session is for; claim sessions get server-side timeouts that
 /// release their row locks if the relay freezes.
@@ -29,7 +29,9 @@ pub enum SessionKind {
     },
 }
 
-/// Opens a session and spawns the task that drives it.
+/// Opens a session and spawns the task that drives it. A claim session gets
+/// its settings here (by `SET`), except behind a transaction pooler, where
+/// each claim transaction sets them ([`claim_settings_sql`]).
 ///
 /// # Errors
 /// The connection error, which never contains the password.
@@ -37,17 +39,26 @@ pub async fn connect(
     pg: &PostgresConfig,
     kind: SessionKind,
 ) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = session_config(pg, kind).connect(pg.tls.0.clone()).await?;
+    let (client, connection) = session_config(pg).connect(pg.tls.0.clone()).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             debug!(%error, "postgres session ended");
         }
     });
+    if let SessionKind::Claim {
+        idle_in_transaction,
+    } = kind
+        && pg.pooler != Pooler::Transaction
+    {
+        client
+            .batch_execute(&claim_settings_sql(pg, idle_in_transaction, false))
+            .await?;
+    }
     Ok(client)
 }
 
 /// The driver configuration for one session.
-pub fn session_config(pg: &PostgresConfig, kind: SessionKind) -> tokio_postgres::Config {
+pub fn session_config(pg: &PostgresConfig) -> tokio_postgres::Config {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(&pg.host)
         .port(pg.port)
@@ -71,20 +82,39 @@ pub fn session_config(pg: &PostgresConfig, kind: SessionKind) -> tokio_postgres:
             tokio_postgres::config::SslMode::Require
         }
     });
-    if let SessionKind::Claim {
-        idle_in_transaction,
-    } = kind
-    {
-        let planner: String = CLAIM_SESSION_SETTINGS
-            .iter()
-            .map(|(setting, value)| format!(" -c {setting}={value}"))
-            .collect();
-        cfg.options(format!(
-            "-c idle_in_transaction_session_timeout={} -c lock_timeout=5000{planner}",
-            idle_in_transaction.as_millis()
+    // No `options` startup parameter: PgBouncer refuses it
+    // (`unsupported startup parameter: options`, SQLSTATE 08P01). The claim
+    // settings are sent by `SET` once the session is up ([`connect`]), or by
+    // `SET LOCAL` in every transaction behind a transaction pooler.
+    cfg
+}
+
+/// The statements that give a claim session its settings: the server-side
+/// timeouts that release a frozen relay's row locks, the planner rules of
+/// [`CLAIM_SESSION_SETTINGS`] and, with `local` (every transaction behind a
+/// transaction pooler, where no session state survives a transaction), the
+/// `application_name` too. Simple-protocol SQL, so it goes out in one round
+/// trip and needs no prepared statement.
+pub fn claim_settings_sql(
+    pg: &PostgresConfig,
+    idle_in_transaction: Duration,
+    local: bool,
+) -> String {
+    let set = if local { "SET LOCAL" } else { "SET" };
+    let mut sql = format!(
+        "{set} idle_in_transaction_session_timeout = {}; {set} lock_timeout = 5000;",
+        idle_in_transaction.as_millis()
+    );
+    for (setting, value) in CLAIM_SESSION_SETTINGS {
+        sql.push_str(&format!(" {set} {setting} = {value};"));
+    }
+    if local {
+        sql.push_str(&format!(
+            " SET LOCAL application_name = {};",
+            quote_literal(&pg.application_name)
         ));
     }
-    cfg
+    sql
 }
 
 /// Planner settings of claim sessions, which only run the relay's own short
@@ -216,6 +246,27 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claim_settings_are_set_for_the_session_or_for_each_transaction() {
+        let text = r#"{"postgres": {"database": "d", "user": "u"},
+                        "rabbitmq": {"url": "amqp://h/", "queue": {"name": "q"}},
+                        "listener": {"channels": ["c"]}}"#;
+        let config = crate::config::Config::parse(text, &Default::default(), "test").unwrap();
+        let pg = config.postgres;
+        let session = claim_settings_sql(&pg, Duration::from_secs(40), false);
+        assert!(session.starts_with("SET idle_in_transaction_session_timeout = 40000;"));
+        assert!(!session.contains("LOCAL") && !session.contains("application_name"));
+        let local = claim_settings_sql(&pg, Duration::from_secs(40), true);
+        for (setting, value) in CLAIM_SESSION_SETTINGS {
+            assert!(
+                local.contains(&format!("SET LOCAL {setting} = {value};")),
+                "{local}"
+            );
+        }
+        assert!(local.contains("SET LOCAL lock_timeout = 5000;"));
+        assert!(local.contains("SET LOCAL application_name = 'pushoccurrence';"));
+    }
 
     #[test]
     fn identifiers_and_literals_are_quoted() {
