@@ -100,6 +100,25 @@ async fn relays_through_pgbouncer(pool_mode: &str, direct_listener: bool) {
     let bouncer = PgBouncer::start(pool_mode).await;
     let mut env = TestEnv::new(&format!("pgb_{pool_mode}")).await;
     env.migrate().await;
+    // What the claim transactions' settings are, seen from inside them: the
+    // mark (an UPDATE in the claim transaction) records them.
+    let s = &env.name;
+    env.pg
+        .batch_execute(&format!(
+            "CREATE TABLE \"{s}\".seen (setting text, value text);
+             CREATE FUNCTION \"{s}\".record_settings() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               INSERT INTO \"{s}\".seen
+                 SELECT name, setting FROM pg_settings
+                  WHERE name IN ('jit', 'plan_cache_mode', 'enable_seqscan', 'max_parallel_workers_per_gather',
+                                 'idle_in_transaction_session_timeout', 'lock_timeout', 'application_name');
+               RETURN NULL;
+             END $$;
+             CREATE TRIGGER record_settings AFTER UPDATE ON \"{s}\".message_queue_log
+               FOR EACH STATEMENT EXECUTE FUNCTION \"{s}\".record_settings();"
+        ))
+        .await
+        .unwrap();
     env.config["postgres"]["port"] = bouncer.port.into();
     if pool_mode == "transaction" {
         env.config["postgres"]["pooler"] = pool_mode.into();
@@ -132,6 +151,28 @@ async fn relays_through_pgbouncer(pool_mode: &str, direct_listener: bool) {
 
     let log = relay.log_text();
     assert!(!log.contains("batch failed"), "{log}");
+    // Every claim transaction had the claim session's settings.
+    let values = |setting: &'static str| {
+        let env = &env;
+        async move {
+            env.texts(
+                &format!(
+                    "SELECT DISTINCT value FROM \"{}\".seen WHERE setting = $1",
+                    env.name
+                ),
+                &[&setting],
+            )
+            .await
+        }
+    };
+    assert_eq!(values("jit").await, ["off"]);
+    assert_eq!(values("plan_cache_mode").await, ["force_generic_plan"]);
+    assert_eq!(values("enable_seqscan").await, ["off"]);
+    assert_eq!(values("max_parallel_workers_per_gather").await, ["0"]);
+    assert_eq!(values("lock_timeout").await, ["5000"]);
+    assert_eq!(values("application_name").await, [env.name.clone()]);
+    let idle = values("idle_in_transaction_session_timeout").await;
+    assert!(idle.len() == 1 && idle[0] != "0", "{idle:?}");
     assert_eq!(log.matches(DEAF).count(), usize::from(!hears), "{log}");
     if !hears {
         assert!(
