@@ -21,6 +21,11 @@ impl PgBouncer {
     /// Starts one in `pool_mode` (`session` or `transaction`) and waits until
     /// a session through it answers.
     pub async fn start(pool_mode: &str) -> Self {
+        Self::start_with(pool_mode, "").await
+    }
+
+    /// [`PgBouncer::start`] with `extra` lines in its `[pgbouncer]` section.
+    pub async fn start_with(pool_mode: &str, extra: &str) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("po-pgbouncer-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -42,7 +47,9 @@ impl PgBouncer {
                  pool_mode = {pool_mode}\n\
                  default_pool_size = {pool_size}\n\
                  max_client_conn = 200\n\
-                 logfile = {log}\n",
+                 admin_users = postgres\n\
+                 logfile = {log}\n\
+                 {extra}\n",
                 pg = pg_port(),
                 users = dir.join("users.txt").display(),
                 log = dir.join("pgbouncer.log").display(),
@@ -81,6 +88,21 @@ impl PgBouncer {
         })
         .await;
         bouncer
+    }
+}
+
+impl PgBouncer {
+    /// Runs `command` on the admin console.
+    pub async fn admin(&self, command: &str) {
+        let conn = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer",
+            self.port
+        );
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client.simple_query(command).await.unwrap();
     }
 }
 
@@ -236,4 +258,47 @@ async fn pgbouncer_transaction_mode_relays_every_event_once_by_polling_and_says_
 #[tokio::test]
 async fn pgbouncer_transaction_mode_with_a_direct_listener_relays_every_event_once() {
     relays_through_pgbouncer("transaction", true).await;
+}
+
+/// A session pooler switched to transaction pooling under a running relay
+/// that was told nothing: the workers' named statements meet other server
+/// sessions (detected by SQLSTATE, warned about once, and the next sessions
+/// keep nothing across transactions), and the listener, whose LISTEN stays
+/// on a server session it no longer has, finds at its next probe that it
+/// does not hear; the sweep carries delivery.
+#[tokio::test]
+async fn a_pooler_switched_to_transaction_mode_under_the_relay_is_detected_and_loses_nothing() {
+    // Round robin: consecutive transactions of a client land on different
+    // server sessions once the pooler is in transaction mode.
+    let bouncer = PgBouncer::start_with("session", "server_round_robin = 1").await;
+    let mut env = TestEnv::new("pgb_switch").await;
+    env.migrate().await;
+    env.config["postgres"]["port"] = bouncer.port.into();
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let admin = relay.admin().await;
+    let mut ids = env.insert_many(500, 100).await;
+    consumer.wait_for_all(&ids).await;
+    assert!(!relay.log_text().contains(DEAF));
+
+    bouncer.admin("SET pool_mode = 'transaction'").await;
+    ids.extend(env.insert_many(2000, 100).await);
+    consumer.wait_for_all(&ids).await;
+    env.wait_all_transferred().await;
+    relay.wait_log(DEAF).await;
+    assert_exactly_once(&consumer, &ids);
+
+    let log = relay.log_text();
+    let detected = "PostgreSQL is behind a transaction pooler";
+    assert_eq!(log.matches(detected).count(), 1, "{log}");
+    assert!(
+        log.contains("postgres.pooler"),
+        "the warning names the setting: {log}"
+    );
+    assert_eq!(log.matches(DEAF).count(), 1, "{log}");
+    let (_, metrics) = http_get(&admin, "/metrics").await;
+    assert_eq!(metric(&metrics, "pushoccurrence_listener_deaf"), Some(1.0));
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+    drop(bouncer);
 }
