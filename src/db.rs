@@ -11,8 +11,10 @@ pub mod tls;
 
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_postgres::Client;
-use tracing::debug;
+
+use tracing::{debug, warn};
 
 use crate::config::{Pooler, PostgresConfig, SslMode};
 
@@ -48,7 +50,7 @@ pub async fn connect(
     if let SessionKind::Claim {
         idle_in_transaction,
     } = kind
-        && pg.pooler != Pooler::Transaction
+        && !behind_transaction_pooler(pg)
     {
         client
             .batch_execute(&claim_settings_sql(pg, idle_in_transaction, false))
@@ -87,6 +89,40 @@ pub fn session_config(pg: &PostgresConfig) -> tokio_postgres::Config {
     // settings are sent by `SET` once the session is up ([`connect`]), or by
     // `SET LOCAL` in every transaction behind a transaction pooler.
     cfg
+}
+
+/// Set once a transaction pooler is detected ([`transaction_pooler_seen`]).
+static TRANSACTION_POOLER_SEEN: AtomicBool = AtomicBool::new(false);
+
+/// Whether claim sessions must keep nothing across transactions (settings
+/// by `SET LOCAL`, unnamed statements): `postgres.pooler = "transaction"`
+/// says so, or a transaction pooler was detected.
+pub fn behind_transaction_pooler(pg: &PostgresConfig) -> bool {
+    pg.pooler == Pooler::Transaction || TRANSACTION_POOLER_SEEN.load(Ordering::Relaxed)
+}
+
+/// Whether `error` shows a transaction pooler the config does not name: a
+/// statement the session prepared by name is missing (26000) or one of that
+/// name exists already (42P05), so its transactions run on different server
+/// sessions. The first time, warns with the fix; claim sessions opened from
+/// then on work as behind a transaction pooler, so the relay carries on.
+pub fn transaction_pooler_seen(error: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    let Some(code) = error.code() else {
+        return false;
+    };
+    if *code != SqlState::INVALID_SQL_STATEMENT_NAME && *code != SqlState::DUPLICATE_PSTATEMENT {
+        return false;
+    }
+    if !TRANSACTION_POOLER_SEEN.swap(true, Ordering::Relaxed) {
+        warn!(
+            error = %describe(error),
+            "a statement prepared on this session met another server session: PostgreSQL is behind a \
+             transaction pooler; claim sessions now set their settings in every transaction and prepare \
+             no named statement. Set postgres.pooler to \"transaction\" to say so from the start"
+        );
+    }
+    true
 }
 
 /// The statements that give a claim session its settings: the server-side
@@ -208,7 +244,8 @@ pub fn is_transient(error: &tokio_postgres::Error) -> bool {
 /// intervention such as a statement timeout, class 57; a system or internal
 /// error, classes 58 and XX; an object in use or locked, class 55; a
 /// statement that must be prepared again, class 0A; an aborted
-/// transaction, class 25). Those fail the batch and charge no row.
+/// transaction, class 25; a prepared statement missing, class 26, as
+/// behind a transaction pooler). Those fail the batch and charge no row.
 pub fn is_rows_own(error: &tokio_postgres::Error) -> bool {
     let Some(db) = error.as_db_error() else {
         return false;
@@ -216,7 +253,7 @@ pub fn is_rows_own(error: &tokio_postgres::Error) -> bool {
     !is_transient(error)
         && !matches!(
             db.code().code().get(..2),
-            Some("53" | "55" | "57" | "58" | "XX" | "0A" | "25")
+            Some("53" | "55" | "57" | "58" | "XX" | "0A" | "25" | "26")
         )
 }
 

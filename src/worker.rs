@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::config::{Config, Pooler, RelayConfig};
+use crate::config::{Config, RelayConfig};
 use crate::db::outbox::{self, ClaimedRow, Outbox, SchemaError, Statements};
 use crate::db::{self, SessionKind, describe};
 use crate::metrics::Metrics;
@@ -76,6 +76,13 @@ impl From<tokio_postgres::Error> for BatchError {
     fn from(e: tokio_postgres::Error) -> Self {
         // The only unsupported feature the relay's own prepared statements
         // can meet: a column they read changed type (`db::outbox`).
+        if db::transaction_pooler_seen(&e) {
+            return Self::Database(format!(
+                "{}: the session's transactions run on different server sessions (a transaction pooler); \
+                 the next session keeps nothing across transactions",
+                describe(&e)
+            ));
+        }
         if e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED) {
             return Self::Database(format!(
                 "the outbox's columns changed under the prepared statements ({}); \
@@ -759,7 +766,7 @@ impl Worker {
         let mut client = within(limit, db::connect(&self.config.postgres, kind))
             .await
             .inspect_err(|_| self.metrics.session_connect_failed())?;
-        let statements = if self.config.postgres.pooler == Pooler::Transaction {
+        let statements = if db::behind_transaction_pooler(&self.config.postgres) {
             // Every statement inside one transaction: through a transaction
             // pooler, a named statement's parse and its use may otherwise
             // meet different server sessions.
