@@ -297,7 +297,7 @@ async fn connected_to(
 
 /// Opens a plain session for a one-off command; unreachable is exit 69.
 async fn connect(config: &Config) -> Result<tokio_postgres::Client, Unavailable> {
-    db::connect(&config.postgres, SessionKind::Plain)
+    db::connect(&config.postgres.for_session_work(), SessionKind::Plain)
         .await
         .map_err(|e| Unavailable(format!("connect to postgres: {}", describe(&e))))
 }
@@ -314,7 +314,17 @@ async fn open_outbox(config: &Config) -> anyhow::Result<(tokio_postgres::Client,
 /// # Errors
 /// Unreachable database or unusable schema.
 pub async fn status(config: Config) -> anyhow::Result<()> {
-    let (client, outbox) = open_outbox(&config).await?;
+    let client = connect(&config).await?;
+    let pg = &config.postgres;
+    if pg.pooler == crate::config::Pooler::Transaction && !pg.listener_is_direct() {
+        // Through a transaction pooler, every read in one transaction: a
+        // statement's protocol steps must meet the same server session.
+        client
+            .batch_execute("BEGIN READ ONLY")
+            .await
+            .map_err(|e| anyhow::anyhow!("begin: {}", describe(&e)))?;
+    }
+    let outbox = Outbox::inspect(&client, &config.postgres.schema).await?;
     let backlog = client
         .query_one(&outbox.backlog_sql(), &[])
         .await
@@ -332,6 +342,17 @@ pub async fn status(config: Config) -> anyhow::Result<()> {
     println!("parked                    {parked}");
     println!("transferred, last minute  {last_minute}");
     println!("transferred, last hour    {last_hour}");
+    let listen = config.postgres.for_listener();
+    let at = listen.servers_text();
+    match crate::db::listener::hears(&listen, &config.postgres).await {
+        Ok(true) => println!("notifications             heard by a session at {at}"),
+        Ok(false) => println!(
+            "notifications             NOT heard by a session at {at} (a transaction pooler?): \
+             a relay there is polling every {} ms; give the listener a direct connection (listener.host, listener.port)",
+            config.relay.idle_sleep.as_millis()
+        ),
+        Err(reason) => println!("notifications             unknown: {reason}"),
+    }
     Ok(())
 }
 

@@ -88,6 +88,7 @@ pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("postgres.application_name", EnvKind::Text),
     ("postgres.connect_timeout_sec", EnvKind::Number),
     ("postgres.query_timeout_ms", EnvKind::Number),
+    ("postgres.pooler", EnvKind::Text),
     ("rabbitmq.url", EnvKind::Secret),
     ("rabbitmq.urls", EnvKind::SecretList),
     ("rabbitmq.shuffle_urls", EnvKind::Bool),
@@ -106,6 +107,8 @@ pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("rabbitmq.retry.retry_delay_sec", EnvKind::Number),
     ("rabbitmq.retry.idle_sleep_ms", EnvKind::Number),
     ("listener.channels", EnvKind::List),
+    ("listener.host", EnvKind::Text),
+    ("listener.port", EnvKind::Number),
     ("relay.batch_size", EnvKind::Number),
     ("relay.confirm_timeout_ms", EnvKind::Number),
     ("relay.shutdown_grace_ms", EnvKind::Number),
@@ -310,6 +313,81 @@ pub struct PostgresConfig {
     /// Limit on any one statement's round trip; a stalled link is dropped
     /// and replaced after it.
     pub query_timeout: Duration,
+    /// What stands between the relay and PostgreSQL (`postgres.pooler`).
+    pub pooler: Pooler,
+    /// Where the listener connects when not through `host`/`port`
+    /// (`listener.host`, `listener.port`): LISTEN needs a session of its
+    /// own, which a transaction pooler cannot give.
+    pub listener_host: Option<String>,
+    /// See `listener_host`.
+    pub listener_port: Option<u16>,
+}
+
+impl PostgresConfig {
+    /// The configuration of the listener's session: `listener.host` and
+    /// `listener.port` where given (a direct connection past a pooler).
+    /// `listener.host` names one server (on `listener.port`, else the
+    /// first server's port); `listener.port` alone moves every server to
+    /// that port.
+    pub fn for_listener(&self) -> Self {
+        let mut pg = self.clone();
+        if let Some(host) = &self.listener_host {
+            let port = self.listener_port.unwrap_or(self.servers[0].port);
+            pg.servers = vec![PgServer {
+                host: host.clone(),
+                port,
+            }];
+        } else if let Some(port) = self.listener_port {
+            for server in &mut pg.servers {
+                server.port = port;
+            }
+        }
+        pg
+    }
+
+    /// Where session-level work connects (migrations with their advisory
+    /// lock, the start-up catalog reads, retention, operator commands):
+    /// behind a transaction pooler, the listener's direct connection when
+    /// one is configured; the regular address otherwise.
+    pub fn for_session_work(&self) -> Self {
+        if self.pooler == Pooler::Transaction && self.listener_is_direct() {
+            self.for_listener()
+        } else {
+            self.clone()
+        }
+    }
+
+    /// Whether the listener has a connection of its own (`listener.host`
+    /// or `listener.port`).
+    pub fn listener_is_direct(&self) -> bool {
+        self.listener_host.is_some() || self.listener_port.is_some()
+    }
+}
+
+/// What stands between the relay and PostgreSQL, as `postgres.pooler` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooler {
+    /// A direct connection (or a pooler in session mode: the same to the relay).
+    None,
+    /// A pooler that gives each client a server session for its whole
+    /// connection (PgBouncer `pool_mode = session`).
+    Session,
+    /// A pooler that gives each transaction any server session (PgBouncer
+    /// `pool_mode = transaction`): no session state survives a
+    /// transaction, so the claim session's settings are set in every
+    /// transaction and no statement is prepared by name.
+    Transaction,
+}
+
+impl Pooler {
+    /// The word `postgres.pooler` takes for this mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Session => "session",
+            Self::Transaction => "transaction",
+        }
+    }
 }
 
 /// The libpq `sslmode` words the seed's `ssl_mode` key takes (see
@@ -568,6 +646,35 @@ impl Config {
         let connect_timeout =
             positive_secs("postgres.connect_timeout_sec", pg.connect_timeout_sec)?;
         let query_timeout = positive_ms("postgres.query_timeout_ms", pg.query_timeout_ms)?;
+        let pooler = match pg.pooler.as_str() {
+            "none" => Pooler::None,
+            "session" => Pooler::Session,
+            "transaction" => Pooler::Transaction,
+            other => {
+                return Err(ConfigError::new(format!(
+                    "key postgres.pooler: unknown mode '{other}'; expected none, session or transaction \
+                     (PgBouncer's pool_mode)"
+                )));
+            }
+        };
+        if let Some(host) = &listener.host {
+            non_empty("listener.host", host)?;
+        }
+        if pooler == Pooler::Transaction
+            && pg.auto_migrate
+            && listener.host.is_none()
+            && listener.port.is_none()
+        {
+            return Err(ConfigError::new(
+                "key postgres.auto_migrate: migrations need a session of their own (an advisory lock, \
+                 CREATE INDEX CONCURRENTLY), which postgres.pooler 'transaction' cannot give; \
+                 give the relay a direct connection (listener.host, listener.port), or set \
+                 postgres.auto_migrate to false and run `pushoccurrence migrate` against PostgreSQL directly",
+            ));
+        }
+        if listener.port == Some(0) {
+            return Err(ConfigError::new("key listener.port: must be 1-65535"));
+        }
 
         let urls: Vec<(String, String)> = match (mq.url, mq.urls) {
             (Some(_), Some(_)) => {
@@ -696,6 +803,9 @@ impl Config {
                 application_name: pg.application_name,
                 connect_timeout,
                 query_timeout,
+                pooler,
+                listener_host: listener.host,
+                listener_port: listener.port,
             },
             rabbitmq: RabbitConfig {
                 nodes,
@@ -1429,6 +1539,12 @@ struct RawPostgres {
     connect_timeout_sec: f64,
     #[serde(default = "default_query_timeout")]
     query_timeout_ms: u64,
+    #[serde(default = "default_pooler")]
+    pooler: String,
+}
+
+fn default_pooler() -> String {
+    "none".to_owned()
 }
 
 #[derive(Debug, Deserialize)]
@@ -1535,6 +1651,10 @@ impl Default for RawLog {
 #[serde(deny_unknown_fields)]
 struct RawListener {
     channels: Vec<String>,
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1770,6 +1890,46 @@ pub(crate) mod tests {
         assert_eq!(c.relay.workers, 2);
         assert_eq!(c.relay.idle_sleep, Duration::from_millis(100));
         assert_eq!(c.channels, vec!["your_notify_channel"]);
+    }
+
+    #[test]
+    fn pooler_and_listener_address_are_read_and_checked() {
+        let c = parse(SEED, &[]).unwrap();
+        assert_eq!(c.postgres.pooler, Pooler::None);
+        assert!(!c.postgres.listener_is_direct());
+        assert_eq!(c.postgres.for_listener().servers, c.postgres.servers);
+        let env = [
+            ("PUSHOCCURRENCE_POSTGRES_POOLER", "transaction"),
+            ("PUSHOCCURRENCE_LISTENER_HOST", "db-primary"),
+            ("PUSHOCCURRENCE_LISTENER_PORT", "5433"),
+        ];
+        let c = parse(SEED, &env).unwrap();
+        assert_eq!(c.postgres.pooler, Pooler::Transaction);
+        let listen = c.postgres.for_listener();
+        assert_eq!(listen.servers_text(), "db-primary:5433");
+        assert_eq!(
+            c.postgres.for_session_work().servers_text(),
+            "db-primary:5433"
+        );
+        let e = err(SEED, &[("PUSHOCCURRENCE_POSTGRES_POOLER", "statement")]);
+        assert!(
+            e.contains("postgres.pooler") && e.contains("'statement'"),
+            "{e}"
+        );
+        // Migrations need a session, which a transaction pooler cannot give.
+        let e = err(SEED, &[("PUSHOCCURRENCE_POSTGRES_POOLER", "transaction")]);
+        assert!(
+            e.contains("postgres.auto_migrate") && e.contains("listener.host"),
+            "{e}"
+        );
+        let env = [
+            ("PUSHOCCURRENCE_POSTGRES_POOLER", "transaction"),
+            ("PUSHOCCURRENCE_POSTGRES_AUTO_MIGRATE", "false"),
+        ];
+        let c = parse(SEED, &env).unwrap();
+        assert_eq!(c.postgres.for_session_work().servers, c.postgres.servers);
+        let e = err(SEED, &[("PUSHOCCURRENCE_LISTENER_PORT", "0")]);
+        assert!(e.contains("listener.port"), "{e}");
     }
 
     #[test]

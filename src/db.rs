@@ -11,10 +11,12 @@ pub mod tls;
 
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_postgres::Client;
-use tracing::debug;
 
-use crate::config::{PostgresConfig, SslMode};
+use tracing::{debug, warn};
+
+use crate::config::{Pooler, PostgresConfig, SslMode};
 
 /// What a session is for; claim sessions get server-side timeouts that
 /// release their row locks if the relay freezes.
@@ -29,7 +31,9 @@ pub enum SessionKind {
     },
 }
 
-/// Opens a session and spawns the task that drives it.
+/// Opens a session and spawns the task that drives it. A claim session gets
+/// its settings here (by `SET`), except behind a transaction pooler, where
+/// each claim transaction sets them ([`claim_settings_sql`]).
 ///
 /// # Errors
 /// The connection error, which never contains the password.
@@ -37,17 +41,26 @@ pub async fn connect(
     pg: &PostgresConfig,
     kind: SessionKind,
 ) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = session_config(pg, kind).connect(pg.tls.0.clone()).await?;
+    let (client, connection) = session_config(pg).connect(pg.tls.0.clone()).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             debug!(%error, "postgres session ended");
         }
     });
+    if let SessionKind::Claim {
+        idle_in_transaction,
+    } = kind
+        && !behind_transaction_pooler(pg)
+    {
+        client
+            .batch_execute(&claim_settings_sql(pg, idle_in_transaction, false))
+            .await?;
+    }
     Ok(client)
 }
 
 /// The driver configuration for one session.
-pub fn session_config(pg: &PostgresConfig, kind: SessionKind) -> tokio_postgres::Config {
+pub fn session_config(pg: &PostgresConfig) -> tokio_postgres::Config {
     let mut cfg = tokio_postgres::Config::new();
     for server in &pg.servers {
         cfg.host(&server.host).port(server.port);
@@ -81,20 +94,73 @@ pub fn session_config(pg: &PostgresConfig, kind: SessionKind) -> tokio_postgres:
             tokio_postgres::config::SslMode::Require
         }
     });
-    if let SessionKind::Claim {
-        idle_in_transaction,
-    } = kind
-    {
-        let planner: String = CLAIM_SESSION_SETTINGS
-            .iter()
-            .map(|(setting, value)| format!(" -c {setting}={value}"))
-            .collect();
-        cfg.options(format!(
-            "-c idle_in_transaction_session_timeout={} -c lock_timeout=5000{planner}",
-            idle_in_transaction.as_millis()
+    // No `options` startup parameter: PgBouncer refuses it
+    // (`unsupported startup parameter: options`, SQLSTATE 08P01). The claim
+    // settings are sent by `SET` once the session is up ([`connect`]), or by
+    // `SET LOCAL` in every transaction behind a transaction pooler.
+    cfg
+}
+
+/// Set once a transaction pooler is detected ([`transaction_pooler_seen`]).
+static TRANSACTION_POOLER_SEEN: AtomicBool = AtomicBool::new(false);
+
+/// Whether claim sessions must keep nothing across transactions (settings
+/// by `SET LOCAL`, unnamed statements): `postgres.pooler = "transaction"`
+/// says so, or a transaction pooler was detected.
+pub fn behind_transaction_pooler(pg: &PostgresConfig) -> bool {
+    pg.pooler == Pooler::Transaction || TRANSACTION_POOLER_SEEN.load(Ordering::Relaxed)
+}
+
+/// Whether `error` shows a transaction pooler the config does not name: a
+/// statement the session prepared by name is missing (26000) or one of that
+/// name exists already (42P05), so its transactions run on different server
+/// sessions. The first time, warns with the fix; claim sessions opened from
+/// then on work as behind a transaction pooler, so the relay carries on.
+pub fn transaction_pooler_seen(error: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    let Some(code) = error.code() else {
+        return false;
+    };
+    if *code != SqlState::INVALID_SQL_STATEMENT_NAME && *code != SqlState::DUPLICATE_PSTATEMENT {
+        return false;
+    }
+    if !TRANSACTION_POOLER_SEEN.swap(true, Ordering::Relaxed) {
+        warn!(
+            error = %describe(error),
+            "a statement prepared on this session met another server session: PostgreSQL is behind a \
+             transaction pooler; claim sessions now set their settings in every transaction and prepare \
+             no named statement. Set postgres.pooler to \"transaction\" to say so from the start"
+        );
+    }
+    true
+}
+
+/// The statements that give a claim session its settings: the server-side
+/// timeouts that release a frozen relay's row locks, the planner rules of
+/// [`CLAIM_SESSION_SETTINGS`] and, with `local` (every transaction behind a
+/// transaction pooler, where no session state survives a transaction), the
+/// `application_name` too. Simple-protocol SQL, so it goes out in one round
+/// trip and needs no prepared statement.
+pub fn claim_settings_sql(
+    pg: &PostgresConfig,
+    idle_in_transaction: Duration,
+    local: bool,
+) -> String {
+    let set = if local { "SET LOCAL" } else { "SET" };
+    let mut sql = format!(
+        "{set} idle_in_transaction_session_timeout = {}; {set} lock_timeout = 5000;",
+        idle_in_transaction.as_millis()
+    );
+    for (setting, value) in CLAIM_SESSION_SETTINGS {
+        sql.push_str(&format!(" {set} {setting} = {value};"));
+    }
+    if local {
+        sql.push_str(&format!(
+            " SET LOCAL application_name = {};",
+            quote_literal(&pg.application_name)
         ));
     }
-    cfg
+    sql
 }
 
 /// Planner settings of claim sessions, which only run the relay's own short
@@ -200,7 +266,8 @@ pub fn is_read_only(error: &tokio_postgres::Error) -> bool {
 /// intervention such as a statement timeout, class 57; a system or internal
 /// error, classes 58 and XX; an object in use or locked, class 55; a
 /// statement that must be prepared again, class 0A; an aborted
-/// transaction, class 25). Those fail the batch and charge no row.
+/// transaction, class 25; a prepared statement missing, class 26, as
+/// behind a transaction pooler). Those fail the batch and charge no row.
 pub fn is_rows_own(error: &tokio_postgres::Error) -> bool {
     let Some(db) = error.as_db_error() else {
         return false;
@@ -208,7 +275,7 @@ pub fn is_rows_own(error: &tokio_postgres::Error) -> bool {
     !is_transient(error)
         && !matches!(
             db.code().code().get(..2),
-            Some("53" | "55" | "57" | "58" | "XX" | "0A" | "25")
+            Some("53" | "55" | "57" | "58" | "XX" | "0A" | "25" | "26")
         )
 }
 
@@ -238,6 +305,27 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claim_settings_are_set_for_the_session_or_for_each_transaction() {
+        let text = r#"{"postgres": {"database": "d", "user": "u"},
+                        "rabbitmq": {"url": "amqp://h/", "queue": {"name": "q"}},
+                        "listener": {"channels": ["c"]}}"#;
+        let config = crate::config::Config::parse(text, &Default::default(), "test").unwrap();
+        let pg = config.postgres;
+        let session = claim_settings_sql(&pg, Duration::from_secs(40), false);
+        assert!(session.starts_with("SET idle_in_transaction_session_timeout = 40000;"));
+        assert!(!session.contains("LOCAL") && !session.contains("application_name"));
+        let local = claim_settings_sql(&pg, Duration::from_secs(40), true);
+        for (setting, value) in CLAIM_SESSION_SETTINGS {
+            assert!(
+                local.contains(&format!("SET LOCAL {setting} = {value};")),
+                "{local}"
+            );
+        }
+        assert!(local.contains("SET LOCAL lock_timeout = 5000;"));
+        assert!(local.contains("SET LOCAL application_name = 'pushoccurrence';"));
+    }
 
     #[test]
     fn identifiers_and_literals_are_quoted() {

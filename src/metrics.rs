@@ -88,6 +88,9 @@ pub struct Metrics {
     pub reconnects: Family<ConnectionLabel, Counter>,
     /// 1 while part of the configured topology is missing or refused.
     pub topology_broken: Gauge,
+    /// 1 while the listener's session does not hear notifications (its probe
+    /// did not come back: a transaction pooler?), so the relay is polling.
+    pub listener_deaf: Gauge,
     /// Claim sessions replaced after an error.
     pub session_reconnects: Counter,
     /// Claim-session connects that failed.
@@ -248,6 +251,12 @@ impl Metrics {
             "1 while part of the configured topology (a queue, an exchange) is missing or refused; rows wait, uncharged",
             topology_broken.clone(),
         );
+        let listener_deaf = Gauge::default();
+        r.register(
+            "listener_deaf",
+            "1 while the listener does not hear its own probe notification (LISTEN through a transaction pooler?): the relay is polling every rabbitmq.retry.idle_sleep_ms; give the listener a direct connection (listener.host, listener.port)",
+            listener_deaf.clone(),
+        );
         for label in [RABBITMQ, LISTENER] {
             // Every series exists from the start, so a scrape sees zeros.
             connected.get_or_create(&label).set(0);
@@ -278,6 +287,7 @@ impl Metrics {
             broker_blocked,
             reconnects,
             topology_broken,
+            listener_deaf,
             session_reconnects,
             session_connect_failures,
             progress: Progress::new(stall_after),

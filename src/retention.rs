@@ -31,7 +31,9 @@ pub async fn run(
     let mut session: Option<Client> = None;
     loop {
         if session.as_ref().is_none_or(Client::is_closed) {
-            session = db::connect(&config.postgres, SessionKind::Plain).await.ok();
+            session = db::connect(&config.postgres.for_session_work(), SessionKind::Plain)
+                .await
+                .ok();
         }
         if let Some(client) = &mut session {
             let run = delete_expired(client, &outbox, &retention, &metrics, &token);

@@ -18,7 +18,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::backoff::Backoff;
-use crate::config::Config;
+use crate::config::{Config, Pooler};
 use crate::db::listener::Listener;
 use crate::db::outbox::{Outbox, PENDING_INDEX, REPEATABLE_IDS_WARNING};
 use crate::db::{self, SessionKind, describe, migrate};
@@ -142,11 +142,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     link_tasks.spawn(
         Listener::new(
-            config.postgres.clone(),
+            &config.postgres,
             config.channels.clone(),
             wake.clone(),
             backoff(),
             listening_tx,
+            metrics.clone(),
+            config.relay.idle_sleep,
         )
         .run(stop.clone()),
     );
@@ -228,7 +230,7 @@ async fn prepare_outbox(config: &Config) -> Result<Outbox, StartError> {
     loop {
         let client = match session.take() {
             Some(client) if !client.is_closed() => client,
-            _ => match db::connect(&config.postgres, SessionKind::Plain).await {
+            _ => match db::connect(&config.postgres.for_session_work(), SessionKind::Plain).await {
                 Ok(client) => client,
                 Err(e) => {
                     let delay = backoff.next_delay();
@@ -238,7 +240,7 @@ async fn prepare_outbox(config: &Config) -> Result<Outbox, StartError> {
                 }
             },
         };
-        match prepare_on(config, &client).await {
+        match prepare_through(config, &client).await {
             Ok(outbox) => return Ok(outbox),
             Err(e) if e.is_transient() => {
                 let delay = backoff.next_delay();
@@ -260,6 +262,29 @@ impl StartError {
             Self::Schema(_) | Self::Admin(_) => false,
         }
     }
+}
+
+/// [`prepare_on`], inside one transaction when the session goes through a
+/// transaction pooler (no direct connection configured; migrations are then
+/// refused by the config): each statement is prepared by name and run in
+/// separate protocol steps, which must meet the same server session.
+async fn prepare_through(
+    config: &Config,
+    client: &tokio_postgres::Client,
+) -> Result<Outbox, StartError> {
+    let pg = &config.postgres;
+    if pg.pooler != Pooler::Transaction || pg.listener_is_direct() {
+        return prepare_on(config, client).await;
+    }
+    let query = |e| StartError::Schema(db::outbox::SchemaError::Query(e));
+    client
+        .batch_execute("BEGIN READ ONLY")
+        .await
+        .map_err(query)?;
+    let result = prepare_on(config, client).await;
+    // Read-only: nothing to keep, whatever happened.
+    client.batch_execute("ROLLBACK").await.map_err(query)?;
+    result
 }
 
 /// One attempt of [`prepare_outbox`] on `client`.
@@ -349,7 +374,7 @@ async fn sample_backlog(
             let client = session.as_ref().expect("connected above");
             tokio::time::timeout(
                 config.postgres.query_timeout,
-                client.query_one(&outbox.backlog_sql(), &[]),
+                client.query_typed_one(&outbox.backlog_sql(), &[]),
             )
             .await
             .map_err(|_| "no answer in time".to_owned())?

@@ -76,6 +76,13 @@ impl From<tokio_postgres::Error> for BatchError {
     fn from(e: tokio_postgres::Error) -> Self {
         // The only unsupported feature the relay's own prepared statements
         // can meet: a column they read changed type (`db::outbox`).
+        if db::transaction_pooler_seen(&e) {
+            return Self::Database(format!(
+                "{}: the session's transactions run on different server sessions (a transaction pooler); \
+                 the next session keeps nothing across transactions",
+                describe(&e)
+            ));
+        }
         if e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED) {
             return Self::Database(format!(
                 "the outbox's columns changed under the prepared statements ({}); \
@@ -126,6 +133,9 @@ pub struct Worker {
     wake: Arc<Notify>,
     backoff: Backoff,
     session: Option<(Client, Statements)>,
+    /// Behind a transaction pooler: the claim session's settings, set
+    /// (`SET LOCAL`) in every claim transaction.
+    transaction_settings: Option<String>,
     publisher: Option<Publisher>,
     /// Where this relay's next claim starts; shared by its workers.
     cursor: Arc<ClaimCursor>,
@@ -259,6 +269,7 @@ impl Worker {
             wake,
             backoff,
             session: None,
+            transaction_settings: None,
             publisher: None,
             cursor,
             refused: HashMap::new(),
@@ -359,6 +370,7 @@ impl Worker {
         let unwritable = &self.unwritable;
         let index = self.index;
         let limit = config.postgres.query_timeout;
+        let settings = self.transaction_settings.as_deref();
         let result = async {
             let relay = &config.relay;
             let batch_size = i64::try_from(relay.batch_size).unwrap_or(i64::MAX);
@@ -370,16 +382,31 @@ impl Worker {
                 // One claim at a time per relay: consecutive claims take
                 // adjacent ranges instead of wading through each other's rows.
                 let mut position = cursor.0.lock().await;
-                let rows = match position.as_ref() {
-                    None => {
-                        let params: [&(dyn ToSql + Sync); 3] = [&batch_size, &max_message, &max_batch];
-                        within(limit, tx.query(&statements.claim_first, &params)).await?
+                let claim = async {
+                    match position.as_ref() {
+                        None => {
+                            let params: [&(dyn ToSql + Sync); 3] = [&batch_size, &max_message, &max_batch];
+                            statements.claim_first.run(&tx, &params).await
+                        }
+                        Some(after) => {
+                            let params: [&(dyn ToSql + Sync); 5] =
+                                [&batch_size, &max_message, &max_batch, &after.enqueued_at, &after.id];
+                            statements.claim_after.run(&tx, &params).await
+                        }
                     }
-                    Some(after) => {
-                        let params: [&(dyn ToSql + Sync); 5] =
-                            [&batch_size, &max_message, &max_batch, &after.enqueued_at, &after.id];
-                        within(limit, tx.query(&statements.claim_after, &params)).await?
+                };
+                let rows = match settings {
+                    // Behind a transaction pooler the session's settings
+                    // last one transaction: set them with the claim, in the
+                    // same round trip (both go out before either answer).
+                    Some(settings) => {
+                        within(limit, async {
+                            let (set, rows) = tokio::join!(tx.batch_execute(settings), claim);
+                            set.and(rows)
+                        })
+                        .await?
                     }
+                    None => within(limit, claim).await?,
                 };
                 let (rows, bodies): (Vec<ClaimedRow>, Vec<Option<Fetched>>) =
                     rows.iter().map(ClaimedRow::decode).collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
@@ -404,7 +431,7 @@ impl Worker {
             }
             let (mut fetched, withheld) = take_bodies(&plan, &rows, bodies);
             if !withheld.is_empty() {
-                let rows = within(limit, tx.query(&statements.bodies, &[&withheld])).await?;
+                let rows = within(limit, statements.bodies.run(&tx, &[&withheld])).await?;
                 for row in &rows {
                     fetched.push(Fetched::from_row(row)?);
                 }
@@ -530,7 +557,7 @@ impl Worker {
                 let mark = &statements.mark;
                 let (marked, refused) = row_by_row(txr, limit, &confirmed, |ids: &[&&str]| {
                     let ids: Vec<&str> = ids.iter().map(|id| **id).collect();
-                    async move { txr.query(mark, &[&ids]).await }
+                    async move { mark.run(txr, &[&ids]).await }
                 })
                 .await?;
                 let marked: HashSet<String> = marked.iter().map(|r| r.get(0)).collect();
@@ -568,7 +595,7 @@ impl Worker {
                     let ids: Vec<&str> = rows.iter().map(|(id, _)| *id).collect();
                     let reasons: Vec<String> = rows.iter().map(|(_, r)| r.clone()).collect();
                     async move {
-                        txr.query(fail, &[&ids, &reasons, &delay_ms, &cap_ms, &max_attempts]).await
+                        fail.run(txr, &[&ids, &reasons, &delay_ms, &cap_ms, &max_attempts]).await
                     }
                 })
                 .await?;
@@ -723,24 +750,19 @@ impl Worker {
         Ok(())
     }
 
-    /// Connects this worker's claim session and prepares its statements.
-    async fn ensure_session(&mut self) -> Result<(), BatchError> {
-        if self.session.as_ref().is_some_and(|(c, _)| !c.is_closed()) {
-            return Ok(());
-        }
-        self.session = None;
-        let kind = SessionKind::Claim {
-            idle_in_transaction: self.config.relay.confirm_timeout + TRANSACTION_MARGIN,
-        };
+    /// Reads the outbox's column types on `client` (again with every
+    /// session: a column retyped under the running relay (ALTER TABLE) shows
+    /// as a failed batch (see `db::outbox`), which replaces the session, so
+    /// the new statements are built for the new types), then prepares the
+    /// statements: by name, or `unnamed` (inside a transaction) behind a
+    /// transaction pooler.
+    async fn inspect_and_prepare(
+        &mut self,
+        client: &(impl tokio_postgres::GenericClient + Sync),
+        unnamed: bool,
+    ) -> Result<Statements, BatchError> {
         let limit = self.config.postgres.query_timeout;
-        let client = within(limit, db::connect(&self.config.postgres, kind))
-            .await
-            .inspect_err(|_| self.metrics.session_connect_failed())?;
-        // The column types are read again with every session: a column
-        // retyped under the running relay (ALTER TABLE) shows as a failed
-        // batch (see `db::outbox`), which replaces the session, so the new
-        // statements are built for the new types.
-        let outbox = within_schema(limit, Outbox::inspect(&client, &self.outbox.schema)).await?;
+        let outbox = within_schema(limit, Outbox::inspect(client, &self.outbox.schema)).await?;
         if (&outbox.id_type, &outbox.body_type_sql)
             != (&self.outbox.id_type, &self.outbox.body_type_sql)
         {
@@ -753,7 +775,48 @@ impl Worker {
             self.router = Router::new(&self.config.rabbitmq, outbox.body_type.content_type());
             self.outbox = Arc::new(outbox);
         }
-        let statements = within_schema(limit, self.outbox.prepare(&client)).await?;
+        if unnamed {
+            within_schema(limit, self.outbox.prepare_unnamed(client)).await
+        } else {
+            within_schema(limit, self.outbox.prepare(client)).await
+        }
+    }
+
+    /// Connects this worker's claim session and prepares its statements.
+    async fn ensure_session(&mut self) -> Result<(), BatchError> {
+        if self.session.as_ref().is_some_and(|(c, _)| !c.is_closed()) {
+            return Ok(());
+        }
+        self.session = None;
+        let kind = SessionKind::Claim {
+            idle_in_transaction: self.config.relay.confirm_timeout + TRANSACTION_MARGIN,
+        };
+        let limit = self.config.postgres.query_timeout;
+        let mut client = within(limit, db::connect(&self.config.postgres, kind))
+            .await
+            .inspect_err(|_| self.metrics.session_connect_failed())?;
+        let statements = if db::behind_transaction_pooler(&self.config.postgres) {
+            // Every statement inside one transaction: through a transaction
+            // pooler, a named statement's parse and its use may otherwise
+            // meet different server sessions.
+            let tx = within(limit, client.transaction()).await?;
+            let statements = self.inspect_and_prepare(&tx, true).await?;
+            within(limit, tx.commit()).await?;
+            let SessionKind::Claim {
+                idle_in_transaction,
+            } = kind
+            else {
+                unreachable!("a claim session")
+            };
+            self.transaction_settings = Some(db::claim_settings_sql(
+                &self.config.postgres,
+                idle_in_transaction,
+                true,
+            ));
+            statements
+        } else {
+            self.inspect_and_prepare(&client, false).await?
+        };
         if self.backoff.attempts() > 0 {
             info!(worker = self.index, "claim session reconnected");
             self.metrics.session_reconnects.inc();

@@ -6,50 +6,243 @@
 //! with back-off on a fresh session, LISTENs again, and wakes the workers
 //! right after every (re)connect, because notifications sent while it was
 //! away are gone and only a sweep finds their rows.
+//!
+//! A session that LISTENs does not always hear: through a transaction
+//! pooler (PgBouncer `pool_mode = transaction`) the LISTEN lands on whichever
+//! server session ran that transaction, and notifications for it go nowhere
+//! useful. So the listener proves it hears: it also LISTENs on a private
+//! channel and NOTIFYs it from another session (the relay's regular address),
+//! at every (re)connect and then at every ping. When the probe does not come
+//! back it warns once, naming the fix (a direct connection for the listener:
+//! `listener.host` / `listener.port`), sets `listener_deaf`, and the sweep
+//! (every `rabbitmq.retry.idle_sleep_ms`) carries delivery meanwhile.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{SessionKind, describe, quote_ident, session_config};
+use super::{SessionKind, describe, quote_ident, quote_literal, session_config};
 use crate::backoff::Backoff;
 use crate::config::{AMQP_MAX_SHORT_STRING, PostgresConfig};
+use crate::metrics::Metrics;
 
-/// How often the idle listener session is pinged.
+/// How often the idle listener session is pinged and probed.
 const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a probe notification may take to come back. A session that
+/// hears gets it within milliseconds; this only bounds the wait for one
+/// that does not.
+const PROBE_WAIT: Duration = Duration::from_secs(5);
+
+/// A channel name of this process's own, for the probe: unique per process
+/// and per listener, well under PostgreSQL's 63-byte identifier limit.
+fn probe_channel() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("pushoccurrence_probe_{}_{nanos:x}_{n}", std::process::id())
+}
+
+/// What the last probe showed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hearing {
+    /// Not probed yet.
+    Unknown,
+    /// The probe came back.
+    Hears,
+    /// The probe did not come back.
+    Deaf,
+}
+
+/// Sends the probe `nonce` on `channel` from `notifier` (a session other than
+/// the listener's), opening it on `pg` when needed; `Err` when the probe
+/// could not even be sent (the database is unreachable), which says nothing
+/// about the listener.
+async fn send_probe(
+    notifier: &mut Option<tokio_postgres::Client>,
+    pg: &PostgresConfig,
+    channel: &str,
+    nonce: &str,
+) -> Result<(), String> {
+    let limit = pg.query_timeout;
+    if notifier
+        .as_ref()
+        .is_none_or(tokio_postgres::Client::is_closed)
+    {
+        *notifier = None;
+        let client = tokio::time::timeout(limit, super::connect(pg, SessionKind::Plain))
+            .await
+            .map_err(|_| format!("connect: no answer within {limit:?}"))?
+            .map_err(|e| format!("connect: {}", describe(&e)))?;
+        *notifier = Some(client);
+    }
+    let client = notifier.as_ref().expect("opened above");
+    // The simple protocol: no prepared statement, so it works through any pooler.
+    let sql = format!("NOTIFY {}, {}", quote_ident(channel), quote_literal(nonce));
+    match tokio::time::timeout(limit, client.batch_execute(&sql)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            *notifier = None;
+            Err(describe(&e))
+        }
+        Err(_) => {
+            *notifier = None;
+            Err(format!("no answer within {limit:?}"))
+        }
+    }
+}
+
+/// Waits (up to [`PROBE_WAIT`]) for `nonce` on `heard`; older nonces are
+/// skipped.
+async fn probe_heard(heard: &mut mpsc::UnboundedReceiver<String>, nonce: &str) -> bool {
+    tokio::time::timeout(PROBE_WAIT, async {
+        while let Some(payload) = heard.recv().await {
+            if payload == nonce {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Whether a session on `listen` hears a notification sent through
+/// `notify` (for `pushoccurrence status`): `Ok(true)` when it does,
+/// `Ok(false)` when it LISTENs but the probe never arrives.
+///
+/// # Errors
+/// A session could not be opened or a statement failed.
+pub async fn hears(listen: &PostgresConfig, notify: &PostgresConfig) -> Result<bool, String> {
+    let (client, mut connection) = session_config(listen)
+        .connect(listen.tls.0.clone())
+        .await
+        .map_err(|e| format!("connect: {}", describe(&e)))?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = message {
+                let _sent = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    let channel = probe_channel();
+    let result = async {
+        client
+            .batch_execute(&format!("LISTEN {}", quote_ident(&channel)))
+            .await
+            .map_err(|e| format!("LISTEN: {}", describe(&e)))?;
+        let mut notifier = None;
+        send_probe(&mut notifier, notify, &channel, "status").await?;
+        Ok(probe_heard(&mut rx, "status").await)
+    }
+    .await;
+    driver.abort();
+    result
+}
 
 /// Owns the LISTEN session.
 #[derive(Debug)]
 pub struct Listener {
+    /// Where the LISTEN session connects (`listener.host`/`listener.port`).
     pg: PostgresConfig,
+    /// The relay's regular address, from which probes are sent.
+    notify_pg: PostgresConfig,
     channels: Vec<String>,
     wake: Arc<Notify>,
     backoff: Backoff,
     /// `true` while LISTEN is in effect on a live session.
     listening: watch::Sender<bool>,
+    metrics: Arc<Metrics>,
+    /// The sweep interval, for the warning of a deaf listener.
+    idle_sleep: Duration,
+    probe_channel: String,
+    probes_sent: u64,
+    hearing: Hearing,
+    /// The session probes are sent from.
+    notifier: Option<tokio_postgres::Client>,
 }
 
 impl Listener {
-    /// A listener for `channels` that wakes `wake` on every notification.
+    /// A listener for `channels` that wakes `wake` on every notification;
+    /// it connects where `pg` says for the listener ([`PostgresConfig::for_listener`])
+    /// and probes from `pg`'s regular address.
     pub fn new(
-        pg: PostgresConfig,
+        pg: &PostgresConfig,
         channels: Vec<String>,
         wake: Arc<Notify>,
         backoff: Backoff,
         listening: watch::Sender<bool>,
+        metrics: Arc<Metrics>,
+        idle_sleep: Duration,
     ) -> Self {
         Self {
-            pg,
+            pg: pg.for_listener(),
+            notify_pg: pg.clone(),
             channels,
             wake,
             backoff,
             listening,
+            metrics,
+            idle_sleep,
+            probe_channel: probe_channel(),
+            probes_sent: 0,
+            hearing: Hearing::Unknown,
+            notifier: None,
         }
+    }
+
+    /// Proves the session hears: NOTIFYs the probe channel from another
+    /// session and waits for it on `heard`. Reports a change of state once
+    /// (a warning naming the fix when deaf, a line when it hears again).
+    async fn probe(&mut self, heard: &mut mpsc::UnboundedReceiver<String>) {
+        self.probes_sent += 1;
+        let nonce = self.probes_sent.to_string();
+        if let Err(reason) = send_probe(
+            &mut self.notifier,
+            &self.notify_pg,
+            &self.probe_channel,
+            &nonce,
+        )
+        .await
+        {
+            // Says nothing about the listener: the state stays as it was.
+            debug!(%reason, "cannot send the listener's probe notification");
+            return;
+        }
+        let now = if probe_heard(heard, &nonce).await {
+            Hearing::Hears
+        } else {
+            Hearing::Deaf
+        };
+        self.metrics
+            .listener_deaf
+            .set(i64::from(now == Hearing::Deaf));
+        if now == self.hearing {
+            return;
+        }
+        match now {
+            Hearing::Deaf => warn!(
+                listener = %self.pg.servers_text(),
+                sweep_every = ?self.idle_sleep,
+                "the listener does not hear notifications (its probe NOTIFY did not come back within {PROBE_WAIT:?}): \
+                 LISTEN does not work through a transaction pooler; the relay is polling, so events wait up to \
+                 rabbitmq.retry.idle_sleep_ms. Give the listener a direct connection to PostgreSQL: \
+                 set listener.host and listener.port"
+            ),
+            Hearing::Hears if self.hearing == Hearing::Deaf => {
+                info!("the listener hears notifications again");
+            }
+            _ => debug!("the listener hears its probe notification"),
+        }
+        self.hearing = now;
     }
 
     /// Listens until `token` is cancelled, reconnecting as often as needed.
@@ -57,6 +250,7 @@ impl Listener {
         let listen_sql: String = self
             .channels
             .iter()
+            .chain([&self.probe_channel])
             .map(|c| format!("LISTEN {};", quote_ident(c)))
             .collect();
         while !token.is_cancelled() {
@@ -82,7 +276,9 @@ impl Listener {
         listen_sql: &str,
         token: &CancellationToken,
     ) -> Result<(), String> {
-        let session = session_config(&self.pg, SessionKind::Plain);
+        let session = session_config(&self.pg);
+        let (probe_tx, mut probe_rx) = mpsc::unbounded_channel();
+        let probe_channel = self.probe_channel.clone();
         // A peer that accepts and never answers must not hang the listener.
         let limit = self.pg.query_timeout;
         let connect = tokio::time::timeout(limit, session.connect(self.pg.tls.0.clone()));
@@ -99,6 +295,9 @@ impl Listener {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = messages.next().await {
                 match message {
+                    Ok(AsyncMessage::Notification(n)) if n.channel() == probe_channel => {
+                        let _sent = probe_tx.send(n.payload().to_owned());
+                    }
                     Ok(AsyncMessage::Notification(n)) => {
                         // The payload is never used to find a row (anyone can
                         // NOTIFY), but a malformed one is worth a debug line.
@@ -128,6 +327,10 @@ impl Listener {
             info!(channels = ?self.channels, "listening");
             // Notifications sent before LISTEN took effect are lost: sweep.
             self.wake.notify_one();
+            tokio::select! {
+                () = token.cancelled() => return Ok(()),
+                () = self.probe(&mut probe_rx) => {}
+            }
             loop {
                 tokio::select! {
                     () = token.cancelled() => return Ok(()),
@@ -136,7 +339,10 @@ impl Listener {
                     }
                     () = tokio::time::sleep(PING_INTERVAL) => {
                                                 match tokio::time::timeout(limit, client.simple_query("SELECT 1")).await {
-                            Ok(Ok(_)) => {}
+                            Ok(Ok(_)) => tokio::select! {
+                                () = token.cancelled() => return Ok(()),
+                                () = self.probe(&mut probe_rx) => {}
+                            },
                             Ok(Err(e)) => return Err(format!("ping: {}", describe(&e))),
                             Err(_) => return Err(format!("ping got no answer within {limit:?}")),
                         }

@@ -27,7 +27,7 @@
 
 use bytes::BytesMut;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, accepts, to_sql_checked};
-use tokio_postgres::{Client, Row, Statement};
+use tokio_postgres::{Client, GenericClient, Row, Statement, Transaction};
 
 use super::quote_ident;
 use crate::relay::Fetched;
@@ -441,7 +441,10 @@ pub struct Column {
 ///
 /// # Errors
 /// The catalog could not be read.
-pub async fn read_columns(client: &Client, schema: &str) -> Result<Vec<Column>, SchemaError> {
+pub async fn read_columns(
+    client: &(impl GenericClient + Sync),
+    schema: &str,
+) -> Result<Vec<Column>, SchemaError> {
     let rows = client
         .query(
             "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), t.typname::text,
@@ -593,7 +596,10 @@ impl Outbox {
     ///
     /// # Errors
     /// [`SchemaError`] saying what is missing or wrong and how to fix it.
-    pub async fn inspect(client: &Client, schema: &str) -> Result<Self, SchemaError> {
+    pub async fn inspect(
+        client: &(impl GenericClient + Sync),
+        schema: &str,
+    ) -> Result<Self, SchemaError> {
         let columns = read_columns(client, schema).await?;
         for table in [LOG_TABLE, DATA_TABLE] {
             if !columns.iter().any(|c| c.table == table) {
@@ -1115,19 +1121,70 @@ impl Outbox {
     /// The server's error, e.g. when the tables were dropped;
     /// [`SchemaError::Changed`] when `message_body` changed type since
     /// [`Outbox::inspect`].
-    pub async fn prepare(&self, client: &Client) -> Result<Statements, SchemaError> {
-        let statements = Statements {
-            claim_first: client.prepare(&self.claim_sql(false)).await?,
-            claim_after: client.prepare(&self.claim_sql(true)).await?,
-            bodies: client.prepare(&self.bodies_sql()).await?,
-            mark: client.prepare(&self.mark_sql()).await?,
-            fail: client.prepare(&self.fail_sql()).await?,
-        };
-        for statement in [
-            &statements.claim_first,
-            &statements.claim_after,
-            &statements.bodies,
-        ] {
+    pub async fn prepare(
+        &self,
+        client: &(impl GenericClient + Sync),
+    ) -> Result<Statements, SchemaError> {
+        let [claim_first, claim_after, bodies, mark, fail] = self.prepare_checked(client).await?;
+        Ok(Statements {
+            claim_first: Query::Named(claim_first),
+            claim_after: Query::Named(claim_after),
+            bodies: Query::Named(bodies),
+            mark: Query::Named(mark),
+            fail: Query::Named(fail),
+        })
+    }
+
+    /// Like [`Outbox::prepare`], for a session behind a transaction pooler,
+    /// where a statement prepared by name in one transaction may be missing
+    /// (or another client's) in the next: the statements are prepared inside
+    /// the transaction `tx` only to learn and check their types, closed again before `tx`
+    /// ends (dropping a statement queues its `Close` ahead of the `COMMIT`),
+    /// and then run as unnamed statements with those types
+    /// ([`Query::Unnamed`]), which live within one round trip.
+    ///
+    /// # Errors
+    /// As [`Outbox::prepare`].
+    pub async fn prepare_unnamed(
+        &self,
+        tx: &(impl GenericClient + Sync),
+    ) -> Result<Statements, SchemaError> {
+        let sql = [
+            self.claim_sql(false),
+            self.claim_sql(true),
+            self.bodies_sql(),
+            self.mark_sql(),
+            self.fail_sql(),
+        ];
+        let prepared = self.prepare_checked(tx).await?;
+        let [claim_first, claim_after, bodies, mark, fail] =
+            std::array::from_fn(|i| Query::Unnamed {
+                sql: sql[i].clone(),
+                types: prepared[i].params().to_vec(),
+            });
+        Ok(Statements {
+            claim_first,
+            claim_after,
+            bodies,
+            mark,
+            fail,
+        })
+    }
+
+    /// Prepares the five statements (claim from the start, claim after a
+    /// cursor, bodies, mark, fail) and checks their body type.
+    async fn prepare_checked(
+        &self,
+        client: &(impl GenericClient + Sync),
+    ) -> Result<[Statement; 5], SchemaError> {
+        let statements = [
+            client.prepare(&self.claim_sql(false)).await?,
+            client.prepare(&self.claim_sql(true)).await?,
+            client.prepare(&self.bodies_sql()).await?,
+            client.prepare(&self.mark_sql()).await?,
+            client.prepare(&self.fail_sql()).await?,
+        ];
+        for statement in &statements[..3] {
             let found = statement.columns().last().map(|c| c.type_().name());
             if found != Some(self.body_type_name.as_str()) {
                 return Err(SchemaError::Changed(format!(
@@ -1170,19 +1227,61 @@ fn fields_sql(t: &str) -> String {
     )
 }
 
-/// The prepared statements of one session.
+/// One of the relay's statements, as a session runs it.
+#[derive(Debug, Clone)]
+pub enum Query {
+    /// Prepared once per session by name (a direct connection or a
+    /// session pooler): parsed and planned once.
+    Named(Statement),
+    /// Its text and parameter types, sent as an unnamed statement with
+    /// every execution (behind a transaction pooler, where no named
+    /// statement outlives a transaction): parse, bind and execute in one
+    /// round trip, as libpq's `PQexecParams` does.
+    Unnamed {
+        /// The statement's SQL.
+        sql: String,
+        /// Its parameters' types, as the server inferred them.
+        types: Vec<Type>,
+    },
+}
+
+impl Query {
+    /// Runs the statement in `tx` with `params`.
+    ///
+    /// # Errors
+    /// The server's or the connection's error.
+    pub async fn run(
+        &self,
+        tx: &Transaction<'_>,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        match self {
+            Self::Named(statement) => tx.query(statement, params).await,
+            Self::Unnamed { sql, types } => {
+                let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+                    .iter()
+                    .zip(types)
+                    .map(|(value, ty)| (*value, ty.clone()))
+                    .collect();
+                tx.query_typed(sql, &typed).await
+            }
+        }
+    }
+}
+
+/// The statements of one session.
 #[derive(Debug, Clone)]
 pub struct Statements {
     /// See [`Outbox::claim_sql`], from the lowest id.
-    pub claim_first: Statement,
+    pub claim_first: Query,
     /// See [`Outbox::claim_sql`], after a cursor.
-    pub claim_after: Statement,
+    pub claim_after: Query,
     /// See [`Outbox::bodies_sql`].
-    pub bodies: Statement,
+    pub bodies: Query,
     /// See [`Outbox::mark_sql`].
-    pub mark: Statement,
+    pub mark: Query,
     /// See [`Outbox::fail_sql`].
-    pub fail: Statement,
+    pub fail: Query,
 }
 
 /// One row of the claim query: a claimed id and one of its data rows.

@@ -1,0 +1,304 @@
+//! PgBouncer in front of PostgreSQL, started by the test: claims work in
+//! session and in transaction pooling mode; LISTEN is proven by a probe, and
+//! a listener that cannot hear (through a transaction pooler) says so once
+//! while the sweep carries delivery.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use crate::support::*;
+
+/// A private PgBouncer on a free port, in front of the test database; its
+/// own ini file and directory, run as `postgres` (it refuses root); killed
+/// on drop.
+pub struct PgBouncer {
+    child: Child,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl PgBouncer {
+    /// Starts one in `pool_mode` (`session` or `transaction`) and waits until
+    /// a session through it answers.
+    pub async fn start(pool_mode: &str) -> Self {
+        Self::start_with(pool_mode, "").await
+    }
+
+    /// [`PgBouncer::start`] with `extra` lines in its `[pgbouncer]` section.
+    pub async fn start_with(pool_mode: &str, extra: &str) -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("po-pgbouncer-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Fewer server sessions than the relay has clients in transaction
+        // mode, so its transactions really share them.
+        let pool_size = if pool_mode == "transaction" { 3 } else { 30 };
+        std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n").unwrap();
+        std::fs::write(
+            dir.join("pgbouncer.ini"),
+            format!(
+                "[databases]\n\
+                 test = host=127.0.0.1 port={pg} dbname=test\n\
+                 [pgbouncer]\n\
+                 listen_addr = 127.0.0.1\n\
+                 listen_port = {port}\n\
+                 unix_socket_dir =\n\
+                 auth_type = trust\n\
+                 auth_file = {users}\n\
+                 pool_mode = {pool_mode}\n\
+                 default_pool_size = {pool_size}\n\
+                 max_client_conn = 200\n\
+                 admin_users = postgres\n\
+                 logfile = {log}\n\
+                 {extra}\n",
+                pg = pg_port(),
+                users = dir.join("users.txt").display(),
+                log = dir.join("pgbouncer.log").display(),
+            ),
+        )
+        .unwrap();
+        let owned = Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(owned.success());
+        // setpriv execs pgbouncer itself, so killing the child kills it.
+        let child = Command::new("setpriv")
+            .args([
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--init-groups",
+                "pgbouncer",
+            ])
+            .arg(dir.join("pgbouncer.ini"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run pgbouncer (apt-get install -y pgbouncer)");
+        let bouncer = Self { child, port, dir };
+        wait_until("pgbouncer answers", || async {
+            let conn = format!("host=127.0.0.1 port={port} user=postgres dbname=test");
+            match tokio_postgres::connect(&conn, tokio_postgres::NoTls).await {
+                Ok((client, connection)) => {
+                    tokio::spawn(connection);
+                    client.simple_query("SELECT 1").await.is_ok()
+                }
+                Err(_) => false,
+            }
+        })
+        .await;
+        bouncer
+    }
+}
+
+impl PgBouncer {
+    /// Runs `command` on the admin console.
+    pub async fn admin(&self, command: &str) {
+        let conn = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer",
+            self.port
+        );
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client.simple_query(command).await.unwrap();
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const DEAF: &str = "the listener does not hear notifications";
+
+/// 2000 events through a relay whose sessions go through PgBouncer in
+/// `pool_mode`, the listener directly to PostgreSQL when `direct_listener`.
+async fn relays_through_pgbouncer(pool_mode: &str, direct_listener: bool) {
+    let bouncer = PgBouncer::start(pool_mode).await;
+    let mut env = TestEnv::new(&format!("pgb_{pool_mode}")).await;
+    env.migrate().await;
+    // What the claim transactions' settings are, seen from inside them: the
+    // mark (an UPDATE in the claim transaction) records them.
+    let s = &env.name;
+    env.pg
+        .batch_execute(&format!(
+            "CREATE TABLE \"{s}\".seen (setting text, value text);
+             CREATE FUNCTION \"{s}\".record_settings() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               INSERT INTO \"{s}\".seen
+                 SELECT name, setting FROM pg_settings
+                  WHERE name IN ('jit', 'plan_cache_mode', 'enable_seqscan', 'max_parallel_workers_per_gather',
+                                 'idle_in_transaction_session_timeout', 'lock_timeout', 'application_name');
+               RETURN NULL;
+             END $$;
+             CREATE TRIGGER record_settings AFTER UPDATE ON \"{s}\".message_queue_log
+               FOR EACH STATEMENT EXECUTE FUNCTION \"{s}\".record_settings();"
+        ))
+        .await
+        .unwrap();
+    env.config["postgres"]["port"] = bouncer.port.into();
+    if pool_mode == "transaction" {
+        env.config["postgres"]["pooler"] = pool_mode.into();
+    }
+    // A session pooler needs no setting: it is a direct connection to the relay.
+    let hears = direct_listener || pool_mode == "session";
+    if direct_listener {
+        env.config["listener"]["host"] = "127.0.0.1".into();
+        env.config["listener"]["port"] = pg_port().into();
+    } else if pool_mode == "transaction" {
+        // Migrations need a session; the tables exist already.
+        env.config["postgres"]["auto_migrate"] = false.into();
+    }
+    if hears {
+        // No idle sweeps: only notifications can wake the relay, so
+        // delivery proves the listener hears.
+        env.config["rabbitmq"]["retry"]["idle_sleep_ms"] = 3_600_000.into();
+    }
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let admin = relay.admin().await;
+    if !hears {
+        relay.wait_log(DEAF).await;
+    }
+
+    let ids = env.insert_many(2000, 100).await;
+    consumer.wait_for_all(&ids).await;
+    env.wait_all_transferred().await;
+    assert_exactly_once(&consumer, &ids);
+
+    let log = relay.log_text();
+    assert!(!log.contains("batch failed"), "{log}");
+    // Every claim transaction had the claim session's settings.
+    let values = |setting: &'static str| {
+        let env = &env;
+        async move {
+            env.texts(
+                &format!(
+                    "SELECT DISTINCT value FROM \"{}\".seen WHERE setting = $1",
+                    env.name
+                ),
+                &[&setting],
+            )
+            .await
+        }
+    };
+    assert_eq!(values("jit").await, ["off"]);
+    assert_eq!(values("plan_cache_mode").await, ["force_generic_plan"]);
+    assert_eq!(values("enable_seqscan").await, ["off"]);
+    assert_eq!(values("max_parallel_workers_per_gather").await, ["0"]);
+    assert_eq!(values("lock_timeout").await, ["5000"]);
+    assert_eq!(values("application_name").await, [env.name.clone()]);
+    let idle = values("idle_in_transaction_session_timeout").await;
+    assert!(idle.len() == 1 && idle[0] != "0", "{idle:?}");
+    assert_eq!(log.matches(DEAF).count(), usize::from(!hears), "{log}");
+    if !hears {
+        assert!(
+            log.contains("listener.host"),
+            "the warning names the fix: {log}"
+        );
+    }
+    let (_, metrics) = http_get(&admin, "/metrics").await;
+    assert_eq!(
+        metric(&metrics, "pushoccurrence_listener_deaf"),
+        Some(if hears { 0.0 } else { 1.0 }),
+        "{metrics}"
+    );
+    assert!(relay.terminate().await.success());
+
+    // `status` says whether a relay with this config hears or polls.
+    let out = pushoccurrence(&env.write_config(), &["status"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("notifications"))
+        .unwrap_or_else(|| panic!("no notifications line: {stdout}"));
+    if hears {
+        assert!(
+            line.contains("heard by a session") && !line.contains("NOT"),
+            "{line}"
+        );
+    } else {
+        assert!(
+            line.contains("NOT heard") && line.contains("polling"),
+            "{line}"
+        );
+    }
+    env.cleanup().await;
+    drop(bouncer);
+}
+
+#[tokio::test]
+async fn pgbouncer_session_mode_relays_every_event_once() {
+    relays_through_pgbouncer("session", false).await;
+}
+
+#[tokio::test]
+async fn pgbouncer_session_mode_with_a_direct_listener_relays_every_event_once() {
+    relays_through_pgbouncer("session", true).await;
+}
+
+#[tokio::test]
+async fn pgbouncer_transaction_mode_relays_every_event_once_by_polling_and_says_so() {
+    relays_through_pgbouncer("transaction", false).await;
+}
+
+#[tokio::test]
+async fn pgbouncer_transaction_mode_with_a_direct_listener_relays_every_event_once() {
+    relays_through_pgbouncer("transaction", true).await;
+}
+
+/// A session pooler switched to transaction pooling under a running relay
+/// that was told nothing: the workers' named statements meet other server
+/// sessions (detected by SQLSTATE, warned about once, and the next sessions
+/// keep nothing across transactions), and the listener, whose LISTEN stays
+/// on a server session it no longer has, finds at its next probe that it
+/// does not hear; the sweep carries delivery.
+#[tokio::test]
+async fn a_pooler_switched_to_transaction_mode_under_the_relay_is_detected_and_loses_nothing() {
+    // Round robin: consecutive transactions of a client land on different
+    // server sessions once the pooler is in transaction mode.
+    let bouncer = PgBouncer::start_with("session", "server_round_robin = 1").await;
+    let mut env = TestEnv::new("pgb_switch").await;
+    env.migrate().await;
+    env.config["postgres"]["port"] = bouncer.port.into();
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let admin = relay.admin().await;
+    let mut ids = env.insert_many(500, 100).await;
+    consumer.wait_for_all(&ids).await;
+    assert!(!relay.log_text().contains(DEAF));
+
+    bouncer.admin("SET pool_mode = 'transaction'").await;
+    ids.extend(env.insert_many(2000, 100).await);
+    consumer.wait_for_all(&ids).await;
+    env.wait_all_transferred().await;
+    relay.wait_log(DEAF).await;
+    assert_exactly_once(&consumer, &ids);
+
+    let log = relay.log_text();
+    let detected = "PostgreSQL is behind a transaction pooler";
+    assert_eq!(log.matches(detected).count(), 1, "{log}");
+    assert!(
+        log.contains("postgres.pooler"),
+        "the warning names the setting: {log}"
+    );
+    assert_eq!(log.matches(DEAF).count(), 1, "{log}");
+    let (_, metrics) = http_get(&admin, "/metrics").await;
+    assert_eq!(metric(&metrics, "pushoccurrence_listener_deaf"), Some(1.0));
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+    drop(bouncer);
+}
