@@ -165,3 +165,83 @@ async fn stopping_and_restarting_the_nodes_of_a_cluster_under_load_loses_nothing
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
+
+/// The chaos run on a cluster (ignored by default, as long as
+/// `PO_CHAOS_SECS` says, 120 s otherwise): three relays given every node
+/// share one outbox while two producers write; every 2-5 s a random node
+/// stops for 1-5 s (one at a time, so the quorum queue keeps a majority),
+/// or a relay is killed or stopped and replaced, or every relay session is
+/// terminated. Lost and unexpected must be 0.
+#[tokio::test]
+#[ignore = "long; run by hand: PO_CHAOS_SECS=120 scripts/test --run-ignored only cluster_chaos --no-capture"]
+async fn cluster_chaos() {
+    let seconds: u64 = std::env::var("PO_CHAOS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    let cluster = Cluster::start().await;
+    let mut env = TestEnv::new("clchaos").await;
+    let urls: Vec<String> = cluster.nodes.iter().map(PrivateBroker::url).collect();
+    let mq = &mut env.config["rabbitmq"];
+    mq.as_object_mut().unwrap().remove("url");
+    mq["urls"] = json!(urls);
+    mq["queue"]["arguments"] = json!({"x-queue-type": "quorum"});
+    env.config["relay"]["confirm_timeout_ms"] = 2000.into();
+    let mut relays = vec![env.relay().await, env.relay().await, env.relay().await];
+    // ~250 events/s from two producers for the whole run.
+    let rounds = (seconds * 1000 / 40) as usize;
+    let producers = [env.produce(rounds, 5, 40), env.produce(rounds, 5, 40)];
+    let deadline = Instant::now() + std::time::Duration::from_secs(seconds);
+    let mut faults: std::collections::BTreeMap<&str, usize> = Default::default();
+    while Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(fastrand::u64(2000..5000))).await;
+        let fault = [
+            "node stop",
+            "node stop",
+            "pg terminate",
+            "sigkill",
+            "sigterm",
+        ][fastrand::usize(..5)];
+        *faults.entry(fault).or_default() += 1;
+        match fault {
+            "node stop" => {
+                let node = &cluster.nodes[fastrand::usize(..cluster.nodes.len())];
+                assert!(node.ctl(&["stop_app"]));
+                tokio::time::sleep(std::time::Duration::from_millis(fastrand::u64(1000..5000)))
+                    .await;
+                assert!(node.ctl(&["start_app"]));
+                assert!(node.ctl(&["await_startup", "--timeout", "60"]));
+            }
+            "pg terminate" => {
+                env.terminate_relay_sessions().await;
+            }
+            _ => {
+                let victim = relays.remove(fastrand::usize(..relays.len()));
+                if fault == "sigkill" {
+                    victim.kill().await;
+                } else {
+                    assert_eq!(victim.terminate().await.code(), Some(0));
+                }
+                relays.push(env.relay_unready().await);
+            }
+        }
+    }
+    let mut ids = Vec::new();
+    for producer in producers {
+        ids.extend(producer.await.unwrap());
+    }
+    env.wait_all_transferred().await;
+    let consumer = Consumer::attach_to(&cluster.nodes[0].url(), &env.name).await;
+    consumer.wait_for_all(&ids).await;
+    let t = tally(&consumer, &ids);
+    println!("cluster chaos: {seconds} s, 3 nodes, 3 relays, faults {faults:?}");
+    println!(
+        "cluster chaos: sent {} / received {} distinct / duplicates {} / lost {} / unexpected {}",
+        t.sent, t.received, t.duplicates, t.lost, t.unexpected
+    );
+    assert_eq!((t.lost, t.unexpected), (0, 0), "{t:?}");
+    for relay in relays {
+        assert_eq!(relay.terminate().await.code(), Some(0));
+    }
+    env.cleanup().await;
+}
