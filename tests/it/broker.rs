@@ -277,7 +277,8 @@ async fn a_missing_configured_queue_is_reported_once_and_its_rows_wait_uncharged
 async fn a_long_broker_alarm_duplicates_nothing_in_flight() {
     // Alarms are node-wide: this test brings its own RabbitMQ node.
     let broker = PrivateBroker::start().await;
-    let mut env = TestEnv::new("longalarm").await;
+    // Its claim transactions stay open for the whole alarm.
+    let mut env = TestEnv::in_own_database("longalarm").await;
     env.config["rabbitmq"]["url"] = broker.url().into();
     // PostgreSQL ends a claim session idle in transaction after the confirm
     // timeout + 30 s: 32 s here, well inside the alarm.

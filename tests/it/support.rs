@@ -44,9 +44,14 @@ pub fn amqp_url() -> String {
 
 /// Connects to the test database as `postgres`.
 pub async fn pg() -> Client {
+    pg_database("test").await
+}
+
+/// Connects to `database` as `postgres`.
+pub async fn pg_database(database: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(
         &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=test application_name=po-test",
+            "host=127.0.0.1 port={} user=postgres dbname={database} application_name=po-test",
             pg_port()
         ),
         NoTls,
@@ -331,12 +336,38 @@ impl TestEnv {
         Relay::spawn(&self.write_config(), self.dir.path())
     }
 
-    /// Drops the test's schema and queue.
+    /// A fresh world in a database of its own, for a test that holds
+    /// transactions open for long: a `CREATE INDEX CONCURRENTLY` (which
+    /// `migrate` runs on existing tables) waits for every older transaction
+    /// of its database, so in the shared one it would stall the start-up of
+    /// every relay that runs beside this test.
+    pub async fn in_own_database(tag: &str) -> Self {
+        let mut env = Self::new(tag).await;
+        env.pg
+            .batch_execute(&format!("CREATE DATABASE \"{}\"", env.name))
+            .await
+            .unwrap();
+        env.config["postgres"]["database"] = env.name.clone().into();
+        env.pg = pg_database(&env.name).await;
+        env
+    }
+
+    /// Drops the test's schema (or its own database) and queue.
     pub async fn cleanup(self) {
-        let _ = self
-            .pg
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name))
-            .await;
+        if self.config["postgres"]["database"] == "test" {
+            let _ = self
+                .pg
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name))
+                .await;
+        } else {
+            let _ = pg()
+                .await
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                    self.name
+                ))
+                .await;
+        }
         self.cleanup_queue_only().await;
     }
 
