@@ -79,6 +79,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// # Errors
 /// Unreachable database, or a failing migration step.
 pub async fn migrate(config: Config) -> anyhow::Result<()> {
+    let pg = &config.postgres;
+    // Its advisory lock and CREATE INDEX CONCURRENTLY need one server
+    // session throughout; through a transaction pooler the lock would stay
+    // behind on a pooled session and block every later migration.
+    if pg.pooler == crate::config::Pooler::Transaction && !pg.listener_is_direct() {
+        return Err(db::outbox::SchemaError::Unsupported(
+            "migrate needs a session of its own, which a transaction pooler (postgres.pooler) cannot give: \
+             set listener.host and listener.port to PostgreSQL itself (migrate uses that address), \
+             or run migrate with postgres.host and postgres.port pointing at PostgreSQL"
+                .to_owned(),
+        )
+        .into());
+    }
     let client = connect(&config).await?;
     let (report, outbox) =
         migrate::run(&client, &config.postgres.schema, &config.channels[0]).await?;

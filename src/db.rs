@@ -41,7 +41,7 @@ pub async fn connect(
     pg: &PostgresConfig,
     kind: SessionKind,
 ) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = session_config(pg).connect(pg.tls.0.clone()).await?;
+    let (client, connection) = open_first_writable(pg).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             debug!(%error, "postgres session ended");
@@ -59,12 +59,42 @@ pub async fn connect(
     Ok(client)
 }
 
-/// The driver configuration for one session.
+/// A session on the first of `pg.servers`, in order, that answers and
+/// accepts writes. Each server gets `postgres.connect_timeout_sec` for the
+/// whole of it (TCP, TLS, the startup exchange and the read-write check):
+/// the driver's own timeout covers only the TCP connect, so a server that
+/// accepts the connection and never answers (a frozen primary still
+/// completes TCP handshakes) would otherwise hold the session, and every
+/// host after it, forever.
+pub(crate) async fn open_first_writable(
+    pg: &PostgresConfig,
+) -> Result<(Client, Connection), tokio_postgres::Error> {
+    let mut last = None;
+    for server in &pg.servers {
+        let mut cfg = session_config(pg);
+        cfg.host(&server.host).port(server.port);
+        match tokio::time::timeout(pg.connect_timeout, cfg.connect(pg.tls.0.clone())).await {
+            Ok(Ok(session)) => return Ok(session),
+            Ok(Err(e)) => last = Some(e),
+            // The driver's own error for a connect that timed out.
+            Err(_) => last = Some(tokio_postgres::Error::__private_api_timeout()),
+        }
+    }
+    Err(last.unwrap_or_else(tokio_postgres::Error::__private_api_timeout))
+}
+
+/// A session's connection, to be polled (spawned, or read for notifications).
+pub(crate) type Connection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    <tokio_postgres_rustls::MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<
+        tokio_postgres::Socket,
+    >>::Stream,
+>;
+
+/// The driver configuration for one session, without its host (see
+/// [`open_first_writable`], which tries the servers one at a time).
 pub fn session_config(pg: &PostgresConfig) -> tokio_postgres::Config {
     let mut cfg = tokio_postgres::Config::new();
-    for server in &pg.servers {
-        cfg.host(&server.host).port(server.port);
-    }
     // Every session must be able to write (claims lock and mark rows, the
     // listener must hear the primary's NOTIFYs: LISTEN on a standby works
     // but hears nothing). With several hosts the driver tries them in order

@@ -109,9 +109,11 @@ pub async fn connect_node(cfg: &RabbitConfig, node: &BrokerNode) -> Result<Conne
     let mut uri: AMQPUri = crate::config::amqp_uri(node.url.expose())
         .map_err(|e| format!("invalid URL {}: {e}", node.redacted))?;
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
-    uri.query
-        .connection_timeout
-        .get_or_insert(DEFAULT_CONNECT_TIMEOUT_MS);
+    let limit = Duration::from_millis(
+        *uri.query
+            .connection_timeout
+            .get_or_insert(DEFAULT_CONNECT_TIMEOUT_MS),
+    );
     let properties =
         ConnectionProperties::default().with_connection_name(cfg.connection_name.clone().into());
     // amqps:// trusts the system's CAs, and rabbitmq.ca_file's when given
@@ -126,16 +128,35 @@ pub async fn connect_node(cfg: &RabbitConfig, node: &BrokerNode) -> Result<Conne
         },
         None => OwnedTLSConfig::default(),
     };
-    let connection = DefaultConnectionBuilder::new()
+    // lapin's connection_timeout covers only the TCP connect: a node that
+    // accepts the connection and never speaks AMQP would hold this connect,
+    // and every node after it, forever. The whole handshake gets the limit,
+    // and so does the declaration.
+    let builder = DefaultConnectionBuilder::new()
         .map_err(|e| format!("connect to {}: {e}", node.redacted))?
         .with_uri(uri)
         .with_properties(properties)
-        .with_tls_config(tls)
-        .connect()
+        .with_tls_config(tls);
+    let connection = tokio::time::timeout(limit, builder.connect())
         .await
+        .map_err(|_| {
+            format!(
+                "connect to {}: no AMQP handshake within {limit:?}",
+                node.redacted
+            )
+        })?
         .map_err(|e| format!("connect to {}: {e}", node.redacted))?;
-    if let Err(e) = declare_topology(&connection, cfg).await {
-        let _closed = connection.close(200, "declaration failed".into()).await;
+    let declared = tokio::time::timeout(limit, declare_topology(&connection, cfg))
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "declaring the topology on {}: no answer within {limit:?}",
+                node.redacted
+            ))
+        });
+    if let Err(e) = declared {
+        let _closed =
+            tokio::time::timeout(limit, connection.close(200, "declaration failed".into())).await;
         return Err(e);
     }
     Ok(connection)

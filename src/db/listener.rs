@@ -26,7 +26,7 @@ use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{SessionKind, describe, quote_ident, quote_literal, session_config};
+use super::{SessionKind, describe, quote_ident, quote_literal};
 use crate::backoff::Backoff;
 use crate::config::{AMQP_MAX_SHORT_STRING, PostgresConfig};
 use crate::metrics::Metrics;
@@ -120,8 +120,7 @@ async fn probe_heard(heard: &mut mpsc::UnboundedReceiver<String>, nonce: &str) -
 /// # Errors
 /// A session could not be opened or a statement failed.
 pub async fn hears(listen: &PostgresConfig, notify: &PostgresConfig) -> Result<bool, String> {
-    let (client, mut connection) = session_config(listen)
-        .connect(listen.tls.0.clone())
+    let (client, mut connection) = super::open_first_writable(listen)
         .await
         .map_err(|e| format!("connect: {}", describe(&e)))?;
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -276,12 +275,11 @@ impl Listener {
         listen_sql: &str,
         token: &CancellationToken,
     ) -> Result<(), String> {
-        let session = session_config(&self.pg);
         let (probe_tx, mut probe_rx) = mpsc::unbounded_channel();
         let probe_channel = self.probe_channel.clone();
         // A peer that accepts and never answers must not hang the listener.
         let limit = self.pg.query_timeout;
-        let connect = tokio::time::timeout(limit, session.connect(self.pg.tls.0.clone()));
+        let connect = tokio::time::timeout(limit, super::open_first_writable(&self.pg));
         let (client, mut connection) = tokio::select! {
             () = token.cancelled() => return Ok(()),
             res = connect => res

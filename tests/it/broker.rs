@@ -359,3 +359,48 @@ async fn a_broker_alarm_is_reported_as_blocked_and_never_counted_as_a_reconnecti
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
+
+/// Accepts TCP connections and never says a word: a node (or server) that
+/// is frozen but still completes TCP handshakes. Returns its port.
+pub async fn silent_server() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_node_that_accepts_and_never_answers_is_passed_over_for_the_next() {
+    let mut env = TestEnv::new("silentnode").await;
+    let silent = silent_server().await;
+    let mq = &mut env.config["rabbitmq"];
+    mq.as_object_mut().unwrap().remove("url");
+    mq["urls"] = json!([
+        format!("amqp://guest:guest@127.0.0.1:{silent}/?connection_timeout=1000"),
+        amqp_url()
+    ]);
+    mq["shuffle_urls"] = false.into();
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let ids = env.insert_many(20, 10).await;
+    consumer.wait_for_all(&ids).await;
+    env.wait_all_transferred().await;
+    assert_exactly_once(&consumer, &ids);
+    // Connected once, to the node that answers.
+    let log = relay.log_text();
+    let connected: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connected to rabbitmq"))
+        .collect();
+    assert!(
+        connected.len() == 1 && !connected[0].contains(&format!(":{silent}/")),
+        "{log}"
+    );
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}

@@ -793,3 +793,21 @@ async fn an_error_and_its_causes_are_each_said_once() {
         .unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn migrate_through_a_transaction_pooler_is_refused_before_it_takes_a_lock() {
+    let mut env = TestEnv::new("poolmigrate").await;
+    env.config["postgres"]["pooler"] = "transaction".into();
+    env.config["postgres"]["auto_migrate"] = false.into();
+    let out = pushoccurrence(&env.write_config(), &["migrate"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("migrate needs a session of its own") && stderr.contains("listener.host"),
+        "{stderr}"
+    );
+    env.cleanup().await;
+}

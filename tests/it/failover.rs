@@ -396,3 +396,34 @@ async fn a_server_that_turns_read_only_is_left_after_one_failed_batch_per_sessio
     assert!(relay.terminate().await.success());
     env.cleanup_queue_only().await;
 }
+
+/// A first host that accepts the connection and never answers (a frozen
+/// primary still completes TCP handshakes) costs one
+/// `postgres.connect_timeout_sec`; every session then goes to the next.
+#[tokio::test]
+async fn a_host_that_accepts_and_never_answers_is_passed_over_for_the_next() {
+    let mut env = TestEnv::new("silenthost").await;
+    let silent = crate::broker::silent_server().await;
+    env.config["postgres"]["host"] = "127.0.0.1,127.0.0.1".into();
+    env.config["postgres"]["port"] = format!("{silent},{}", pg_port()).into();
+    env.config["postgres"]["connect_timeout_sec"] = 1.into();
+    let check = pushoccurrence(&env.write_config(), &["check"])
+        .output()
+        .await
+        .unwrap();
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let ids = env.insert_many(20, 10).await;
+    consumer.wait_for_all(&ids).await;
+    env.wait_all_transferred().await;
+    assert_exactly_once(&consumer, &ids);
+    // `check` ran before the schema existed: it got past the silent host.
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        stdout.contains(&format!("writes go to 127.0.0.1:{}", pg_port())),
+        "{stdout}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
