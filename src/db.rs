@@ -33,7 +33,11 @@ pub enum SessionKind {
 
 /// Opens a session and spawns the task that drives it. A claim session gets
 /// its settings here (by `SET`), except behind a transaction pooler, where
-/// each claim transaction sets them ([`claim_settings_sql`]).
+/// each claim transaction sets them ([`claim_settings_sql`]). Bounded as a
+/// whole: each server by `postgres.connect_timeout_sec`
+/// ([`open_first_writable`]), the settings by `postgres.query_timeout_ms`,
+/// so callers need no deadline of their own (one would cut short the walk
+/// over several servers).
 ///
 /// # Errors
 /// The connection error, which never contains the password.
@@ -52,9 +56,10 @@ pub async fn connect(
     } = kind
         && !behind_transaction_pooler(pg)
     {
-        client
-            .batch_execute(&claim_settings_sql(pg, idle_in_transaction, false))
-            .await?;
+        let settings = claim_settings_sql(pg, idle_in_transaction, false);
+        tokio::time::timeout(pg.query_timeout, client.batch_execute(&settings))
+            .await
+            .unwrap_or_else(|_| Err(tokio_postgres::Error::__private_api_timeout()))?;
     }
     Ok(client)
 }
@@ -97,12 +102,11 @@ pub fn session_config(pg: &PostgresConfig) -> tokio_postgres::Config {
     let mut cfg = tokio_postgres::Config::new();
     // Every session must be able to write (claims lock and mark rows, the
     // listener must hear the primary's NOTIFYs: LISTEN on a standby works
-    // but hears nothing). With several hosts the driver tries them in order
-    // and takes the first whose `transaction_read_only` is off, as libpq's
-    // `target_session_attrs=read-write` does, so a reconnect after a
-    // failover finds the promoted standby; a lone read-only server is
-    // refused at connect ("database does not allow writes") instead of
-    // failing every batch.
+    // but hears nothing). A server whose `transaction_read_only` is on is
+    // refused at connect ("database does not allow writes"), as libpq's
+    // `target_session_attrs=read-write` does, so `open_first_writable`
+    // goes on to the next server and a reconnect after a failover finds
+    // the promoted standby, instead of failing every batch.
     cfg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite)
         .dbname(&pg.database)
         .user(&pg.user)

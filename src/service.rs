@@ -362,13 +362,9 @@ async fn sample_backlog(
                 .is_none_or(tokio_postgres::Client::is_closed)
             {
                 session = None;
-                let client = tokio::time::timeout(
-                    config.postgres.query_timeout,
-                    db::connect(&config.postgres, kind),
-                )
-                .await
-                .map_err(|_| "connect: no answer in time".to_owned())?
-                .map_err(|e| format!("connect: {}", describe(&e)))?;
+                let client = db::connect(&config.postgres, kind)
+                    .await
+                    .map_err(|e| format!("connect: {}", describe(&e)))?;
                 session = Some(client);
             }
             let client = session.as_ref().expect("connected above");

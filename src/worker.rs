@@ -792,8 +792,9 @@ impl Worker {
             idle_in_transaction: self.config.relay.confirm_timeout + TRANSACTION_MARGIN,
         };
         let limit = self.config.postgres.query_timeout;
-        let mut client = within(limit, db::connect(&self.config.postgres, kind))
+        let mut client = db::connect(&self.config.postgres, kind)
             .await
+            .map_err(BatchError::from)
             .inspect_err(|_| self.metrics.session_connect_failed())?;
         let statements = if db::behind_transaction_pooler(&self.config.postgres) {
             // Every statement inside one transaction: through a transaction

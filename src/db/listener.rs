@@ -76,9 +76,8 @@ async fn send_probe(
         .is_none_or(tokio_postgres::Client::is_closed)
     {
         *notifier = None;
-        let client = tokio::time::timeout(limit, super::connect(pg, SessionKind::Plain))
+        let client = super::connect(pg, SessionKind::Plain)
             .await
-            .map_err(|_| format!("connect: no answer within {limit:?}"))?
             .map_err(|e| format!("connect: {}", describe(&e)))?;
         *notifier = Some(client);
     }
@@ -277,15 +276,14 @@ impl Listener {
     ) -> Result<(), String> {
         let (probe_tx, mut probe_rx) = mpsc::unbounded_channel();
         let probe_channel = self.probe_channel.clone();
-        // A peer that accepts and never answers must not hang the listener.
-        let limit = self.pg.query_timeout;
-        let connect = tokio::time::timeout(limit, super::open_first_writable(&self.pg));
+        // Bounded: a peer that accepts and never answers costs each server
+        // its connect timeout, never the listener.
         let (client, mut connection) = tokio::select! {
             () = token.cancelled() => return Ok(()),
-            res = connect => res
-                .map_err(|_| format!("connect: no answer within {limit:?}"))?
+            res = super::open_first_writable(&self.pg) => res
                 .map_err(|e| format!("connect: {}", describe(&e)))?,
         };
+        let limit = self.pg.query_timeout;
         // The driver must be polled for queries to progress; it never blocks
         // on the workers, because a `Notify` holds at most one permit.
         let wake = self.wake.clone();
