@@ -24,21 +24,6 @@ async fn send(env: &TestEnv, body: &str, args: &str) -> String {
         .get(0)
 }
 
-/// Rows of the test's outbox with at least one attempt charged.
-async fn charged(env: &TestEnv) -> i64 {
-    env.pg
-        .query_one(
-            &format!(
-                "SELECT count(*) FROM \"{}\".message_queue_log WHERE relay_attempts > 0",
-                env.name
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// The relay's metrics text.
 async fn metrics(relay: &Relay) -> String {
     http_get(&relay.admin().await, "/metrics").await.1
@@ -170,12 +155,12 @@ async fn a_full_reject_publish_queue_nacks_and_its_rows_wait_uncharged_for_room(
     })
     .await;
     assert_eq!(env.pending().await, 7);
-    assert_eq!(charged(&env).await, 0, "a nack is not the row's fault");
+    assert_eq!(env.charged().await, 0, "a nack is not the row's fault");
     let consumer = Consumer::attach(&env.name).await;
     consumer.wait_for_all(&ids).await;
     env.wait_all_transferred().await;
     assert_exactly_once(&consumer, &ids);
-    assert_eq!(charged(&env).await, 0);
+    assert_eq!(env.charged().await, 0);
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
@@ -244,7 +229,7 @@ async fn a_missing_configured_queue_is_reported_once_and_its_rows_wait_uncharged
     );
     assert_eq!(env.pending().await, 15);
     assert_eq!(
-        charged(&env).await,
+        env.charged().await,
         0,
         "a missing queue is not the rows' fault"
     );
@@ -260,7 +245,7 @@ async fn a_missing_configured_queue_is_reported_once_and_its_rows_wait_uncharged
     consumer.wait_for_all(&during).await;
     env.wait_all_transferred().await;
     assert_exactly_once(&consumer, &during);
-    assert_eq!(charged(&env).await, 0);
+    assert_eq!(env.charged().await, 0);
     wait_until("the relay is ready again", || async {
         http_get(&admin, "/readyz").await.0 == 200
     })

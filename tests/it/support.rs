@@ -293,6 +293,21 @@ impl TestEnv {
         .await;
     }
 
+    /// Rows with at least one failed attempt charged.
+    pub async fn charged(&self) -> i64 {
+        self.pg
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM \"{}\".message_queue_log WHERE relay_attempts > 0",
+                    self.name
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     /// Rows not yet transferred.
     pub async fn pending(&self) -> i64 {
         self.pg
