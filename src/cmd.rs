@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use tokio_postgres::types::Type;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
@@ -153,7 +154,7 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
         }
     };
     let version: String = client
-        .query_one("SHOW server_version", &[])
+        .query_typed_one("SHOW server_version", &[])
         .await
         .context("read the server version")?
         .get(0);
@@ -295,7 +296,7 @@ async fn connected_to(
         return String::new();
     }
     match client
-        .query_one(
+        .query_typed_one(
             "SELECT host(inet_server_addr()) || ':' || inet_server_port()",
             &[],
         )
@@ -327,23 +328,13 @@ async fn open_outbox(config: &Config) -> anyhow::Result<(tokio_postgres::Client,
 /// # Errors
 /// Unreachable database or unusable schema.
 pub async fn status(config: Config) -> anyhow::Result<()> {
-    let client = connect(&config).await?;
-    let pg = &config.postgres;
-    if pg.pooler == crate::config::Pooler::Transaction && !pg.listener_is_direct() {
-        // Through a transaction pooler, every read in one transaction: a
-        // statement's protocol steps must meet the same server session.
-        client
-            .batch_execute("BEGIN READ ONLY")
-            .await
-            .map_err(|e| anyhow::anyhow!("begin: {}", describe(&e)))?;
-    }
-    let outbox = Outbox::inspect(&client, &config.postgres.schema).await?;
+    let (client, outbox) = open_outbox(&config).await?;
     let backlog = client
-        .query_one(&outbox.backlog_sql(), &[])
+        .query_typed_one(&outbox.backlog_sql(), &[])
         .await
         .context("count pending rows")?;
     let history = client
-        .query_one(&outbox.history_sql(), &[])
+        .query_typed_one(&outbox.history_sql(), &[])
         .await
         .context("count parked and transferred rows")?;
     let (pending, oldest): (i64, f64) = (backlog.get(0), backlog.get(1));
@@ -389,9 +380,14 @@ pub async fn send(config: Config, body: &str, route: SendRoute) -> anyhow::Resul
     let (client, outbox) = open_outbox(&config).await?;
     let channel = route.channel.unwrap_or_else(|| config.channels[0].clone());
     let row = client
-        .query_one(
+        .query_typed_one(
             &outbox.send_sql(),
-            &[&body, &channel, &route.exchange, &route.routing_key],
+            &[
+                (&body, Type::TEXT),
+                (&channel, Type::TEXT),
+                (&route.exchange, Type::TEXT),
+                (&route.routing_key, Type::TEXT),
+            ],
         )
         .await
         .map_err(|e| anyhow::anyhow!("write the test event: {}", describe(&e)))?;
@@ -409,12 +405,12 @@ pub async fn send(config: Config, body: &str, route: SendRoute) -> anyhow::Resul
 pub async fn parked(config: Config, limit: i64) -> anyhow::Result<()> {
     let (client, outbox) = open_outbox(&config).await?;
     let total: i64 = client
-        .query_one(&outbox.parked_count_sql(), &[])
+        .query_typed_one(&outbox.parked_count_sql(), &[])
         .await
         .context("count parked rows")?
         .get(0);
     let rows = client
-        .query(&outbox.parked_sql(), &[&limit])
+        .query_typed(&outbox.parked_sql(), &[(&limit, Type::INT8)])
         .await
         .context("list parked rows")?;
     if total == 0 {
@@ -484,14 +480,17 @@ pub async fn requeue(config: Config, ids: &[String], all: bool) -> anyhow::Resul
     let canonical: Vec<&str> = wanted.iter().map(|(_, c)| c.as_str()).collect();
     let tx = client.transaction().await.context("begin the requeue")?;
     let requeued: Vec<String> = tx
-        .query(&outbox.requeue_sql(), &[&canonical, &all])
+        .query_typed(
+            &outbox.requeue_sql(),
+            &[(&canonical, Type::TEXT_ARRAY), (&all, Type::BOOL)],
+        )
         .await
         .context("requeue parked rows")?
         .iter()
         .map(|r| r.get(0))
         .collect();
     let states: Vec<(String, bool, bool)> = tx
-        .query(&outbox.id_states_sql(), &[&canonical])
+        .query_typed(&outbox.id_states_sql(), &[(&canonical, Type::TEXT_ARRAY)])
         .await
         .context("look up the ids not requeued")?
         .iter()
@@ -501,7 +500,10 @@ pub async fn requeue(config: Config, ids: &[String], all: bool) -> anyhow::Resul
     // Wake every relay listening on the first channel; the payload is only a hint.
     if !requeued.is_empty() {
         client
-            .execute("SELECT pg_notify($1, '')", &[&config.channels[0]])
+            .execute_typed(
+                "SELECT pg_notify($1, '')",
+                &[(&config.channels[0], Type::TEXT)],
+            )
             .await
             .context("notify the relays")?;
     }

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use tokio_postgres::Client;
+use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -67,13 +68,17 @@ async fn delete_expired(
     token: &CancellationToken,
 ) -> Result<u64, tokio_postgres::Error> {
     let age = retention.transferred_after.as_secs_f64();
-    let batch = client.prepare(&outbox.retention_sql()).await?;
+    let batch = outbox.retention_sql();
     let mut total = 0;
     while !token.is_cancelled() {
         // One statement is one transaction: the rows it locks are released
-        // when it ends.
+        // when it ends. Unnamed, as every statement outside the claims
+        // (see `db::unnamed`).
         let deleted = client
-            .execute(&batch, &[&age, &retention.batch_size])
+            .execute_typed(
+                &batch,
+                &[(&age, Type::FLOAT8), (&retention.batch_size, Type::INT8)],
+            )
             .await?;
         metrics.rows_deleted.inc_by(deleted);
         total += deleted;

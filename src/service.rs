@@ -18,7 +18,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::backoff::Backoff;
-use crate::config::{Config, Pooler};
+use crate::config::Config;
 use crate::db::listener::Listener;
 use crate::db::outbox::{Outbox, PENDING_INDEX, REPEATABLE_IDS_WARNING};
 use crate::db::{self, SessionKind, describe, migrate};
@@ -240,7 +240,7 @@ async fn prepare_outbox(config: &Config) -> Result<Outbox, StartError> {
                 }
             },
         };
-        match prepare_through(config, &client).await {
+        match prepare_on(config, &client).await {
             Ok(outbox) => return Ok(outbox),
             Err(e) if e.is_transient() => {
                 let delay = backoff.next_delay();
@@ -262,29 +262,6 @@ impl StartError {
             Self::Schema(_) | Self::Admin(_) => false,
         }
     }
-}
-
-/// [`prepare_on`], inside one transaction when the session goes through a
-/// transaction pooler (no direct connection configured; migrations are then
-/// refused by the config): each statement is prepared by name and run in
-/// separate protocol steps, which must meet the same server session.
-async fn prepare_through(
-    config: &Config,
-    client: &tokio_postgres::Client,
-) -> Result<Outbox, StartError> {
-    let pg = &config.postgres;
-    if pg.pooler != Pooler::Transaction || pg.listener_is_direct() {
-        return prepare_on(config, client).await;
-    }
-    let query = |e| StartError::Schema(db::outbox::SchemaError::Query(e));
-    client
-        .batch_execute("BEGIN READ ONLY")
-        .await
-        .map_err(query)?;
-    let result = prepare_on(config, client).await;
-    // Read-only: nothing to keep, whatever happened.
-    client.batch_execute("ROLLBACK").await.map_err(query)?;
-    result
 }
 
 /// One attempt of [`prepare_outbox`] on `client`.

@@ -44,6 +44,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
 use tracing::{debug, info, warn};
 
 use super::outbox::{
@@ -129,7 +130,10 @@ pub async fn run(
     let mut waiting = false;
     loop {
         let taken: bool = client
-            .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&lock_key])
+            .query_typed_one(
+                "SELECT pg_try_advisory_lock(hashtext($1))",
+                &[(&lock_key, Type::TEXT)],
+            )
             .await
             .map_err(step("take the migration lock"))?
             .get(0);
@@ -148,7 +152,10 @@ pub async fn run(
     let result = migrate_locked(client, schema, default_channel).await;
     // The lock also ends with the session, so a failed unlock loses nothing.
     let _unlocked = client
-        .execute("SELECT pg_advisory_unlock(hashtext($1))", &[&lock_key])
+        .execute_typed(
+            "SELECT pg_advisory_unlock(hashtext($1))",
+            &[(&lock_key, Type::TEXT)],
+        )
         .await;
     result
 }
@@ -223,11 +230,11 @@ async fn migrate_locked(
             report.added_columns = true;
         }
         let default: Option<String> = client
-            .query_one(
+            .query_typed_one(
                 "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a
                    LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
                   WHERE a.attrelid = $1::text::regclass AND a.attname = 'relay_enqueued_at'",
-                &[&log],
+                &[(&log, Type::TEXT)],
             )
             .await
             .map_err(step("read the default of relay_enqueued_at"))?
@@ -537,7 +544,7 @@ async fn alter_status_table(
 /// transaction has been open. Never their query text, which may hold data.
 async fn lock_holders(client: &Client, table: &str) -> Result<String, tokio_postgres::Error> {
     Ok(client
-        .query_one(
+        .query_typed_one(
             "SELECT coalesce(string_agg(h, '; '), 'no session holds it any more')
                FROM (SELECT format('pid %s (%s, application_name %L, user %s, %s, transaction open %s s)',
                                    a.pid, string_agg(DISTINCT l.mode, ' and '), a.application_name,
@@ -547,7 +554,7 @@ async fn lock_holders(client: &Client, table: &str) -> Result<String, tokio_post
                       WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()
                         AND l.relation = to_regclass($1)
                       GROUP BY a.pid, a.application_name, a.usename, a.state, a.xact_start) s",
-            &[&table],
+            &[(&table, Type::TEXT)],
         )
         .await?
         .get(0))
@@ -558,7 +565,7 @@ async fn lock_holders(client: &Client, table: &str) -> Result<String, tokio_post
 /// [`lock_holders`] gives them; `None` when there are none.
 async fn older_transactions(client: &Client) -> Result<Option<String>, tokio_postgres::Error> {
     client
-        .query_one(
+        .query_typed_one(
             "SELECT string_agg(format('pid %s (application_name %L, user %s, %s, transaction open %s s)',
                                       pid, application_name, usename, state,
                                       round(extract(epoch FROM clock_timestamp() - xact_start))::int8), '; '

@@ -26,8 +26,10 @@
 //! and [`index_state`] compares an existing index with one.
 
 use bytes::BytesMut;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, accepts, to_sql_checked};
 use tokio_postgres::{Client, GenericClient, Row, Statement, Transaction};
+use tracing::debug;
 
 use super::quote_ident;
 use crate::relay::Fetched;
@@ -225,7 +227,7 @@ pub async fn index_state(
     spec: &IndexSpec,
 ) -> Result<IndexState, tokio_postgres::Error> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             "SELECT c.relkind::text,
                     i.indisvalid AND i.indisready,
                     coalesce(obj_description(c.oid, 'pg_class'), ''),
@@ -247,7 +249,11 @@ pub async fn index_state(
                LEFT JOIN pg_class t ON t.oid = i.indrelid -- always in the index's schema
                LEFT JOIN pg_am am ON am.oid = c.relam
               WHERE n.nspname::text = $1::text AND c.relname::text = $2::text",
-            &[&schema, &spec.name, &spec.table],
+            &[
+                (&schema, Type::TEXT),
+                (&spec.name, Type::TEXT),
+                (&spec.table, Type::TEXT),
+            ],
         )
         .await?;
     let Some(row) = row else {
@@ -446,7 +452,7 @@ pub async fn read_columns(
     schema: &str,
 ) -> Result<Vec<Column>, SchemaError> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), t.typname::text,
                     format_type(a.atttypid, NULL),
                     CASE WHEN t.typname IN ('varchar', 'bpchar') AND a.atttypmod >= 4 THEN a.atttypmod - 4 END,
@@ -457,7 +463,11 @@ pub async fn read_columns(
                JOIN pg_type t ON t.oid = a.atttypid
               WHERE n.nspname = $1 AND c.relname IN ($2, $3) AND c.relkind IN ('r', 'p')
                 AND a.attnum > 0 AND NOT a.attisdropped",
-            &[&schema, &LOG_TABLE, &DATA_TABLE],
+            &[
+                (&schema, Type::TEXT),
+                (&LOG_TABLE, Type::TEXT),
+                (&DATA_TABLE, Type::TEXT),
+            ],
         )
         .await?;
     Ok(rows
@@ -583,7 +593,7 @@ pub enum SchemaError {
     #[error("{0}")]
     Unsupported(String),
     /// The catalog could not be read.
-    #[error("cannot read the outbox's columns: {0}")]
+    #[error("cannot read the outbox's columns: {}", super::describe(.0))]
     Query(#[from] tokio_postgres::Error),
     /// The columns changed between reading their types and preparing the
     /// statements (an `ALTER TABLE` in between); both are done again.
@@ -688,14 +698,21 @@ impl Outbox {
             let granted: bool = match column {
                 None => {
                     client
-                        .query_one("SELECT has_table_privilege($1, $2)", &[&table, &privilege])
+                        .query_typed_one(
+                            "SELECT has_table_privilege($1, $2)",
+                            &[(&table, Type::TEXT), (&privilege, Type::TEXT)],
+                        )
                         .await?
                 }
                 Some(column) => {
                     client
-                        .query_one(
+                        .query_typed_one(
                             "SELECT has_column_privilege($1, $2, $3)",
-                            &[&table, &column, &privilege],
+                            &[
+                                (&table, Type::TEXT),
+                                (&column, Type::TEXT),
+                                (&privilege, Type::TEXT),
+                            ],
                         )
                         .await?
                 }
@@ -739,12 +756,12 @@ impl Outbox {
     /// The catalog could not be read.
     pub async fn ids_unique(&self, client: &Client) -> Result<bool, tokio_postgres::Error> {
         Ok(client
-            .query_one(
+            .query_typed_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_index i
                    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attname = 'message_id'
                   WHERE i.indrelid = $1::text::regclass AND i.indisunique AND i.indisvalid
                     AND i.indpred IS NULL AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum)",
-                &[&self.table(LOG_TABLE)],
+                &[(&self.table(LOG_TABLE), Type::TEXT)],
             )
             .await?
             .get(0))
@@ -757,7 +774,7 @@ impl Outbox {
     /// The server's error.
     pub async fn repeated_ids(&self, client: &Client) -> Result<i64, tokio_postgres::Error> {
         Ok(client
-            .query_one(
+            .query_typed_one(
                 &format!(
                     "SELECT count(*) FROM (SELECT message_id FROM {} GROUP BY message_id HAVING count(*) > 1) r",
                     self.table(LOG_TABLE)
@@ -1156,7 +1173,32 @@ impl Outbox {
             self.mark_sql(),
             self.fail_sql(),
         ];
-        let prepared = self.prepare_checked(tx).await?;
+        // A pooled server session may carry another client's statements
+        // under the names this client gives its own (`s0`, `s1`, …: one
+        // counter per process, so every process starts at `s0`); a name
+        // taken (42P05) is skipped by preparing again, under a savepoint
+        // since the failure aborts the transaction. The counter has moved
+        // on by then, so each attempt tries new names.
+        let mut attempts = 0;
+        let prepared = loop {
+            tx.batch_execute(PREPARE_SAVEPOINT).await?;
+            match self.prepare_checked(tx).await {
+                Err(SchemaError::Query(e))
+                    if e.code() == Some(&SqlState::DUPLICATE_PSTATEMENT)
+                        && attempts < PREPARE_NAME_ATTEMPTS =>
+                {
+                    attempts += 1;
+                    tx.batch_execute(PREPARE_ROLLBACK).await?;
+                }
+                result => break result?,
+            }
+        };
+        if attempts > 0 {
+            debug!(
+                skipped = attempts,
+                "statement names taken on the pooled server session (another client's) were skipped"
+            );
+        }
         let [claim_first, claim_after, bodies, mark, fail] =
             std::array::from_fn(|i| Query::Unnamed {
                 sql: sql[i].clone(),
@@ -1199,6 +1241,15 @@ impl Outbox {
         Ok(statements)
     }
 }
+
+/// Set before the statements of [`Outbox::prepare_unnamed`] are prepared,
+/// and returned to when a name was taken.
+const PREPARE_SAVEPOINT: &str = "SAVEPOINT relay_prepare";
+const PREPARE_ROLLBACK: &str = "ROLLBACK TO SAVEPOINT relay_prepare";
+/// How many taken statement names [`Outbox::prepare_unnamed`] skips
+/// before it gives up (the batch then fails, and the next session tries
+/// on from there).
+const PREPARE_NAME_ATTEMPTS: u32 = 256;
 
 /// Sets a savepoint inside the claim transaction before statements that
 /// update claimed rows: one row the database refuses to update (a

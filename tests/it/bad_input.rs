@@ -32,10 +32,6 @@ async fn wait_parked(env: &TestEnv, id: &str) -> (i32, String) {
     (attempts, reason.unwrap_or_default())
 }
 
-fn uuid(n: u32) -> String {
-    format!("{:08x}-2222-4000-8000-{n:012x}", fastrand::u32(..))
-}
-
 #[tokio::test]
 async fn notification_payloads_that_are_not_ids_are_ignored() {
     let (env, consumer, mut relay) = setup("garbage", |_| {}).await;

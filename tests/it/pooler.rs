@@ -302,3 +302,129 @@ async fn a_pooler_switched_to_transaction_mode_under_the_relay_is_detected_and_l
     env.cleanup().await;
     drop(bouncer);
 }
+
+/// The statements a pooled server session carries, by name.
+async fn statements_on(bouncer: &PgBouncer) -> Vec<String> {
+    let conn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=test",
+        bouncer.port
+    );
+    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut names: Vec<String> = client
+        .simple_query("SELECT name FROM pg_prepared_statements")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Through a transaction pooler with one server session, which carries
+/// another client's statements named as the relay's PostgreSQL client names
+/// its own (`s0`, `s1`, …): every command (`check`, `status`, `send`,
+/// `parked`, `requeue`) and the relay (start-up, claims, retention) work
+/// without one failed statement, and none of them leaves a statement on the
+/// server session for the next client to meet.
+#[tokio::test]
+async fn through_a_transaction_pooler_nothing_meets_or_leaves_a_named_statement() {
+    let bouncer = PgBouncer::start_with("transaction", "default_pool_size = 1").await;
+    let mut env = TestEnv::new("pgb_named").await;
+    env.migrate().await;
+    let planted: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
+    {
+        let conn = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=test",
+            bouncer.port
+        );
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let sql: String = planted
+            .iter()
+            .map(|name| format!("PREPARE {name} AS SELECT 1;"))
+            .collect();
+        client.batch_execute(&sql).await.unwrap();
+    }
+    let mut expected = planted.clone();
+    expected.sort();
+    assert_eq!(statements_on(&bouncer).await, expected);
+
+    env.config["postgres"]["port"] = bouncer.port.into();
+    env.config["postgres"]["pooler"] = "transaction".into();
+    env.config["postgres"]["auto_migrate"] = false.into();
+    env.config["relay"]["max_attempts"] = 1.into();
+    // Retention runs (and deletes nothing: every row is younger).
+    env.config["retention"] =
+        serde_json::json!({"transferred_after_sec": 3600, "interval_sec": 0.2});
+    let config = env.write_config();
+    let run = |args: &'static [&'static str]| {
+        let config = config.clone();
+        async move {
+            let out = pushoccurrence(&config, args).output().await.unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "{args:?}: {text}");
+            text
+        }
+    };
+    run(&["check"]).await;
+    let status = run(&["status"]).await;
+    assert!(status.contains("NOT heard"), "{status}");
+    run(&["send", "through the pooler"]).await;
+
+    let consumer = env.consumer().await;
+    let orphan = uuid(1);
+    env.pg
+        .execute(
+            &format!(
+                "INSERT INTO \"{}\".message_queue_log (message_id) VALUES ('{orphan}')",
+                env.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let relay = env.relay().await;
+    let ids = env.insert_many(300, 100).await;
+    consumer.wait_for_all(&ids).await;
+    wait_until("the row without data is parked", || async {
+        env.row_state(&orphan).await.0 >= 1
+    })
+    .await;
+    env.wait_all_transferred_but(1).await;
+    let log = relay.log_text();
+    assert!(relay.terminate().await.success());
+    assert!(!log.contains("batch failed"), "{log}");
+    // The only errors: the row without data, parked.
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(
+        errors.len() == 1 && errors[0].contains("row parked"),
+        "{log}"
+    );
+
+    let parked = run(&["parked"]).await;
+    assert!(parked.contains(&orphan), "{parked}");
+    let requeued = run(&["requeue", "--all"]).await;
+    assert!(requeued.contains("requeued 1 row"), "{requeued}");
+    run(&["status"]).await;
+
+    assert_eq!(
+        statements_on(&bouncer).await,
+        expected,
+        "the pooled server session holds only the other client's statements"
+    );
+    env.cleanup().await;
+    drop(bouncer);
+}

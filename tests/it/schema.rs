@@ -8,10 +8,6 @@ use std::collections::HashMap;
 
 use crate::support::*;
 
-fn uuid(n: u32) -> String {
-    format!("{:08x}-3333-4000-8000-{n:012x}", fastrand::u32(..))
-}
-
 /// Writes rows in one transaction (so the first claim takes them
 /// together): `(id, Some(body SQL))` is an event, `(id, None)` a log row
 /// without a data row.

@@ -893,3 +893,8 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
             .ok()
     })
 }
+
+/// A fresh uuid whose last field is `n`, for rows a test names itself.
+pub fn uuid(n: u32) -> String {
+    format!("{:08x}-2222-4000-8000-{n:012x}", fastrand::u32(..))
+}
