@@ -633,6 +633,19 @@ fn producer_function_sql(outbox: &Outbox, default_channel: &str) -> String {
     )
 }
 
+/// A UUIDv7 (RFC 9562: 48 bits of unix milliseconds, then the version,
+/// then random bits), built from a random v4 uuid, since PostgreSQL 15 has
+/// no `uuidv7()`: the first six bytes become the statement clock's
+/// milliseconds and the version nibble 0100 becomes 0111 (bits 52 and 53).
+/// Time-ordered ids put each new event's index entries (the status table's
+/// primary key, the body table's index, both written and read for every
+/// event) on the newest index pages; random v4 ids put them anywhere in an
+/// index as large as the history, so the cost of every event grew with the
+/// history (see docs/benchmarks.md).
+const UUIDV7_SQL: &str = "encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) \
+     placing substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::int8) FROM 3) \
+     FROM 1 FOR 6), 52, 1), 53, 1), 'hex')::uuid";
+
 /// The producer helper's PL/pgSQL body, which names the tables (so the
 /// schema, a name chosen by the operator). An id the caller gives is used
 /// as it is (stored with the column's own checks: a value too long for a
@@ -657,10 +670,10 @@ fn producer_function_body(outbox: &Outbox) -> String {
         )
     };
     let without_id = match outbox.id_kind {
-        IdKind::Uuid => format!("v_id := gen_random_uuid();\n{insert_with_id}"),
+        IdKind::Uuid => format!("v_id := {UUIDV7_SQL};\n{insert_with_id}"),
         // Assigned, not cast: a cast to varchar(n) would cut the text.
         IdKind::Text { max_chars } if max_chars.is_none_or(|n| n >= GENERATED_ID_CHARS) => {
-            format!("v_id := gen_random_uuid()::text;\n{insert_with_id}")
+            format!("v_id := ({UUIDV7_SQL})::text;\n{insert_with_id}")
         }
         IdKind::Text { .. } => refuse(
             "22001",

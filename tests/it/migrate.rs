@@ -1028,3 +1028,66 @@ async fn an_index_build_names_the_transactions_it_waits_for() {
     );
     env.cleanup().await;
 }
+
+/// The unix milliseconds a UUIDv7 (as text) carries in its first 48 bits.
+fn uuidv7_millis(id: &str) -> i64 {
+    let hex: String = id.chars().filter(|c| *c != '-').take(12).collect();
+    i64::from_str_radix(&hex, 16).unwrap()
+}
+
+/// Ids `push_occurrence()` makes are UUIDv7 (time first, RFC 9562), for a
+/// uuid and for a text `message_id`: consecutive events get increasing ids,
+/// so their index entries (the primary key's, the body table's) land on
+/// the newest pages instead of anywhere in the history.
+#[tokio::test]
+async fn push_occurrence_makes_time_ordered_uuidv7_ids() {
+    for id_type in ["uuid", "text"] {
+        let env = TestEnv::new(&format!("uuidv7_{id_type}")).await;
+        env.create_seed_tables(id_type, "bytea").await;
+        env.migrate().await;
+        let now_ms = || {
+            i64::try_from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis(),
+            )
+            .unwrap()
+        };
+        let before = now_ms();
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            let id: String = env
+                .pg
+                .query_one(
+                    &format!(
+                        "SELECT \"{}\".push_occurrence('\\x01'::bytea)::text",
+                        env.name
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            ids.push(id);
+            // A new millisecond for the next id.
+            tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        }
+        let after = now_ms();
+        for id in &ids {
+            assert_eq!(id.len(), 36, "{id}");
+            assert_eq!(&id[14..15], "7", "version 7: {id}");
+            assert!("89ab".contains(&id[19..20]), "RFC 9562 variant: {id}");
+            let ms = uuidv7_millis(id);
+            assert!(
+                before - 1000 <= ms && ms <= after + 1000,
+                "{id}: {ms} not in {before}..{after}"
+            );
+        }
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(sorted, ids, "ids increase with time");
+        assert_eq!(env.pending().await, 5);
+        env.cleanup().await;
+    }
+}
