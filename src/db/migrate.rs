@@ -49,9 +49,9 @@ use tracing::{debug, info, warn};
 
 use super::outbox::{
     Column, DATA_INDEX, DATA_TABLE, ENQUEUED_AT_DEFAULT, GENERATED_ID_CHARS, INDEX_COMMENT_MARK,
-    INDEXES, IdKind, IndexSpec, IndexState, LOG_TABLE, MESSAGE_COLUMNS, Outbox, PENDING_INDEX,
-    PRODUCER_FUNCTION, RELAY_COLUMNS, SUPERSEDED_INDEXES, SchemaError, TRANSFERRED_INDEX,
-    check_types, find, index_state, read_columns,
+    INDEXES, IdKind, IndexSpec, IndexState, LOG_TABLE, MESSAGE_COLUMNS, Outbox, PARKED_INDEX,
+    PENDING_INDEX, PRODUCER_FUNCTION, RELAY_COLUMNS, SUPERSEDED_INDEXES, SchemaError,
+    TRANSFERRED_INDEX, check_types, find, index_state, read_columns,
 };
 use super::{quote_ident, quote_literal};
 use crate::backoff::Backoff;
@@ -212,6 +212,7 @@ async fn migrate_locked(
             report.created_indexes.push(DATA_INDEX);
         }
         report.created_indexes.push(TRANSFERRED_INDEX);
+        report.created_indexes.push(PARKED_INDEX);
     } else {
         // ALTER TABLE takes an exclusive lock, even with IF NOT EXISTS: only
         // when a column is really missing. A column with a constant default
@@ -350,11 +351,15 @@ async fn create_tables(
          {};
          {};
          {};
+         {};
+         {};
          {};",
         create_index_sql(schema, &INDEXES[0], false),
         comment_index_sql(schema, &INDEXES[0]),
         create_index_sql(schema, &INDEXES[2], false),
         comment_index_sql(schema, &INDEXES[2]),
+        create_index_sql(schema, &INDEXES[3], false),
+        comment_index_sql(schema, &INDEXES[3]),
     );
     if let Err(e) = client.batch_execute(&ddl).await {
         // An error inside BEGIN leaves the transaction open and aborted.
@@ -743,14 +748,17 @@ mod tests {
     #[test]
     fn the_helper_makes_an_id_only_where_it_fits_and_never_casts_one_shorter() {
         let uuid = producer_function_body(&outbox("uuid", IdKind::Uuid));
-        assert!(uuid.contains("v_id := gen_random_uuid();"), "{uuid}");
+        assert!(uuid.contains(&format!("v_id := {UUIDV7_SQL};")), "{uuid}");
         let text = producer_function_body(&outbox(
             "character varying(64)",
             IdKind::Text {
                 max_chars: Some(64),
             },
         ));
-        assert!(text.contains("v_id := gen_random_uuid()::text;"), "{text}");
+        assert!(
+            text.contains(&format!("v_id := ({UUIDV7_SQL})::text;")),
+            "{text}"
+        );
         assert!(!text.contains("::character varying"), "{text}");
         let short = producer_function_body(&outbox(
             "character varying(8)",

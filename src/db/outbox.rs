@@ -64,7 +64,7 @@ pub const SUPERSEDED_INDEXES: [IndexSpec; 2] = [
     },
 ];
 /// The relay's indexes, as `migrate` makes them.
-pub const INDEXES: [IndexSpec; 3] = [
+pub const INDEXES: [IndexSpec; 4] = [
     IndexSpec {
         name: PENDING_INDEX,
         table: LOG_TABLE,
@@ -82,6 +82,12 @@ pub const INDEXES: [IndexSpec; 3] = [
         table: LOG_TABLE,
         keys: &["transfer_time"],
         predicate: Some(TRANSFERRED_PREDICATE),
+    },
+    IndexSpec {
+        name: PARKED_INDEX,
+        table: LOG_TABLE,
+        keys: &["relay_parked_at"],
+        predicate: Some(PARKED_PREDICATE),
     },
 ];
 /// How the comment `migrate` puts on each index it makes starts: the mark
@@ -108,6 +114,13 @@ pub const DATA_INDEX: &str = "message_queue_log_data_message_id_idx";
 /// retention deletes them: a retention run reads the expired rows and
 /// stops at the first row that is not, instead of scanning the history.
 pub const TRANSFERRED_INDEX: &str = "message_queue_log_transfer_time_idx";
+/// Partial index on parked rows (few, outside the pending index): `status`
+/// and the `parked` listing count and read them without a scan of the
+/// history. No cost to the relay's marks: a transferred row is not in it.
+pub const PARKED_INDEX: &str = "message_queue_log_parked_idx";
+/// Parked rows: given up on, not transferred. The predicate of
+/// [`PARKED_INDEX`] and of the statements that read them.
+pub const PARKED_PREDICATE: &str = "relay_parked_at IS NOT NULL AND transferred IS NOT TRUE";
 /// The predicate of [`TRANSFERRED_INDEX`] and of every statement that
 /// reads the transferred history through it.
 pub const TRANSFERRED_PREDICATE: &str = "transferred IS TRUE";
@@ -939,19 +952,24 @@ impl Outbox {
     }
 
     /// For `status`: `(parked rows, transferred in the last minute, in the
-    /// last hour)`, all int8. Parked rows are outside every partial index,
-    /// so this reads the whole table: with a large history it takes a while
-    /// (retention keeps it small).
+    /// last hour)`, all int8, read through [`PARKED_INDEX`] and
+    /// [`TRANSFERRED_INDEX`]: the cost follows the parked and the recent
+    /// rows, never the history.
     ///
     /// `transfer_time` is compared as the instant it names
     /// ([`TRANSFER_INSTANT`]), not as local time, so the counts stay right
-    /// when daylight saving time begins or ends within the hour.
+    /// when daylight saving time begins or ends within the hour. The index
+    /// range is the last hour as local time with three hours to spare
+    /// (daylight saving moves a clock by two hours at most), so the rows
+    /// whose instant is within the hour are all in it.
     pub fn history_sql(&self) -> String {
         format!(
-            "SELECT count(*) FILTER (WHERE relay_parked_at IS NOT NULL AND transferred IS NOT TRUE),
-                    count(*) FILTER (WHERE transferred IS TRUE AND {TRANSFER_INSTANT} > now() - interval '1 minute'),
-                    count(*) FILTER (WHERE transferred IS TRUE AND {TRANSFER_INSTANT} > now() - interval '1 hour')
-               FROM {log}",
+            "SELECT (SELECT count(*) FROM {log} WHERE {PARKED_PREDICATE}),
+                    count(*) FILTER (WHERE {TRANSFER_INSTANT} > now() - interval '1 minute'),
+                    count(*) FILTER (WHERE {TRANSFER_INSTANT} > now() - interval '1 hour')
+               FROM {log}
+              WHERE {TRANSFERRED_PREDICATE}
+                AND transfer_time > (now() - interval '4 hours')::timestamp",
             log = self.table(LOG_TABLE),
         )
     }
@@ -1028,7 +1046,7 @@ impl Outbox {
     pub fn parked_sql(&self) -> String {
         format!(
             "SELECT message_id::text, relay_attempts, relay_parked_at::text, relay_last_error
-               FROM {log} WHERE relay_parked_at IS NOT NULL AND transferred IS NOT TRUE
+               FROM {log} WHERE {PARKED_PREDICATE}
               ORDER BY relay_parked_at LIMIT $1",
             log = self.table(LOG_TABLE),
         )
@@ -1125,7 +1143,7 @@ impl Outbox {
     /// How many rows are parked.
     pub fn parked_count_sql(&self) -> String {
         format!(
-            "SELECT count(*) FROM {log} WHERE relay_parked_at IS NOT NULL AND transferred IS NOT TRUE",
+            "SELECT count(*) FROM {log} WHERE {PARKED_PREDICATE}",
             log = self.table(LOG_TABLE),
         )
     }

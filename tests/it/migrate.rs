@@ -16,12 +16,12 @@ async fn migrate_creates_the_seed_schema_and_is_idempotent() {
     let env = TestEnv::new("migrate").await;
     let first = env.migrate().await;
     assert!(
-        first.contains("tables created, indexes created: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx, message_queue_log_transfer_time_idx, message_id uuid"),
+        first.contains("tables created, indexes created: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx, message_queue_log_transfer_time_idx, message_queue_log_parked_idx, message_id uuid"),
         "{first}"
     );
     let again = env.migrate().await;
     assert!(
-        again.contains("tables already present, indexes created: none, already present: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx, message_queue_log_transfer_time_idx, message_id uuid"),
+        again.contains("tables already present, indexes created: none, already present: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx, message_queue_log_transfer_time_idx, message_queue_log_parked_idx, message_id uuid"),
         "{again}"
     );
     // The indexes are marked as the relay's in the creating transaction.
@@ -35,11 +35,12 @@ async fn migrate_creates_the_seed_schema_and_is_idempotent() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(comments, 3);
+    assert_eq!(comments, 4);
     assert_eq!(
         index_names(&env).await,
         [
             "message_queue_log_data_message_id_idx",
+            "message_queue_log_parked_idx",
             "message_queue_log_pending_enqueued_idx",
             "message_queue_log_pkey",
             "message_queue_log_transfer_time_idx"
@@ -215,13 +216,14 @@ async fn claims_take_the_oldest_rows_first_and_an_earlier_pending_index_is_repla
     as_the_release_before_claim_order_left_it(&env).await;
     let stdout = env.migrate().await;
     assert!(
-        stdout.contains("indexes created: message_queue_log_pending_enqueued_idx, already present: message_queue_log_data_message_id_idx, message_queue_log_transfer_time_idx, dropped (superseded): message_queue_log_pending_idx"),
+        stdout.contains("indexes created: message_queue_log_pending_enqueued_idx, already present: message_queue_log_data_message_id_idx, message_queue_log_transfer_time_idx, message_queue_log_parked_idx, dropped (superseded): message_queue_log_pending_idx"),
         "{stdout}"
     );
     assert_eq!(
         index_names(&env).await,
         [
             "message_queue_log_data_message_id_idx",
+            "message_queue_log_parked_idx",
             "message_queue_log_pending_enqueued_idx",
             "message_queue_log_pkey",
             "message_queue_log_transfer_time_idx"
@@ -467,6 +469,7 @@ async fn three_migrate_commands_at_once_all_succeed() {
             index_names(&env).await,
             [
                 "message_queue_log_data_message_id_idx",
+                "message_queue_log_parked_idx",
                 "message_queue_log_pending_enqueued_idx",
                 "message_queue_log_pkey",
                 "message_queue_log_transfer_time_idx"
@@ -607,6 +610,7 @@ async fn indexes_are_checked_by_definition_and_a_users_own_index_is_never_droppe
     assert_eq!(
         index_names(&env).await,
         [
+            "message_queue_log_parked_idx",
             "message_queue_log_pending_enqueued_idx",
             "message_queue_log_pending_idx",
             "message_queue_log_pkey",
@@ -651,6 +655,7 @@ async fn indexes_are_checked_by_definition_and_a_users_own_index_is_never_droppe
         index_names(&env).await,
         [
             "message_queue_log_data_message_id_idx",
+            "message_queue_log_parked_idx",
             "message_queue_log_pending_enqueued_idx",
             "message_queue_log_pending_idx",
             "message_queue_log_pkey",
@@ -717,6 +722,7 @@ async fn column_types_the_relay_cannot_use_are_refused_naming_the_column() {
                 // The partial indexes' predicates need a boolean `transferred`.
                 "DROP INDEX \"{s}\".message_queue_log_pending_enqueued_idx;
                  DROP INDEX \"{s}\".message_queue_log_transfer_time_idx;
+                 DROP INDEX \"{s}\".message_queue_log_parked_idx;
                  ALTER TABLE \"{s}\".message_queue_log {alter}",
                 s = env.name
             ))
@@ -958,6 +964,7 @@ async fn migrate_behind_an_open_transaction(env: &TestEnv) {
         index_names(env).await,
         [
             "message_queue_log_data_message_id_idx",
+            "message_queue_log_parked_idx",
             "message_queue_log_pending_enqueued_idx",
             "message_queue_log_pkey",
             "message_queue_log_transfer_time_idx"
@@ -1021,6 +1028,7 @@ async fn an_index_build_names_the_transactions_it_waits_for() {
         index_names(&env).await,
         [
             "message_queue_log_data_message_id_idx",
+            "message_queue_log_parked_idx",
             "message_queue_log_pending_enqueued_idx",
             "message_queue_log_pkey",
             "message_queue_log_transfer_time_idx"
@@ -1090,4 +1098,53 @@ async fn push_occurrence_makes_time_ordered_uuidv7_ids() {
         assert_eq!(env.pending().await, 5);
         env.cleanup().await;
     }
+}
+
+/// `status` reads the parked and the recently transferred rows through
+/// indexes, never the history: each of its statements is planned without a
+/// scan of the status table over 50 000 old transferred rows, and its
+/// counts are right.
+#[tokio::test]
+async fn status_reads_parked_and_recent_rows_through_indexes_not_the_history() {
+    let env = TestEnv::new("statusplan").await;
+    env.migrate().await;
+    let s = &env.name;
+    env.pg
+        .batch_execute(&format!(
+            "INSERT INTO \"{s}\".message_queue_log (message_id, transferred, transfer_time)
+                  SELECT gen_random_uuid(), true, localtimestamp - interval '2 days' FROM generate_series(1, 50000);
+             INSERT INTO \"{s}\".message_queue_log (message_id, transferred, transfer_time)
+                  SELECT gen_random_uuid(), true, localtimestamp - interval '30 minutes' FROM generate_series(1, 3);
+             INSERT INTO \"{s}\".message_queue_log (message_id, transferred, transfer_time)
+                  SELECT gen_random_uuid(), true, localtimestamp FROM generate_series(1, 2);
+             INSERT INTO \"{s}\".message_queue_log (message_id, relay_parked_at, relay_attempts)
+                  SELECT gen_random_uuid(), now(), 3 FROM generate_series(1, 4);
+             INSERT INTO \"{s}\".message_queue_log (message_id) SELECT gen_random_uuid() FROM generate_series(1, 5);
+             ANALYZE \"{s}\".message_queue_log;"
+        ))
+        .await
+        .unwrap();
+    let outbox = pushoccurrence::db::outbox::Outbox::inspect(&env.pg, s)
+        .await
+        .unwrap();
+    for sql in [
+        outbox.history_sql(),
+        outbox.backlog_sql(),
+        outbox.parked_count_sql(),
+        outbox.parked_sql().replace("$1", "100"),
+    ] {
+        let plan = env.texts(&format!("EXPLAIN {sql}"), &[]).await.join("\n");
+        assert!(!plan.contains("Seq Scan"), "{sql}\n{plan}");
+    }
+    let (code, out) = command(&env, &["status"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    for line in [
+        "pending                   5",
+        "parked                    4",
+        "transferred, last minute  2",
+        "transferred, last hour    5",
+    ] {
+        assert!(out.contains(line), "{line}: {out}");
+    }
+    env.cleanup().await;
 }
