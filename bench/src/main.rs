@@ -194,7 +194,7 @@ fn relay_binary() -> anyhow::Result<PathBuf> {
     let path = std::env::current_exe()?.with_file_name("pushoccurrence");
     if !path.exists() {
         bail!(
-            "{} not found; build both binaries: cargo build --release --features bench --bins",
+            "{} not found; build both binaries: cargo build --release --workspace",
             path.display()
         );
     }
