@@ -300,9 +300,11 @@ async fn a_deleted_queue_is_declared_again_and_its_rows_wait_uncharged() {
     env.cleanup_queue_only().await;
     let id = uuid(10);
     env.insert_event(&id, "'\\x04'::bytea", true).await;
-    relay
-        .wait_log("declared the configured exchanges, queues and bindings again")
-        .await;
+    // The consumer would declare the queue too: wait for the relay's.
+    wait_until("the relay declared the queue again", || async {
+        queue_exists(&env.name).await
+    })
+    .await;
     let consumer = env.consumer().await;
     consumer.wait_for_all(std::slice::from_ref(&id)).await;
     wait_until("nothing is pending", || async { env.pending().await == 0 }).await;

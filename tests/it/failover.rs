@@ -180,6 +180,17 @@ async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
     Ok(client)
 }
 
+/// The relay's failed batches and, among them, its claim sessions that
+/// could not connect (no server took writes), from one scrape.
+async fn failures(relay: &Relay) -> (f64, f64) {
+    let text = http_get(&relay.admin().await, "/metrics").await.1;
+    let series = |name: &str| metric(&text, name).unwrap_or_else(|| panic!("no metric {name}"));
+    (
+        series("pushoccurrence_batches_failed_total"),
+        series("pushoccurrence_claim_session_connect_failures_total"),
+    )
+}
+
 /// Transferred and all rows of the outbox on one server.
 async fn counts(pg: &Client, schema: &str) -> (i64, i64) {
     let row = pg
@@ -251,8 +262,13 @@ async fn the_relay_follows_a_promoted_standby_and_delivers_every_row_it_has() {
 
     // The primary dies mid-stream. Until the standby is promoted, the
     // relay's sessions find only a read-only server, and refuse it.
+    let (_, refused_connects) = failures(&relay).await;
     primary.crash();
-    relay.wait_log("database does not allow writes").await;
+    wait_until(
+        "a claim session found no server that takes writes",
+        || async { failures(&relay).await.1 > refused_connects },
+    )
+    .await;
     standby.promote();
 
     let new = standby.client().await;
@@ -298,11 +314,14 @@ async fn the_relay_follows_a_promoted_standby_and_delivers_every_row_it_has() {
     assert!(t.duplicates <= 100, "{t:?}");
     // The listener followed the primary too: it listened again, on the
     // promoted standby (the only server left).
-    assert!(
-        relay.log_count("db::listener: listening") >= 2,
-        "{}",
-        relay.log_text()
-    );
+    wait_until("the listener listens on the promoted standby", || async {
+        relay.reconnections("postgres_listener").await >= 1.0
+            && relay
+                .metric("pushoccurrence_connection_up{connection=\"postgres_listener\"}")
+                .await
+                == Some(1.0)
+    })
+    .await;
     assert!(relay.terminate().await.success());
     env.cleanup_queue_only().await;
 }
@@ -352,18 +371,27 @@ async fn a_server_that_turns_read_only_is_left_after_one_failed_batch_per_sessio
         .iter()
         .map(|r| r.get(0))
         .collect();
-    // Each session that meets the refusal is dropped; its replacement is
-    // refused at connect, because the server does not accept writes.
-    relay.wait_log("database does not allow writes").await;
-    relay.wait_log("the server is read-only").await;
-    wait_until("the relay has tried again a few times", || async {
-        relay.log_count("database does not allow writes") >= 4
-    })
+    // Each session that meets the refusal is dropped (its batch fails);
+    // its replacement is refused at connect, because the server does not
+    // accept writes.
+    wait_until(
+        "a batch was refused and the relay has tried again a few times",
+        || async {
+            let (batches, connects) = failures(&relay).await;
+            batches - connects >= 1.0 && connects >= 4.0
+        },
+    )
     .await;
     // Never a loop of failing batches: at most one per claim session open
     // when the server turned (buffer_size 100 / batch_size 50 = 2 workers).
-    let refused_batches = relay.log_count("the server is read-only");
-    assert!(refused_batches <= 2, "{}", relay.log_text());
+    let (batches, connects) = failures(&relay).await;
+    assert!(batches - connects <= 2.0, "{}", relay.log_text());
+    // The warning names the cause and what the relay does about it.
+    assert!(
+        relay.log_text().contains("the server is read-only"),
+        "{}",
+        relay.log_text()
+    );
     // The rows were not charged for it.
     let charged: i64 = pg
         .query_one(

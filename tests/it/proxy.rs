@@ -4,6 +4,7 @@
 //! forwarded, no FIN or RST: a black hole), or go down (refuse new
 //! connections and cut the current ones).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,6 +23,8 @@ pub struct Proxy {
     pub port: u16,
     mode: watch::Sender<Mode>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Connections the relay opened (or tried to) through the proxy.
+    attempts: Arc<AtomicUsize>,
     accept: JoinHandle<()>,
 }
 
@@ -32,11 +35,14 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let (mode, _) = watch::channel(Mode::Pass);
         let connections = Arc::new(Mutex::new(Vec::new()));
+        let attempts = Arc::new(AtomicUsize::new(0));
         let accept = tokio::spawn({
             let mode = mode.clone();
             let connections = connections.clone();
+            let attempts = attempts.clone();
             async move {
                 while let Ok((client, _)) = listener.accept().await {
+                    attempts.fetch_add(1, Ordering::Relaxed);
                     if *mode.borrow() == Mode::Down {
                         let _ = client.set_zero_linger();
                         continue; // dropped: the client sees a reset
@@ -50,8 +56,15 @@ impl Proxy {
             port,
             mode,
             connections,
+            attempts,
             accept,
         }
+    }
+
+    /// How many connections have been opened to the proxy so far, refused
+    /// ones included: how often the relay tried to reach the service.
+    pub fn attempts(&self) -> usize {
+        self.attempts.load(Ordering::Relaxed)
     }
 
     /// Resets every current connection; new ones pass.

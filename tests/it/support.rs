@@ -415,6 +415,30 @@ pub async fn delete_from_broker(queues: &[&str], exchanges: &[&str]) {
     let _ = conn.close(200, "bye".into()).await;
 }
 
+/// Whether `queue` exists on the local broker (a passive declare).
+pub async fn queue_exists(queue: &str) -> bool {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connect to the local RabbitMQ");
+    // A missing queue closes the channel, so the connection is closed after.
+    let exists = conn
+        .create_channel()
+        .await
+        .unwrap()
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    let _ = conn.close(200, "bye".into()).await;
+    exists
+}
+
 /// One message as the consumer saw it.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -640,29 +664,35 @@ impl Relay {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until the relay is listening and connected to the broker.
+    /// Waits until the relay's `/readyz` says ready: connected to a broker
+    /// that does not block it, its topology working, its listener
+    /// listening, its batches not stalled.
     pub async fn wait_ready(&self) {
-        wait_until("the relay is listening and connected", || async {
-            let log = self.log_text();
-            log.contains("db::listener: listening") && log.contains("connected to rabbitmq")
+        let admin = self.admin().await;
+        wait_until("the relay's /readyz answers 200", || async {
+            http_get(&admin, "/readyz").await.0 == 200
         })
         .await;
     }
 
-    /// Waits until the relay is ready or has exited; panics with its exit
-    /// status and log if it exited (an early exit fails at once instead of
-    /// after [`PATIENCE`]).
+    /// Waits until the relay is ready (its `/readyz`) or has exited; panics
+    /// with its exit status and log if it exited (an early exit fails at
+    /// once instead of after [`PATIENCE`]).
     pub async fn wait_ready_or_exit(&mut self) {
-        let log = self.log.clone();
-        let child = &mut self.child;
         let mut exited = None;
         wait_until("the relay is ready or has exited", || {
-            exited = child.try_wait().unwrap();
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let done = exited.is_some()
-                || (text.contains("db::listener: listening")
-                    && text.contains("connected to rabbitmq"));
-            async move { done }
+            exited = self.child.try_wait().unwrap();
+            let admin = self.admin_address();
+            let gone = exited.is_some();
+            async move {
+                gone || match admin {
+                    // A relay exiting right now refuses the connection.
+                    Some(admin) => try_http_get(&admin, "/readyz")
+                        .await
+                        .is_ok_and(|(code, _)| code == 200),
+                    None => false,
+                }
+            }
         })
         .await;
         assert!(
@@ -672,7 +702,9 @@ impl Relay {
         );
     }
 
-    /// Waits until the relay's log contains `text`.
+    /// Waits until the relay's log contains `text`: for tests whose subject
+    /// is the log line itself (a warning, the one ERROR of an outage).
+    /// Anything else waits on `/readyz`, the metrics or the database.
     pub async fn wait_log(&self, text: &str) {
         wait_until(&format!("the relay logs '{text}'"), || async {
             self.log_text().contains(text)
@@ -680,16 +712,55 @@ impl Relay {
         .await;
     }
 
-    /// The admin endpoint's address, from the relay's log.
+    /// The admin endpoint's address (the tests let the relay pick a free
+    /// port, which only its start-up line tells).
     pub async fn admin(&self) -> String {
-        self.wait_log("admin endpoint listening").await;
+        let mut address = None;
+        wait_until("the relay says where its admin endpoint listens", || {
+            address = self.admin_address();
+            let found = address.is_some();
+            async move { found }
+        })
+        .await;
+        address.unwrap()
+    }
+
+    /// [`Relay::admin`] if the relay has said it yet.
+    fn admin_address(&self) -> Option<String> {
         let log = self.log_text();
         let line = log
             .lines()
-            .find(|l| l.contains("admin endpoint listening"))
-            .unwrap();
+            .find(|l| l.contains("admin endpoint listening"))?;
         let start = line.find("addr=").expect("the line names the address") + "addr=".len();
-        line[start..].split_whitespace().next().unwrap().to_owned()
+        Some(line[start..].split_whitespace().next()?.to_owned())
+    }
+
+    /// The value of one series of the relay's `/metrics` (`None` when the
+    /// text has no such sample).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        metric(&http_get(&self.admin().await, "/metrics").await.1, series)
+    }
+
+    /// Times the relay's `connection` (`rabbitmq`, `postgres_listener`)
+    /// came back after being lost, from its metrics.
+    pub async fn reconnections(&self, connection: &str) -> f64 {
+        let series = format!("pushoccurrence_reconnections_total{{connection=\"{connection}\"}}");
+        self.metric(&series)
+            .await
+            .unwrap_or_else(|| panic!("no metric {series}"))
+    }
+
+    /// Batches that failed so far (their rows stay pending), from the
+    /// relay's metrics; a claim session that cannot connect fails its batch.
+    pub async fn failed_batches(&self) -> f64 {
+        self.metric("pushoccurrence_batches_failed_total")
+            .await
+            .expect("the relay counts failed batches")
+    }
+
+    /// `/readyz`'s status code and text.
+    pub async fn readyz(&self) -> (u16, String) {
+        http_get(&self.admin().await, "/readyz").await
     }
 
     /// How often the relay's log contains `text`.
@@ -863,23 +934,29 @@ pub fn free_port() -> u16 {
 
 /// `GET path` on `addr` over plain HTTP/1.1: `(status code, body)`.
 pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    try_http_get(addr, path)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"))
+}
+
+/// [`http_get`], or the error of a server that is not (or no longer) there.
+pub async fn try_http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream
         .write_all(
             format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
         )
-        .await
-        .unwrap();
+        .await?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
+    stream.read_to_string(&mut response).await?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     let code = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no status line in: {head}"));
-    (code, body.to_owned())
+    Ok((code, body.to_owned()))
 }
 
 /// The value of one sample line (`name{labels} value`) in a metrics text.

@@ -1,0 +1,239 @@
+//! What every scenario and baseline shares: the bench's own outbox schema
+//! and queue (emptied before each run), the relay's config and process,
+//! and the connections and waits they are measured with.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use serde_json::json;
+use tokio_postgres::{Client, NoTls};
+
+use pushoccurrence::config::Config;
+use pushoccurrence::db::migrate;
+
+use crate::Args;
+
+/// The bench's schema, queue, NOTIFY channel, connection and application
+/// name: one fixed name, so a second run at once is noticed and refused.
+pub(crate) const NAME: &str = "po_bench";
+
+/// The bench's own PostgreSQL session, the relay's config (as parsed, and
+/// as the JSON each relay process is started with) and the message body.
+pub(crate) struct Bench {
+    pub(crate) pg: Client,
+    pub(crate) amqp_url: String,
+    pub(crate) pg_port: u16,
+    pub(crate) body: Vec<u8>,
+    pub(crate) config: Config,
+    config_json: serde_json::Value,
+    /// The relay's `RUST_LOG` (`--relay-log`).
+    relay_log: String,
+    dir: tempfile::TempDir,
+}
+
+impl Bench {
+    pub(crate) async fn new(args: &Args) -> anyhow::Result<Self> {
+        let pg = pg_connect(args.pg_port).await?;
+        // Two runs at once would share the schema and queue and spoil both.
+        let others: i64 = pg
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name IN ($1, 'po-bench') AND pid <> pg_backend_pid()", &[&NAME])
+            .await?
+            .get(0);
+        if others > 0 {
+            bail!(
+                "another benchmark (or its relay) is still connected to the database; stop it first"
+            );
+        }
+        // The relay's defaults, with only the names and endpoints set.
+        let mut config_json = json!({
+            "postgres": {"host": "127.0.0.1", "port": args.pg_port, "database": "test", "user": "postgres",
+                         "schema": NAME, "application_name": NAME},
+            "rabbitmq": {"url": args.amqp_url, "connection_name": NAME, "queue": {"name": NAME}},
+            "listener": {"channels": [NAME]},
+            // Any free port: a relay running beside the bench keeps its own.
+            "admin": {"listen": "127.0.0.1:0"}
+        });
+        if let Some(n) = args.buffer_size {
+            config_json["rabbitmq"]["retry"] = json!({"buffer_size": n});
+        }
+        if let Some(n) = args.batch_size {
+            config_json["relay"] = json!({"batch_size": n});
+        }
+        let config = Config::parse(
+            &config_json.to_string(),
+            &Default::default(),
+            "bench config",
+        )?;
+        let body = (0..args.body).map(|i| (i % 251) as u8).collect();
+        Ok(Self {
+            pg,
+            amqp_url: args.amqp_url.clone(),
+            pg_port: args.pg_port,
+            body,
+            config,
+            config_json,
+            relay_log: args.relay_log.clone(),
+            dir: tempfile::tempdir()?,
+        })
+    }
+
+    /// A fresh, empty outbox and an empty queue.
+    pub(crate) async fn reset(&self) -> anyhow::Result<()> {
+        self.pg
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {NAME} CASCADE"))
+            .await?;
+        migrate::run(&self.pg, NAME, NAME).await?;
+        let conn = amqp_connect(&self.amqp_url).await?;
+        let ch = conn.create_channel().await?;
+        ch.queue_declare(
+            NAME.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_purge(NAME.into(), QueuePurgeOptions::default())
+            .await?;
+        conn.close(200, "reset".into()).await?;
+        Ok(())
+    }
+
+    /// Inserts `n` pending rows with bodies of the configured size.
+    pub(crate) async fn fill(&self, n: usize) -> anyhow::Result<Vec<String>> {
+        let rows = self
+            .pg
+            .query(
+                &format!(
+                    "WITH ids AS (INSERT INTO {NAME}.message_queue_log (message_id)
+                                  SELECT gen_random_uuid() FROM generate_series(1, $1::int) RETURNING message_id),
+                          bodies AS (INSERT INTO {NAME}.message_queue_log_data (message_id, message_body)
+                                  SELECT message_id, $2::bytea FROM ids)
+                     SELECT message_id::text FROM ids"
+                ),
+                &[&(n as i32), &self.body],
+            )
+            .await?;
+        self.pg
+            .batch_execute(&format!("VACUUM ANALYZE {NAME}.message_queue_log"))
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Whether no row is left to claim: cheap through the partial index,
+    /// for polling while the clock runs.
+    pub(crate) async fn none_claimable(&self) -> anyhow::Result<bool> {
+        Ok(self
+            .pg
+            .query_one(
+                &format!(
+                    "SELECT NOT EXISTS (SELECT 1 FROM {NAME}.message_queue_log
+                                         WHERE transferred IS NOT TRUE AND relay_parked_at IS NULL)"
+                ),
+                &[],
+            )
+            .await?
+            .get(0))
+    }
+
+    /// Rows not marked transferred, parked or not: a scan of the table.
+    pub(crate) async fn pending(&self) -> anyhow::Result<i64> {
+        Ok(self
+            .pg
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {NAME}.message_queue_log WHERE transferred IS NOT TRUE"
+                ),
+                &[],
+            )
+            .await?
+            .get(0))
+    }
+
+    /// Starts the relay with the bench's config, or with `window`'s
+    /// `(batch_size, buffer_size)` instead of the defaults.
+    pub(crate) fn spawn_relay(
+        &self,
+        bin: &Path,
+        window: Option<(usize, usize)>,
+    ) -> anyhow::Result<tokio::process::Child> {
+        let mut config = self.config_json.clone();
+        if let Some((batch, buffer)) = window {
+            config["relay"] = json!({"batch_size": batch});
+            config["rabbitmq"]["retry"] = json!({"buffer_size": buffer});
+        }
+        let path = self.dir.path().join("config.json");
+        std::fs::write(&path, config.to_string())?;
+        Ok(tokio::process::Command::new(bin)
+            .arg("--config")
+            .arg(&path)
+            .arg("run")
+            .env("RUST_LOG", &self.relay_log)
+            .env("NO_COLOR", "1")
+            .kill_on_drop(true)
+            .spawn()?)
+    }
+
+    pub(crate) async fn cleanup(&self) {
+        let _ = self
+            .pg
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {NAME} CASCADE"))
+            .await;
+        if let Ok(conn) = amqp_connect(&self.amqp_url).await {
+            if let Ok(ch) = conn.create_channel().await {
+                let _ = ch.queue_delete(NAME.into(), Default::default()).await;
+            }
+            let _ = conn.close(200, "bye".into()).await;
+        }
+    }
+}
+
+pub(crate) async fn pg_connect(port: u16) -> anyhow::Result<Client> {
+    let (client, connection) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=postgres dbname=test application_name=po-bench"),
+        NoTls,
+    )
+    .await
+    .context("connect to PostgreSQL")?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// Connects as the relay does, so `--amqp-url` takes the seed's
+/// `amqp://…:5672/` form too (an empty path is the vhost `/`).
+pub(crate) async fn amqp_connect(url: &str) -> anyhow::Result<Connection> {
+    let uri = pushoccurrence::config::amqp_uri(url)
+        .map_err(|e| anyhow::anyhow!("--amqp-url is not an AMQP URL: {e}"))?;
+    Connection::connect_uri(uri, ConnectionProperties::default())
+        .await
+        .context("connect to RabbitMQ")
+}
+
+pub(crate) async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        if Instant::now() > deadline {
+            bail!("gave up after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+pub(crate) async fn stop(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+}

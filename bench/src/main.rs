@@ -1,0 +1,206 @@
+//! `pushoccurrence-bench`: measures the relay against baselines in one run,
+//! on this machine, with one message shape (1 KiB persistent messages,
+//! mandatory, with a message id, into a durable queue with a live consumer).
+//!
+//! Scenarios ([`scenarios`]):
+//! 1. backlog drain: the relay binary drains N pending rows;
+//! 2. live latency: producers insert + NOTIFY at fixed rates while the relay
+//!    runs; latency from each producer's commit to the consumer's receipt.
+//!
+//! Baselines ([`baselines`]): a bare publisher with lapin and with amqprs,
+//! each with the relay's in-flight window, and the seed's algorithm (per
+//! message: lock, read, publish, wait for the confirm, mark, commit).
+//!
+//! The drain and lapin's bare publisher run in alternating pairs, and the
+//! ratio reported is the median pair's: the machine's speed drifts over
+//! minutes, and a drain measured minutes apart from its baseline would show
+//! the drift as much as the relay.
+//!
+//! It prints every figure and the ratios, and rewrites `docs/benchmarks.md`
+//! and `docs/latency.svg` ([`report`]). Run it with the README's bench
+//! command.
+//!
+//! # Layout
+//!
+//! * [`harness`]: the bench's outbox, queue and relay process, shared by
+//!   every scenario and baseline; [`consumer`] the live consumer.
+//! * [`scenarios`]: the relay's backlog drain and live latency.
+//! * [`baselines`]: bare lapin and amqprs publishers, the seed's algorithm.
+//! * [`procstat`]: CPU seconds and memory per process, from `/proc`.
+//! * [`report`]: the summary, `benchmarks.md`; [`report::svg`] the latency chart.
+
+#![allow(clippy::let_underscore_must_use)] // clean-up between scenarios is best effort
+
+mod baselines;
+mod consumer;
+mod harness;
+mod procstat;
+mod report;
+mod scenarios;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+
+use harness::Bench;
+use report::{Report, machine_description};
+
+/// Benchmarks the relay and its baselines against the local services.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Rows in the backlog-drain scenario and messages per bare publisher.
+    #[arg(long, default_value_t = 100_000)]
+    rows: usize,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    body: usize,
+    /// Offered rates (events/s) of the live-latency scenario.
+    #[arg(long, value_delimiter = ',', default_value = "500,2000,5000")]
+    rates: Vec<u32>,
+    /// Seconds each offered rate runs.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// Messages sent with the seed's algorithm (it is slow).
+    #[arg(long, default_value_t = 5_000)]
+    seed_rows: usize,
+    /// Where to write benchmarks.md and latency.svg; empty to skip.
+    #[arg(long, default_value = "docs")]
+    out: String,
+    /// PostgreSQL port on 127.0.0.1 (user postgres, database test).
+    #[arg(long, default_value_t = 5432)]
+    pg_port: u16,
+    /// RabbitMQ URL.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp_url: String,
+    /// Overrides the relay's `rabbitmq.retry.buffer_size` (default: the relay's default).
+    #[arg(long)]
+    buffer_size: Option<usize>,
+    /// Overrides the relay's `relay.batch_size` (default: the relay's default).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Alternating relay-drain / bare-lapin pairs; the median pair's ratio
+    /// is reported.
+    #[arg(long, default_value_t = 3)]
+    pairs: usize,
+    /// Skips the baselines and the sweep (for tuning the relay alone).
+    #[arg(long)]
+    relay_only: bool,
+    /// `batch_size/buffer_size` pairs whose drain the sweep measures, to
+    /// choose the defaults by.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "64/256,128/256,256/512,128/512,256/1024"
+    )]
+    sweep: Vec<String>,
+    /// Drains per sweep pair (0 skips the sweep).
+    #[arg(long, default_value_t = 2)]
+    sweep_runs: usize,
+    /// `RUST_LOG` of the relay processes the bench starts.
+    #[arg(long, env = "BENCH_RELAY_LOG", default_value = "warn")]
+    relay_log: String,
+}
+
+/// On the relay's runtime (one worker thread unless `TOKIO_WORKER_THREADS`
+/// says otherwise), so the bare publishers and the consumer get what the
+/// relay gets.
+fn main() -> anyhow::Result<()> {
+    pushoccurrence::service::runtime()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let relay_bin = relay_binary()?;
+    let bench = Bench::new(&args).await?;
+    let mut report = Report::default();
+
+    let window = bench.config.relay.buffer_size;
+    println!(
+        "backlog drain of {} rows of {} B, then lapin's bare publisher with {window} confirms in flight: {} pairs",
+        args.rows,
+        args.body,
+        args.pairs.max(1)
+    );
+    let mut pairs = Vec::new();
+    for _ in 0..args.pairs.max(1) {
+        let drain = bench.relay_drain(&relay_bin, args.rows).await?;
+        println!("  relay: {drain}");
+        if args.relay_only {
+            return Ok(());
+        }
+        let bare = bench.bare_lapin(args.rows, window).await?;
+        println!(
+            "  lapin: {bare} (relay / lapin {:.2}x)",
+            drain.rate / bare.rate
+        );
+        pairs.push((drain, bare));
+    }
+    report.keep_median_pair(pairs);
+    println!("bare amqprs: {} messages", args.rows);
+    report.bare_amqprs = Some(bench.bare_amqprs(args.rows, window).await?);
+    println!("  amqprs: {}", report.bare_amqprs.as_ref().unwrap());
+
+    println!("seed algorithm: {} messages, one at a time", args.seed_rows);
+    report.seed = Some(bench.seed_algorithm(args.seed_rows).await?);
+    println!("  seed: {:.0} msg/s", report.seed.unwrap());
+
+    for &rate in &args.rates {
+        println!("live latency at {rate} events/s for {} s", args.secs);
+        let latency = bench.live_latency(&relay_bin, rate, args.secs).await?;
+        println!("  {latency}");
+        report.latency.push(latency);
+    }
+
+    if args.sweep_runs > 0 {
+        println!(
+            "sweep: {} drains of {} rows per batch_size/buffer_size pair",
+            args.sweep_runs, args.rows
+        );
+    }
+    for pair in args.sweep.iter().filter(|_| args.sweep_runs > 0) {
+        let (batch, buffer) = pair
+            .split_once('/')
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+            .with_context(|| format!("--sweep takes batch_size/buffer_size pairs, not {pair}"))?;
+        let mut drains = Vec::new();
+        for _ in 0..args.sweep_runs {
+            let drain = bench
+                .relay_drain_with(&relay_bin, args.rows, Some((batch, buffer)))
+                .await?;
+            println!("  {batch}/{buffer}: {drain}");
+            drains.push(drain);
+        }
+        report.sweep.push((batch, buffer, drains));
+    }
+
+    bench.cleanup().await;
+    let machine = machine_description(&bench.pg).await;
+    report.print(&bench, &machine);
+    if !args.out.is_empty() {
+        let dir = Path::new(&args.out);
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("latency.svg"), report.latency_svg())?;
+        std::fs::write(
+            dir.join("benchmarks.md"),
+            report.markdown(&bench, &machine, &args),
+        )?;
+        println!(
+            "wrote {}/benchmarks.md and {}/latency.svg",
+            args.out, args.out
+        );
+    }
+    Ok(())
+}
+
+/// The `pushoccurrence` binary built beside this one.
+fn relay_binary() -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name("pushoccurrence");
+    if !path.exists() {
+        bail!(
+            "{} not found; build both binaries: cargo build --release --workspace",
+            path.display()
+        );
+    }
+    Ok(path)
+}

@@ -1,0 +1,219 @@
+//! The relay's own scenarios: draining a backlog (throughput, start-up,
+//! CPU, memory, idle cost) and live latency at fixed offered rates.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::consumer::Consumer;
+use crate::harness::{Bench, NAME, pg_connect, stop, wait_until};
+use crate::procstat::{CpuSplit, process_usage};
+
+impl Bench {
+    /// Scenario 1: the relay drains a backlog of `n` rows.
+    pub(crate) async fn relay_drain(&self, bin: &Path, n: usize) -> anyhow::Result<Drain> {
+        self.relay_drain_with(bin, n, None).await
+    }
+
+    /// [`Bench::relay_drain`] with another `(batch_size, buffer_size)`.
+    pub(crate) async fn relay_drain_with(
+        &self,
+        bin: &Path,
+        n: usize,
+        window: Option<(usize, usize)>,
+    ) -> anyhow::Result<Drain> {
+        self.reset().await?;
+        self.fill(n).await?;
+        let consumer = Consumer::start(&self.amqp_url, false).await?;
+        let cpu_before = CpuSplit::read(None);
+        let started = Instant::now();
+        let mut relay = self.spawn_relay(bin, window)?;
+        let pid = relay.id().context("relay pid")?;
+        wait_until(Duration::from_secs(600), || async { consumer.count() >= n }).await?;
+        wait_until(Duration::from_secs(60), || async {
+            self.none_claimable().await.unwrap_or(false)
+        })
+        .await?;
+        let done = Instant::now();
+        // Like the bare publishers' clocks, which start once connected, the
+        // drain's starts at the first message: start-up is shown apart.
+        let first = consumer.first_at().context("no message arrived")?;
+        let pending = self.pending().await?;
+        if pending != 0 {
+            bail!("{pending} rows are still not marked transferred after the drain");
+        }
+        let (cpu, peak_rss) = process_usage(pid)?;
+        let cpu_split = CpuSplit::read(Some(pid)).per_10k_since(&cpu_before, n);
+        // Idle: no notifications, only the sweep timer.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let (cpu_after, _) = process_usage(pid)?;
+        stop(&mut relay).await;
+        let received = consumer.count();
+        consumer.close().await;
+        Ok(Drain {
+            rate: n as f64 / (done - first).as_secs_f64(),
+            startup_ms: (first - started).as_secs_f64() * 1e3,
+            cpu: cpu_split,
+            peak_rss_mib: peak_rss as f64 / 1024.0,
+            idle_cpu_percent: (cpu_after - cpu) / 5.0 * 100.0,
+            received,
+        })
+    }
+
+    /// Scenario 2: producers at `rate` events/s for `secs` while the relay runs.
+    pub(crate) async fn live_latency(
+        &self,
+        bin: &Path,
+        rate: u32,
+        secs: u64,
+    ) -> anyhow::Result<Latency> {
+        self.reset().await?;
+        let consumer = Consumer::start(&self.amqp_url, true).await?;
+        let mut relay = self.spawn_relay(bin, None)?;
+        // Ready when a probe event makes the round trip.
+        let probe: String = self
+            .pg
+            .query_one(
+                &format!("SELECT {NAME}.push_occurrence($1::bytea)::text"),
+                &[&self.body],
+            )
+            .await?
+            .get(0);
+        wait_until(Duration::from_secs(30), || async {
+            consumer.received(&probe).is_some()
+        })
+        .await?;
+
+        // Open loop: each producer connection commits on a fixed schedule, so
+        // a slow relay cannot slow the offered load down. PostgreSQL
+        // serializes NOTIFYing commits (about 2 000/s here), so above
+        // 1 000 events/s producers commit several events per transaction.
+        let per_tx = rate.div_ceil(1000).max(1);
+        let tx_rate = f64::from(rate) / f64::from(per_tx);
+        let producers = (tx_rate / 250.0).ceil().max(1.0);
+        let per_producer = tx_rate / producers;
+        let total_per_producer = (per_producer * secs as f64) as usize;
+        let per_tx = i32::try_from(per_tx).unwrap_or(1);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..producers as usize {
+            let pg = pg_connect(self.pg_port).await?;
+            let body = self.body.clone();
+            tasks.push(tokio::spawn(async move {
+                let statement = pg
+                    .prepare(&format!(
+                        "SELECT {NAME}.push_occurrence($1::bytea)::text FROM generate_series(1, $2::int)"
+                    ))
+                    .await?;
+                let mut commits = Vec::with_capacity(total_per_producer);
+                for i in 0..total_per_producer {
+                    let due = started + Duration::from_secs_f64(i as f64 / per_producer);
+                    tokio::time::sleep_until(due.into()).await;
+                    let rows = pg.query(&statement, &[&body, &per_tx]).await?;
+                    let committed = Instant::now();
+                    commits.extend(rows.iter().map(|r| (r.get::<_, String>(0), committed)));
+                }
+                anyhow::Ok(commits)
+            }));
+        }
+        let mut commits = Vec::new();
+        for task in tasks {
+            commits.extend(task.await??);
+        }
+        let produce_time = started.elapsed();
+        let sent = commits.len();
+        let caught_up = wait_until(Duration::from_secs(30), || async {
+            commits
+                .iter()
+                .all(|(id, _)| consumer.received(id).is_some())
+        })
+        .await;
+        let behind = started.elapsed() - produce_time;
+        stop(&mut relay).await;
+        caught_up?;
+        let consumer_arrivals = consumer.arrivals.clone();
+        consumer.close().await;
+        let received = |id: &str| consumer_arrivals.lock().unwrap().get(id).copied();
+        let mut latencies: Vec<f64> = commits
+            .iter()
+            .filter_map(|(id, commit)| {
+                received(id)
+                    .map(|got| got.saturating_duration_since(*commit).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        latencies.sort_by(f64::total_cmp);
+        let pick = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
+        Ok(Latency {
+            offered: rate,
+            achieved: sent as f64 / produce_time.as_secs_f64(),
+            p50: pick(0.5),
+            p99: pick(0.99),
+            p999: pick(0.999),
+            max: *latencies.last().unwrap_or(&0.0),
+            drained_after_ms: behind.as_secs_f64() * 1000.0,
+        })
+    }
+}
+
+pub(crate) struct Drain {
+    /// Messages per second from the consumer's first message to the last
+    /// row marked.
+    pub(crate) rate: f64,
+    /// From starting the relay's process to the consumer's first message.
+    pub(crate) startup_ms: f64,
+    pub(crate) cpu: CpuSplit,
+    pub(crate) peak_rss_mib: f64,
+    pub(crate) idle_cpu_percent: f64,
+    received: usize,
+}
+
+impl std::fmt::Display for Drain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.0} msg/s (first message {:.0} ms after start), peak RSS {:.1} MiB, idle CPU {:.2} %, received {}; {}",
+            self.rate,
+            self.startup_ms,
+            self.peak_rss_mib,
+            self.idle_cpu_percent,
+            self.received,
+            self.cpu
+        )
+    }
+}
+
+pub(crate) struct Latency {
+    pub(crate) offered: u32,
+    pub(crate) achieved: f64,
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) p999: f64,
+    pub(crate) max: f64,
+    drained_after_ms: f64,
+}
+
+impl Latency {
+    /// The relay kept up: producers reached 95 % of the offered rate and the
+    /// last event arrived within a second of the last commit.
+    pub(crate) fn kept_up(&self) -> bool {
+        self.achieved >= 0.95 * f64::from(self.offered) && self.drained_after_ms < 1000.0
+    }
+}
+
+impl std::fmt::Display for Latency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "offered {}/s, achieved {:.0}/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms; last event {:.0} ms after the last commit; kept up: {}",
+            self.offered,
+            self.achieved,
+            self.p50,
+            self.p99,
+            self.p999,
+            self.max,
+            self.drained_after_ms,
+            if self.kept_up() { "yes" } else { "no" }
+        )
+    }
+}
