@@ -29,6 +29,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::tls::{self, Roots, SslMode};
+
 mod routing;
 
 pub use routing::{BindingConfig, ExchangeConfig, QueueConfig, Route};
@@ -299,9 +301,9 @@ pub struct PostgresConfig {
     pub password: Option<Secret>,
     /// TLS mode.
     pub ssl_mode: SslMode,
-    /// The TLS connector built from `ssl_mode` and `postgres.ssl_root_cert`
-    /// (the CA certificates the server's certificate must chain to).
-    pub tls: crate::db::tls::Connector,
+    /// The CA certificates of `postgres.ssl_root_cert`, which the server's
+    /// certificate must chain to; read when the config is loaded.
+    pub ssl_root_cert: Option<Roots>,
     /// Schema holding the two outbox tables.
     pub schema: String,
     /// Whether `run` applies the migrations at start.
@@ -388,22 +390,6 @@ impl Pooler {
             Self::Transaction => "transaction",
         }
     }
-}
-
-/// The libpq `sslmode` words the seed's `ssl_mode` key takes (see
-/// `db::tls` for what each checks).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
-    /// Plain TCP.
-    Disable,
-    /// TLS if the server offers it, plain TCP otherwise.
-    Prefer,
-    /// TLS always.
-    Require,
-    /// TLS, and the certificate chains to `ssl_root_cert`.
-    VerifyCa,
-    /// TLS, the certificate chains to `ssl_root_cert` and names the host.
-    VerifyFull,
 }
 
 /// One broker node's AMQP URL.
@@ -635,7 +621,10 @@ impl Config {
                 pg.ssl_mode
             )));
         }
-        let tls = crate::db::tls::connector(ssl_mode, ssl_root_cert.as_deref())
+        let ssl_root_cert = ssl_root_cert
+            .as_deref()
+            .map(Roots::read)
+            .transpose()
             .map_err(|e| ConfigError::new(format!("key postgres.ssl_root_cert: {e}")))?;
         check_identifier("postgres.schema", &pg.schema)?;
         non_empty("postgres.host", &pg.host)?;
@@ -722,7 +711,7 @@ impl Config {
                     "key rabbitmq.ca_file: set, but rabbitmq.url is not amqps://, so no TLS would use it",
                 ));
             }
-            crate::db::tls::read_roots(path)
+            tls::read_roots(path)
                 .map_err(|e| ConfigError::new(format!("key rabbitmq.ca_file: {e}")))?;
         }
         let queue = routing::queue("rabbitmq.queue", mq.queue)?;
@@ -797,7 +786,7 @@ impl Config {
                 user: pg.user,
                 password: pg.password.map(Secret),
                 ssl_mode,
-                tls,
+                ssl_root_cert,
                 schema: pg.schema,
                 auto_migrate: pg.auto_migrate,
                 application_name: pg.application_name,

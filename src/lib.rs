@@ -5,7 +5,8 @@
 //!
 //! In reading order, following an event from the table to the queue:
 //!
-//! * [`config`]: the seed's JSON config, environment overrides, validation.
+//! * [`config`]: the seed's JSON config, environment overrides, validation;
+//!   [`tls`] the PostgreSQL TLS modes and root certificates it checks.
 //! * [`db`]: PostgreSQL sessions; [`db::outbox`] the claim and mark
 //!   statements, [`db::migrate`] the schema, [`db::listener`] LISTEN.
 //! * [`relay`]: pure per-row decisions (which claimed rows become messages).
@@ -35,4 +36,5 @@ pub mod retention;
 pub mod routing;
 pub mod service;
 pub mod shutdown;
+pub mod tls;
 pub mod worker;
