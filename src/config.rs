@@ -29,6 +29,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::amqp;
 use crate::tls::{self, Roots, SslMode};
 
 mod routing;
@@ -44,8 +45,6 @@ pub const DEFAULT_CONFIG_PATH: &str = "config/config.json";
 
 /// The longest identifier PostgreSQL keeps (NAMEDATALEN - 1).
 const PG_MAX_IDENTIFIER: usize = 63;
-/// The longest AMQP short string (queue names, message ids).
-pub const AMQP_MAX_SHORT_STRING: usize = 255;
 
 /// How an environment value is turned into JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -691,7 +690,7 @@ impl Config {
         let mut nodes = Vec::with_capacity(urls.len());
         for (key, url) in urls {
             let redacted = redact_url(&url);
-            amqp_uri(&url).map_err(|e| {
+            amqp::parse_uri(&url).map_err(|e| {
                 ConfigError::new(format!(
                     "key {key}: '{redacted}' is not an AMQP URL ({e}); expected amqp://user:password@host:port/vhost"
                 ))
@@ -859,24 +858,6 @@ fn blank_comment_lines(text: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// Parses an AMQP URL as the seed's Go client (amqp091-go) reads it: an
-/// empty path, as in the seed's `amqp://guest:guest@localhost:5672/`, is the
-/// default vhost `/`. lapin reads that path as the vhost named `""`, which
-/// RabbitMQ does not have (`NOT_ALLOWED - vhost  not found`, forever), and
-/// no vhost can have that name, so nothing is lost by the rule. `%2f` and
-/// named vhosts keep their meaning. Both the config's validation and the
-/// broker link's `connect` parse through here.
-///
-/// # Errors
-/// The parser's message; it never contains the URL (nor its password).
-pub fn amqp_uri(url: &str) -> Result<lapin::uri::AMQPUri, String> {
-    let mut uri: lapin::uri::AMQPUri = url.parse()?;
-    if uri.vhost.is_empty() {
-        uri.vhost = "/".to_owned();
-    }
-    Ok(uri)
 }
 
 /// Replaces the password of a URL's user info with `***`.
@@ -1944,29 +1925,19 @@ pub(crate) mod tests {
 
     #[test]
     fn an_empty_vhost_path_means_the_default_vhost() {
-        let vhost = |url: &str| amqp_uri(url).unwrap().vhost;
-        assert_eq!(vhost("amqp://guest:guest@localhost:5672/"), "/");
-        assert_eq!(vhost("amqp://guest:guest@localhost:5672"), "/");
-        assert_eq!(vhost("amqp://h:5672/%2f"), "/");
-        assert_eq!(vhost("amqp://h:5672/%2F?heartbeat=5"), "/");
-        assert_eq!(vhost("amqp://h:5672/?heartbeat=5"), "/");
-        assert_eq!(vhost("amqp://h:5672/orders"), "orders");
-        assert_eq!(vhost("amqps://h/team%2forders"), "team/orders");
-        let c = seed();
-        assert_eq!(
-            amqp_uri(c.rabbitmq.nodes[0].url.expose()).unwrap().vhost,
-            "/"
-        );
+        let vhost = |c: &Config| {
+            amqp::parse_uri(c.rabbitmq.nodes[0].url.expose())
+                .unwrap()
+                .vhost
+        };
+        assert_eq!(vhost(&seed()), "/");
         // The repository's own file keeps the seed's form, so it stays tested.
         let c = parse(include_str!("../config/config.json"), &[]).unwrap();
         assert_eq!(
             c.rabbitmq.nodes[0].redacted,
             "amqp://guest:***@localhost:5672/"
         );
-        assert_eq!(
-            amqp_uri(c.rabbitmq.nodes[0].url.expose()).unwrap().vhost,
-            "/"
-        );
+        assert_eq!(vhost(&c), "/");
     }
 
     #[test]

@@ -6,13 +6,15 @@
 //! In reading order, following an event from the table to the queue:
 //!
 //! * [`config`]: the seed's JSON config, environment overrides, validation;
-//!   [`tls`] the PostgreSQL TLS modes and root certificates it checks.
+//!   [`tls`] the PostgreSQL TLS modes and root certificates it checks,
+//!   [`amqp`] AMQP's limits, URLs and errors, [`amqp::table`] JSON → AMQP
+//!   tables.
 //! * [`db`]: PostgreSQL sessions; [`db::outbox`] the claim and mark
 //!   statements, [`db::migrate`] the schema, [`db::listener`] LISTEN.
 //! * [`relay`]: pure per-row decisions (which claimed rows become messages).
 //! * [`routing`]: each message's exchange, routing key and properties.
 //! * [`mq`]: the AMQP connection owner and the declared topology;
-//!   [`mq::publisher`] confirm-mode publishing, [`mq::table`] JSON → AMQP tables.
+//!   [`mq::publisher`] confirm-mode publishing.
 //! * [`worker`]: claim, publish, confirm, mark, commit.
 //! * [`service`]: wiring, start-up and the ordered shutdown.
 //! * [`retention`]: optional deletion of old transferred rows.
@@ -23,6 +25,7 @@
 //! * [`cli`], [`cmd`]: the `pushoccurrence` command line.
 
 pub mod admin;
+pub mod amqp;
 pub mod backoff;
 pub mod cli;
 pub mod cmd;

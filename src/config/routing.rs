@@ -10,8 +10,9 @@ use lapin::types::FieldTable;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::{AMQP_MAX_SHORT_STRING, ConfigError, default_true, non_empty};
-use crate::mq::table;
+use super::{ConfigError, default_true, non_empty};
+use crate::amqp::AMQP_MAX_SHORT_STRING;
+use crate::amqp::table;
 
 /// A queue the relay declares (or, when passive, only checks) on connect.
 #[derive(Debug, Clone)]
