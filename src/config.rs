@@ -32,9 +32,9 @@ use serde_json::Value;
 use crate::amqp;
 use crate::tls::{self, Roots, SslMode};
 
-mod routing;
+mod topology;
 
-pub use routing::{BindingConfig, ExchangeConfig, QueueConfig, Route};
+pub use topology::{BindingConfig, ExchangeConfig, QueueConfig, Route};
 
 /// Prefix of every environment variable the relay reads.
 pub const ENV_PREFIX: &str = "PUSHOCCURRENCE_";
@@ -713,15 +713,15 @@ impl Config {
             tls::read_roots(path)
                 .map_err(|e| ConfigError::new(format!("key rabbitmq.ca_file: {e}")))?;
         }
-        let queue = routing::queue("rabbitmq.queue", mq.queue)?;
+        let queue = topology::queue("rabbitmq.queue", mq.queue)?;
         let queues = mq
             .queues
             .into_iter()
             .enumerate()
-            .map(|(i, q)| routing::queue(&format!("rabbitmq.queues[{i}]"), q))
+            .map(|(i, q)| topology::queue(&format!("rabbitmq.queues[{i}]"), q))
             .collect::<Result<Vec<_>, _>>()?;
-        let exchanges = routing::exchanges(mq.exchanges)?;
-        let bindings = routing::bindings(mq.bindings)?;
+        let exchanges = topology::exchanges(mq.exchanges)?;
+        let bindings = topology::bindings(mq.bindings)?;
         let retry = mq.retry;
         if retry.buffer_size == 0 {
             return Err(ConfigError::new(
@@ -743,7 +743,7 @@ impl Config {
         for (i, channel) in listener.channels.iter().enumerate() {
             check_identifier(&format!("listener.channels[{i}]"), channel)?;
         }
-        let (default_route, routes) = routing::routes(
+        let (default_route, routes) = topology::routes(
             mq.exchange,
             mq.routing_key,
             &queue.name,
@@ -1530,7 +1530,7 @@ struct RawRabbit {
     connection_name: String,
     #[serde(default)]
     ca_file: Option<String>,
-    queue: routing::RawQueue,
+    queue: topology::RawQueue,
     #[serde(default)]
     retry: RawRetry,
     #[serde(default)]
@@ -1538,13 +1538,13 @@ struct RawRabbit {
     #[serde(default)]
     routing_key: Option<String>,
     #[serde(default)]
-    queues: Vec<routing::RawQueue>,
+    queues: Vec<topology::RawQueue>,
     #[serde(default)]
-    exchanges: Vec<routing::RawExchange>,
+    exchanges: Vec<topology::RawExchange>,
     #[serde(default)]
-    bindings: Vec<routing::RawBinding>,
+    bindings: Vec<topology::RawBinding>,
     #[serde(default)]
-    routes: BTreeMap<String, routing::RawRoute>,
+    routes: BTreeMap<String, topology::RawRoute>,
 }
 
 #[derive(Debug, Deserialize)]

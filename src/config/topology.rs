@@ -1,7 +1,7 @@
-//! The broker side of the config beyond the seed: the queues, exchanges and
-//! bindings declared on every connect, and the routes messages take when
-//! their row names none (`rabbitmq.exchange`, `rabbitmq.routing_key`,
-//! `rabbitmq.routes` by NOTIFY channel).
+//! The declared topology, the broker side of the config beyond the seed:
+//! the queues, exchanges and bindings declared on every connect, and the
+//! routes messages take when their row names none (`rabbitmq.exchange`,
+//! `rabbitmq.routing_key`, `rabbitmq.routes` by NOTIFY channel).
 
 use std::collections::BTreeMap;
 
