@@ -75,12 +75,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     // The admin endpoint answers from the start, while the relay still waits
     // for its services (healthy, not ready), and stops last.
-    let metrics = Arc::new(Metrics::with_stall_after(config.stall_after));
+    let metrics = Arc::new(Metrics::with_stall_after(config.admin.stall_after));
     let (broker_tx, broker_rx) = watch::channel(BrokerState::default());
     let (listening_tx, listening_rx) = watch::channel(false);
     let admin_stop = CancellationToken::new();
     let admin_tasks = TaskTracker::new();
-    if let Some(addr) = config.admin_listen {
+    if let Some(addr) = config.admin.listen {
         match admin::bind(addr).await {
             Ok(listener) => {
                 let state = AdminState {
@@ -90,7 +90,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 };
                 admin_tasks.spawn(admin::serve(listener, state, admin_stop.clone()));
             }
-            Err(e) if config.admin_required => return Err(StartError::Admin(e)),
+            Err(e) if config.admin.required => return Err(StartError::Admin(e)),
             // The default address, unasked for: a second instance on the
             // host (the seed's file has no admin section) relays without it.
             Err(e) => warn!(
