@@ -35,6 +35,7 @@
 //! [`amqp`]: crate::amqp
 
 use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
 use std::path::Path;
 
 mod admin;
@@ -52,7 +53,10 @@ mod secret;
 mod topology;
 
 pub use admin::{AdminConfig, DEFAULT_ADMIN_LISTEN};
-pub use env::{ENV_CONFIG_PATH, ENV_KEYS, ENV_PREFIX, EnvKind, EnvNotes, env_name};
+pub use env::{
+    ENV_CONFIG_PATH, ENV_KEYS, ENV_PREFIX, ENV_WORKER_THREADS, EnvKind, EnvNotes, env_name,
+    worker_threads,
+};
 pub use error::ConfigError;
 pub use logging::LogFormat;
 pub use postgres::{PgServer, Pooler, PostgresConfig};
@@ -90,6 +94,9 @@ pub struct Config {
     /// What the environment held that is not a setting (logged once
     /// logging is set up, which needs the config first).
     pub env_notes: EnvNotes,
+    /// The async runtime's worker threads (`TOKIO_WORKER_THREADS`); `None`
+    /// leaves the relay's default, one.
+    pub worker_threads: Option<NonZeroUsize>,
 }
 
 impl Config {
@@ -107,6 +114,7 @@ impl Config {
         let (env, unreadable) = read_process_env()?;
         let mut config = Self::parse(&text, &env, &path.display().to_string())?;
         config.env_notes.warnings.extend(unreadable);
+        config.worker_threads = worker_threads()?;
         Ok(config)
     }
 
@@ -189,6 +197,7 @@ impl Config {
             admin,
             retention,
             env_notes: EnvNotes::default(),
+            worker_threads: None,
         })
     }
 }

@@ -19,6 +19,7 @@
 //! and `docs/latency.svg`. Run it with the README's bench command.
 
 #![allow(clippy::let_underscore_must_use)] // clean-up between scenarios is best effort
+#![allow(clippy::disallowed_methods)] // a tool: reads its own BENCH_* variables
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -102,7 +103,7 @@ const NAME: &str = "po_bench";
 /// says otherwise), so the bare publishers and the consumer get what the
 /// relay gets.
 fn main() -> anyhow::Result<()> {
-    pushoccurrence::service::runtime()?.block_on(run())
+    pushoccurrence::service::runtime(pushoccurrence::config::worker_threads()?)?.block_on(run())
 }
 
 async fn run() -> anyhow::Result<()> {

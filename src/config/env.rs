@@ -5,6 +5,8 @@
 //! on the variable or the file that set the value ([`Source`]).
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::num::NonZeroUsize;
 
 use serde_json::Value;
 
@@ -13,6 +15,10 @@ use super::secret::{SECRET_KEYS, url_secrets};
 
 /// Prefix of every environment variable the relay reads.
 pub const ENV_PREFIX: &str = "PUSHOCCURRENCE_";
+
+/// tokio's own variable for the runtime's worker threads, read here with
+/// the rest of the environment (see [`worker_threads`]).
+pub const ENV_WORKER_THREADS: &str = "TOKIO_WORKER_THREADS";
 
 /// Environment variable naming the config file (read by the CLI).
 pub const ENV_CONFIG_PATH: &str = "PUSHOCCURRENCE_CONFIG";
@@ -474,8 +480,35 @@ pub(super) fn secrets_in(env: &BTreeMap<String, String>) -> Vec<String> {
 
 /// The `PUSHOCCURRENCE_*` variables of this process, as [`read_env`] takes
 /// them.
+// The one read of the process's variables: every setting goes through
+// ENV_KEYS, so it has a key, a documented variable and a check.
+#[allow(clippy::disallowed_methods)]
 pub(super) fn read_process_env() -> Result<(BTreeMap<String, String>, Vec<String>), ConfigError> {
     read_env(std::env::vars_os())
+}
+
+/// The runtime's worker threads as `TOKIO_WORKER_THREADS` sets them, or
+/// `None` when it is unset. Read here rather than by tokio, so that a bad
+/// value is a config error naming the variable.
+///
+/// # Errors
+/// The variable is set to anything but a whole number of at least 1.
+// The one read of tokio's variable, beside the relay's own.
+#[allow(clippy::disallowed_methods)]
+pub fn worker_threads() -> Result<Option<NonZeroUsize>, ConfigError> {
+    parse_worker_threads(std::env::var_os(ENV_WORKER_THREADS))
+}
+
+fn parse_worker_threads(value: Option<OsString>) -> Result<Option<NonZeroUsize>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let value = value.to_string_lossy();
+    value.parse().map(Some).map_err(|_| {
+        ConfigError::new(format!(
+            "environment variable {ENV_WORKER_THREADS}: expected a whole number of threads, at least 1, got '{value}'"
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -667,6 +700,21 @@ mod tests {
         );
         let e = err(&edit(|v| v["postgres"]["port"] = (-1).into()), &[]);
         assert!(!e.contains("u16") && e.contains("0 to 65535"), "{e}");
+    }
+
+    #[test]
+    fn worker_threads_are_a_positive_number_when_set() {
+        let threads = |v: &str| parse_worker_threads(Some(v.into()));
+        assert_eq!(parse_worker_threads(None).unwrap(), None);
+        assert_eq!(threads("4").unwrap(), NonZeroUsize::new(4));
+        for bad in ["0", "-1", "two", ""] {
+            assert_eq!(
+                threads(bad).unwrap_err().to_string(),
+                format!(
+                    "environment variable TOKIO_WORKER_THREADS: expected a whole number of threads, at least 1, got '{bad}'"
+                )
+            );
+        }
     }
 
     #[test]
