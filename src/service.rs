@@ -29,11 +29,11 @@ use crate::worker::{ClaimCursor, Shared, Worker};
 
 /// The async runtime the relay runs on: one worker thread unless the
 /// `TOKIO_WORKER_THREADS` environment variable says otherwise (read by the
-/// config: [`Config::worker_threads`], [`crate::config::worker_threads`]). The relay
-/// spends about 0.11 CPU seconds per 10 000 messages, so one thread keeps
-/// up with several times what a queue takes, and on a host shared with
-/// PostgreSQL and RabbitMQ a second one only adds thread switches (drains
-/// measured about 3 % faster with one).
+/// config: [`Config::worker_threads`], [`crate::config::worker_threads`]).
+/// The relay spends about 0.11 CPU seconds per 10 000 messages, so one
+/// thread keeps up with several times what a queue takes, and on a host
+/// shared with PostgreSQL and RabbitMQ a second one only adds thread
+/// switches (drains measured about 3 % faster with one).
 ///
 /// # Errors
 /// The runtime could not be built (no threads or timers available).

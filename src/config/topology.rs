@@ -12,8 +12,7 @@ use serde_json::{Map, Value};
 use super::check::non_empty;
 use super::error::ConfigError;
 use super::raw::{RawBinding, RawExchange, RawQueue, RawRoute};
-use crate::amqp::AMQP_MAX_SHORT_STRING;
-use crate::amqp::table;
+use crate::amqp::{AMQP_MAX_SHORT_STRING, table};
 
 /// A queue the relay declares (or, when passive, only checks) on connect.
 #[derive(Debug, Clone)]
