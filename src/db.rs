@@ -7,7 +7,6 @@
 pub mod listener;
 pub mod migrate;
 pub mod outbox;
-pub mod tls;
 
 use std::time::Duration;
 
@@ -16,7 +15,8 @@ use tokio_postgres::Client;
 
 use tracing::{debug, warn};
 
-use crate::config::{Pooler, PostgresConfig, SslMode};
+use crate::config::{Pooler, PostgresConfig};
+use crate::tls::{self, SslMode};
 
 /// What a session is for; claim sessions get server-side timeouts that
 /// release their row locks if the relay freezes.
@@ -74,11 +74,12 @@ pub async fn connect(
 pub(crate) async fn open_first_writable(
     pg: &PostgresConfig,
 ) -> Result<(Client, Connection), tokio_postgres::Error> {
+    let tls = tls::connector(pg.ssl_mode, pg.ssl_root_cert.as_ref());
     let mut last = None;
     for server in &pg.servers {
         let mut cfg = session_config(pg);
         cfg.host(&server.host).port(server.port);
-        match tokio::time::timeout(pg.connect_timeout, cfg.connect(pg.tls.0.clone())).await {
+        match tokio::time::timeout(pg.connect_timeout, cfg.connect(tls.0.clone())).await {
             Ok(Ok(session)) => return Ok(session),
             Ok(Err(e)) => last = Some(e),
             // The driver's own error for a connect that timed out.

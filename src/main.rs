@@ -41,7 +41,7 @@ fn main() -> ExitCode {
     for ignored in &config.env_notes.ignored {
         tracing::debug!("{ignored}");
     }
-    let runtime = match pushoccurrence::service::runtime() {
+    let runtime = match pushoccurrence::service::runtime(config.worker_threads) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

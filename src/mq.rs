@@ -10,7 +10,6 @@
 //! confirmed is simply claimed again.
 
 pub mod publisher;
-pub mod table;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,9 +27,9 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::amqp::{self, channel_error, soft_kind};
 use crate::backoff::Backoff;
 use crate::config::{BrokerNode, ExchangeConfig, QueueConfig, RabbitConfig};
-use publisher::{channel_error, soft_kind};
 
 /// Heartbeat asked for when the URL sets none: a dead broker is noticed in
 /// about two intervals.
@@ -106,7 +105,7 @@ pub async fn connect(cfg: &RabbitConfig) -> Result<(Connection, String), String>
 /// # Errors
 /// A description of the failure that never contains the password.
 pub async fn connect_node(cfg: &RabbitConfig, node: &BrokerNode) -> Result<Connection, String> {
-    let mut uri: AMQPUri = crate::config::amqp_uri(node.url.expose())
+    let mut uri: AMQPUri = amqp::parse_uri(node.url.expose())
         .map_err(|e| format!("invalid URL {}: {e}", node.redacted))?;
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     let limit = Duration::from_millis(

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::config::AMQP_MAX_SHORT_STRING;
+use crate::amqp::AMQP_MAX_SHORT_STRING;
 use crate::db::outbox::{ClaimedRow, EnqueuedAt};
 use crate::mq::publisher::Message;
 use crate::routing::{MessageFields, Router};

@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, HashSet};
 use lapin::BasicProperties;
 use lapin::types::ShortString;
 
-use crate::config::{AMQP_MAX_SHORT_STRING, RabbitConfig, Route};
-use crate::mq::table;
+use crate::amqp::{AMQP_MAX_SHORT_STRING, table};
+use crate::config::{RabbitConfig, Route};
 
 /// Headers whose JSON text is longer than this are not fetched at all.
 pub const HEADERS_FETCH_LIMIT: i32 = 1024 * 1024;

@@ -9,6 +9,7 @@
 //! PostgreSQL when the process exits, and stays pending.
 
 use std::future::Future;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use tokio::sync::{Notify, watch};
@@ -27,20 +28,20 @@ use crate::mq::{BrokerLink, BrokerState};
 use crate::worker::{ClaimCursor, Shared, Worker};
 
 /// The async runtime the relay runs on: one worker thread unless the
-/// `TOKIO_WORKER_THREADS` environment variable says otherwise. The relay
-/// spends about 0.11 CPU seconds per 10 000 messages, so one thread keeps
-/// up with several times what a queue takes, and on a host shared with
-/// PostgreSQL and RabbitMQ a second one only adds thread switches (drains
-/// measured about 3 % faster with one).
+/// `TOKIO_WORKER_THREADS` environment variable says otherwise (read by the
+/// config: [`Config::worker_threads`], [`crate::config::worker_threads`]).
+/// The relay spends about 0.11 CPU seconds per 10 000 messages, so one
+/// thread keeps up with several times what a queue takes, and on a host
+/// shared with PostgreSQL and RabbitMQ a second one only adds thread
+/// switches (drains measured about 3 % faster with one).
 ///
 /// # Errors
 /// The runtime could not be built (no threads or timers available).
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        builder.worker_threads(1);
-    }
-    builder.enable_all().build()
+pub fn runtime(worker_threads: Option<NonZeroUsize>) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads.map_or(1, NonZeroUsize::get))
+        .enable_all()
+        .build()
 }
 
 /// Why the relay could not start.
@@ -75,12 +76,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     // The admin endpoint answers from the start, while the relay still waits
     // for its services (healthy, not ready), and stops last.
-    let metrics = Arc::new(Metrics::with_stall_after(config.stall_after));
+    let metrics = Arc::new(Metrics::with_stall_after(config.admin.stall_after));
     let (broker_tx, broker_rx) = watch::channel(BrokerState::default());
     let (listening_tx, listening_rx) = watch::channel(false);
     let admin_stop = CancellationToken::new();
     let admin_tasks = TaskTracker::new();
-    if let Some(addr) = config.admin_listen {
+    if let Some(addr) = config.admin.listen {
         match admin::bind(addr).await {
             Ok(listener) => {
                 let state = AdminState {
@@ -90,7 +91,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 };
                 admin_tasks.spawn(admin::serve(listener, state, admin_stop.clone()));
             }
-            Err(e) if config.admin_required => return Err(StartError::Admin(e)),
+            Err(e) if config.admin.required => return Err(StartError::Admin(e)),
             // The default address, unasked for: a second instance on the
             // host (the seed's file has no admin section) relays without it.
             Err(e) => warn!(

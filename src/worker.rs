@@ -39,12 +39,13 @@ use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::amqp::soft_kind;
 use crate::backoff::Backoff;
 use crate::config::{Config, RelayConfig};
 use crate::db::outbox::{self, ClaimedRow, Outbox, SchemaError, Statements};
 use crate::db::{self, SessionKind, describe};
 use crate::metrics::Metrics;
-use crate::mq::publisher::{ChannelFailure, Delivery, Message, Publisher, soft_kind};
+use crate::mq::publisher::{ChannelFailure, Delivery, Message, Publisher};
 use crate::mq::{self, BrokerState};
 use crate::relay::{ClaimPosition, Fetched, Hold, assemble, plan, take_bodies};
 use crate::routing::Router;

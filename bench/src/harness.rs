@@ -207,7 +207,7 @@ pub(crate) async fn pg_connect(port: u16) -> anyhow::Result<Client> {
 /// Connects as the relay does, so `--amqp-url` takes the seed's
 /// `amqp://…:5672/` form too (an empty path is the vhost `/`).
 pub(crate) async fn amqp_connect(url: &str) -> anyhow::Result<Connection> {
-    let uri = pushoccurrence::config::amqp_uri(url)
+    let uri = pushoccurrence::amqp::parse_uri(url)
         .map_err(|e| anyhow::anyhow!("--amqp-url is not an AMQP URL: {e}"))?;
     Connection::connect_uri(uri, ConnectionProperties::default())
         .await

@@ -106,7 +106,7 @@ struct Args {
 /// says otherwise), so the bare publishers and the consumer get what the
 /// relay gets.
 fn main() -> anyhow::Result<()> {
-    pushoccurrence::service::runtime()?.block_on(run())
+    pushoccurrence::service::runtime(pushoccurrence::config::worker_threads()?)?.block_on(run())
 }
 
 async fn run() -> anyhow::Result<()> {

@@ -27,8 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{SessionKind, describe, quote_ident, quote_literal};
+use crate::amqp::AMQP_MAX_SHORT_STRING;
 use crate::backoff::Backoff;
-use crate::config::{AMQP_MAX_SHORT_STRING, PostgresConfig};
+use crate::config::PostgresConfig;
 use crate::metrics::Metrics;
 
 /// How often the idle listener session is pinged and probed.

@@ -23,11 +23,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
+use lapin::protocol::AMQPError;
 use lapin::types::ShortString;
 use lapin::{Channel, Confirmation, Connection};
 
-use crate::config::AMQP_MAX_SHORT_STRING;
+use crate::amqp::{AMQP_MAX_SHORT_STRING, channel_error};
 use crate::routing::Destination;
 
 /// A message ready to publish.
@@ -63,23 +63,6 @@ pub enum Delivery {
     /// channel-level error such as 406 for a body over its size limit, or
     /// 404 / 403 for its exchange).
     Refused(AMQPError),
-}
-
-/// The channel-level (soft) AMQP error behind `error`, if that is what it is:
-/// such an error closes one channel and leaves the connection up.
-pub fn channel_error(error: &lapin::Error) -> Option<&AMQPError> {
-    match error.kind() {
-        lapin::ErrorKind::ProtocolError(e) if matches!(e.kind(), AMQPErrorKind::Soft(_)) => Some(e),
-        _ => None,
-    }
-}
-
-/// The soft error kind of a channel-level error.
-pub fn soft_kind(error: &AMQPError) -> Option<&AMQPSoftError> {
-    match error.kind() {
-        AMQPErrorKind::Soft(kind) => Some(kind),
-        AMQPErrorKind::Hard(_) => None,
-    }
 }
 
 /// Why a batch's channel can no longer be used.

@@ -2,6 +2,7 @@
 //! test has its own schema, NOTIFY channel and queue, so they run in parallel.
 #![allow(unreachable_pub)] // items are shared between the test modules of one binary
 #![allow(clippy::let_underscore_must_use)] // clean-up and consumer acks are best effort
+#![allow(clippy::disallowed_methods)] // the tests read their own PO_* variables
 
 mod bad_input; // each bad-input rule: retried, parked with a reason, stream keeps flowing
 mod broker; // channel faults, refused messages, full queues, long alarms, a lost queue: owner pays

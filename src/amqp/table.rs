@@ -20,7 +20,7 @@
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use serde_json::{Map, Value};
 
-use crate::config::AMQP_MAX_SHORT_STRING;
+use super::AMQP_MAX_SHORT_STRING;
 
 /// The largest encoded table accepted. A message's properties travel in one
 /// frame, and RabbitMQ's default `frame_max` is 128 KiB.

@@ -1,17 +1,18 @@
-//! The broker side of the config beyond the seed: the queues, exchanges and
-//! bindings declared on every connect, and the routes messages take when
-//! their row names none (`rabbitmq.exchange`, `rabbitmq.routing_key`,
-//! `rabbitmq.routes` by NOTIFY channel).
+//! The declared topology, the broker side of the config beyond the seed:
+//! the queues, exchanges and bindings declared on every connect, and the
+//! routes messages take when their row names none (`rabbitmq.exchange`,
+//! `rabbitmq.routing_key`, `rabbitmq.routes` by NOTIFY channel).
 
 use std::collections::BTreeMap;
 
 use lapin::ExchangeKind;
 use lapin::types::FieldTable;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::{AMQP_MAX_SHORT_STRING, ConfigError, default_true, non_empty};
-use crate::mq::table;
+use super::check::non_empty;
+use super::error::ConfigError;
+use super::raw::{RawBinding, RawExchange, RawQueue, RawRoute};
+use crate::amqp::{AMQP_MAX_SHORT_STRING, table};
 
 /// A queue the relay declares (or, when passive, only checks) on connect.
 #[derive(Debug, Clone)]
@@ -72,68 +73,6 @@ pub struct Route {
     pub exchange: String,
     /// Routing key.
     pub routing_key: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawQueue {
-    name: String,
-    #[serde(default = "default_true")]
-    durable: bool,
-    #[serde(default)]
-    auto_delete: bool,
-    #[serde(default)]
-    exclusive: bool,
-    #[serde(default)]
-    no_wait: bool,
-    #[serde(default)]
-    passive: bool,
-    #[serde(default)]
-    allow_unsafe: bool,
-    #[serde(default)]
-    arguments: Map<String, Value>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawExchange {
-    name: String,
-    #[serde(rename = "type", default = "default_exchange_type")]
-    kind: String,
-    #[serde(default = "default_true")]
-    durable: bool,
-    #[serde(default)]
-    auto_delete: bool,
-    #[serde(default)]
-    internal: bool,
-    #[serde(default)]
-    passive: bool,
-    #[serde(default)]
-    arguments: Map<String, Value>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawBinding {
-    queue: String,
-    exchange: String,
-    #[serde(default)]
-    routing_key: String,
-    #[serde(default)]
-    arguments: Map<String, Value>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawRoute {
-    #[serde(default)]
-    exchange: Option<String>,
-    #[serde(default)]
-    routing_key: Option<String>,
-}
-
-fn default_exchange_type() -> String {
-    "direct".to_owned()
 }
 
 /// The exchange types RabbitMQ ships; plugins add `x-` types.
@@ -319,4 +258,168 @@ pub(super) fn routes(
         routes.insert(channel, route);
     }
     Ok((default, routes))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use crate::config::tests::{edit, err, parse, seed};
+
+    #[test]
+    fn unsafe_queues_are_refused_unless_allowed() {
+        let text = edit(|v| v["rabbitmq"]["queue"]["durable"] = Value::Bool(false));
+        let e = err(&text, &[]);
+        assert!(
+            e.contains("durable is false") && e.contains("allow_unsafe"),
+            "{e}"
+        );
+        let text = edit(|v| {
+            v["rabbitmq"]["queue"]["exclusive"] = Value::Bool(true);
+            v["rabbitmq"]["queue"]["allow_unsafe"] = Value::Bool(true);
+        });
+        assert!(parse(&text, &[]).is_ok());
+    }
+
+    #[test]
+    fn queues_whose_length_limit_drops_confirmed_messages_are_refused_unless_allowed() {
+        let with = |queue: &str, arguments: Value| {
+            edit(|v| {
+                if queue == "queue" {
+                    v["rabbitmq"]["queue"]["arguments"] = arguments;
+                } else {
+                    v["rabbitmq"]["queues"] =
+                        serde_json::json!([{"name": "more", "arguments": arguments}]);
+                }
+            })
+        };
+        for (queue, arguments, key) in [
+            (
+                "queue",
+                serde_json::json!({"x-max-length": 1}),
+                "key rabbitmq.queue:",
+            ),
+            (
+                "queues",
+                serde_json::json!({"x-max-length-bytes": 1024}),
+                "key rabbitmq.queues[0]:",
+            ),
+            (
+                "queue",
+                serde_json::json!({"x-max-length": 1, "x-overflow": "drop-head"}),
+                "key rabbitmq.queue:",
+            ),
+        ] {
+            let e = err(&with(queue, arguments), &[]);
+            assert!(
+                e.starts_with(&format!("config.json: {key}"))
+                    && e.contains("x-overflow")
+                    && e.contains("allow_unsafe"),
+                "{e}"
+            );
+        }
+        for overflow in ["reject-publish", "reject-publish-dlx"] {
+            let text = with(
+                "queues",
+                serde_json::json!({"x-max-length": 1, "x-overflow": overflow}),
+            );
+            assert!(parse(&text, &[]).is_ok(), "{overflow}");
+        }
+        let text = edit(|v| {
+            v["rabbitmq"]["queue"]["arguments"] = serde_json::json!({"x-max-length": 1});
+            v["rabbitmq"]["queue"]["allow_unsafe"] = Value::Bool(true);
+        });
+        assert!(parse(&text, &[]).is_ok());
+    }
+
+    #[test]
+    fn routing_settings_are_read_with_their_defaults() {
+        let c = seed();
+        assert_eq!(c.rabbitmq.default_route.exchange, "");
+        assert_eq!(c.rabbitmq.default_route.routing_key, "your_queue_name");
+        assert!(c.rabbitmq.exchanges.is_empty() && c.rabbitmq.routes.is_empty());
+        let text = edit(|v| {
+            v["listener"]["channels"] = serde_json::json!(["your_notify_channel", "billing"]);
+            v["rabbitmq"]["exchange"] = "events".into();
+            v["rabbitmq"]["exchanges"] = serde_json::json!([{"name": "events", "type": "topic"}]);
+            v["rabbitmq"]["queue"]["arguments"] = serde_json::json!({"x-queue-type": "quorum", "x-max-length": 1000, "x-overflow": "reject-publish"});
+            v["rabbitmq"]["routes"] = serde_json::json!({"billing": {"routing_key": "billing"}});
+        });
+        let c = parse(&text, &[("PUSHOCCURRENCE_RABBITMQ_ROUTING_KEY", "all")]).unwrap();
+        let mq = &c.rabbitmq;
+        assert_eq!(
+            (
+                mq.default_route.exchange.as_str(),
+                mq.default_route.routing_key.as_str()
+            ),
+            ("events", "all")
+        );
+        let billing = &mq.routes["billing"];
+        assert_eq!(
+            (billing.exchange.as_str(), billing.routing_key.as_str()),
+            ("events", "billing")
+        );
+        assert_eq!(mq.exchanges[0].kind, lapin::ExchangeKind::Topic);
+        assert!(mq.exchanges[0].durable);
+        assert_eq!(
+            mq.queue.arguments.inner()["x-max-length"],
+            lapin::types::AMQPValue::LongLongInt(1000)
+        );
+    }
+
+    #[test]
+    fn bad_routing_settings_name_the_key() {
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (
+                Box::new(|v| {
+                    v["rabbitmq"]["exchanges"] =
+                        serde_json::json!([{"name": "e", "type": "topick"}])
+                }),
+                "key rabbitmq.exchanges[0].type: unknown exchange type 'topick'",
+            ),
+            (
+                Box::new(|v| {
+                    v["rabbitmq"]["exchanges"] =
+                        serde_json::json!([{"name": "amq.topic", "type": "topic"}])
+                }),
+                "key rabbitmq.exchanges[0].name: 'amq.topic' is one of the broker's own exchanges",
+            ),
+            (
+                Box::new(|v| {
+                    v["rabbitmq"]["queues"] = serde_json::json!([{"name": "q", "durable": false}])
+                }),
+                "key rabbitmq.queues[0]: durable is false",
+            ),
+            (
+                Box::new(|v| {
+                    v["rabbitmq"]["queue"]["arguments"] = serde_json::json!({"x-max-length": u64::MAX, "x-overflow": "reject-publish"})
+                }),
+                "key rabbitmq.queue.arguments: 'x-max-length'",
+            ),
+            (
+                Box::new(|v| {
+                    v["rabbitmq"]["routes"] = serde_json::json!({"nope": {"exchange": "e"}})
+                }),
+                "key rabbitmq.routes.nope: 'nope' is not in listener.channels",
+            ),
+            (
+                Box::new(|v| {
+                    v["rabbitmq"]["bindings"] = serde_json::json!([{"queue": "q", "exchange": ""}])
+                }),
+                "key rabbitmq.bindings[0].exchange: must not be empty",
+            ),
+            (
+                Box::new(|v| v["rabbitmq"]["routing_key"] = "k".repeat(256).into()),
+                "key rabbitmq.routing_key: 256 bytes long",
+            ),
+        ];
+        for (f, expected) in cases {
+            let e = err(&edit(f), &[]);
+            assert!(
+                e.starts_with(&format!("config.json: {expected}")),
+                "expected '{expected}' in: {e}"
+            );
+        }
+    }
 }

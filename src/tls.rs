@@ -1,4 +1,8 @@
-//! TLS to PostgreSQL over rustls (ring), with libpq's `sslmode` meanings:
+//! TLS to PostgreSQL over rustls (ring), with libpq's `sslmode` meanings.
+//! The config reads the root certificates when it is loaded (so a bad file
+//! is a config error naming its key) and holds them with the mode; `db`
+//! builds each session's [`Connector`] from the two.
+//!
 //!
 //! | `ssl_mode` | TLS | the server's certificate is checked |
 //! | --- | --- | --- |
@@ -12,7 +16,7 @@
 //! tell the server from an impostor, exactly as libpq; the handshake's
 //! signatures are still verified.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
@@ -23,7 +27,61 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, Error, RootCertStore};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::config::SslMode;
+/// The libpq `sslmode` words the seed's `ssl_mode` key takes (see the
+/// table above for what each checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS if the server offers it, plain TCP otherwise.
+    Prefer,
+    /// TLS always.
+    Require,
+    /// TLS, and the certificate chains to `ssl_root_cert`.
+    VerifyCa,
+    /// TLS, the certificate chains to `ssl_root_cert` and names the host.
+    VerifyFull,
+}
+
+/// The CA certificates of a PEM file, read once, ready to check a server's
+/// certificate chain against.
+#[derive(Clone)]
+pub struct Roots {
+    path: PathBuf,
+    count: usize,
+    chain: Arc<WebPkiServerVerifier>,
+}
+
+impl Roots {
+    /// Reads the CA certificates of the PEM file at `path`.
+    ///
+    /// # Errors
+    /// The file cannot be read, holds no usable certificate, or the
+    /// verifier cannot be built from it.
+    pub fn read(path: &Path) -> Result<Self, String> {
+        let roots = read_roots(path)?;
+        let count = roots.len();
+        let chain = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| format!("TLS set-up: {e}"))?;
+        Ok(Self {
+            path: path.to_owned(),
+            count,
+            chain,
+        })
+    }
+}
+
+impl std::fmt::Debug for Roots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Roots({}, {} certificates)",
+            self.path.display(),
+            self.count
+        )
+    }
+}
 
 /// Reads the CA certificates of a PEM file.
 ///
@@ -42,8 +100,8 @@ pub fn read_roots(path: &Path) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// The TLS connector of every session, built once from the config (the
-/// session's `ssl_mode` decides whether TLS is negotiated at all).
+/// The TLS connector of a session (the session's `ssl_mode` decides whether
+/// TLS is negotiated at all).
 #[derive(Clone)]
 pub struct Connector(pub MakeRustlsConnect);
 
@@ -53,21 +111,14 @@ impl std::fmt::Debug for Connector {
     }
 }
 
-/// Builds the connector for `ssl_mode` and the CA file at `root_cert`.
-///
-/// # Errors
-/// The root certificate file cannot be used.
-pub fn connector(ssl_mode: SslMode, root_cert: Option<&Path>) -> Result<Connector, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+/// The connector for `ssl_mode` and the CA certificates `roots`.
+pub fn connector(ssl_mode: SslMode, roots: Option<&Roots>) -> Connector {
+    let provider = provider();
     let algorithms = provider.signature_verification_algorithms;
-    let roots = match root_cert {
-        Some(path) => Some(Arc::new(read_roots(path)?)),
-        None => None,
-    };
     let check = match (ssl_mode, roots) {
-        (SslMode::VerifyFull, Some(roots)) => Check::ChainAndName(webpki(roots, &provider)?),
+        (SslMode::VerifyFull, Some(roots)) => Check::ChainAndName(roots.chain.clone()),
         (SslMode::VerifyCa | SslMode::Prefer | SslMode::Require, Some(roots)) => {
-            Check::Chain(webpki(roots, &provider)?)
+            Check::Chain(roots.chain.clone())
         }
         // verify-* without a root file is refused by the config.
         (_, None) | (SslMode::Disable, Some(_)) => Check::Nothing,
@@ -75,20 +126,15 @@ pub fn connector(ssl_mode: SslMode, root_cert: Option<&Path>) -> Result<Connecto
     let verifier = Arc::new(Verifier { check, algorithms });
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS set-up: {e}"))?
+        .expect("ring's provider supports TLS 1.2 and 1.3")
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    Ok(Connector(MakeRustlsConnect::new(config)))
+    Connector(MakeRustlsConnect::new(config))
 }
 
-fn webpki(
-    roots: Arc<RootCertStore>,
-    provider: &Arc<CryptoProvider>,
-) -> Result<Arc<WebPkiServerVerifier>, String> {
-    WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| format!("TLS set-up: {e}"))
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// What is checked of the server's certificate.
