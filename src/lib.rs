@@ -8,7 +8,7 @@
 //! * [`config`]: the seed's JSON config, environment overrides, validation.
 //! * [`db`]: PostgreSQL sessions; [`db::outbox`] the claim and mark
 //!   statements, [`db::migrate`] the schema, [`db::listener`] LISTEN.
-//! * [`relay`]: pure per-row decisions (which claimed rows become messages).
+//! * [`planner`]: pure per-row decisions (which claimed rows become messages).
 //! * [`routing`]: each message's exchange, routing key and properties.
 //! * [`mq`]: the AMQP connection owner and the declared topology;
 //!   [`mq::publisher`] confirm-mode publishing, [`mq::table`] JSON → AMQP tables.
@@ -29,8 +29,8 @@ pub mod config;
 pub mod db;
 pub mod metrics;
 pub mod mq;
+pub mod planner;
 pub mod progress;
-pub mod relay;
 pub mod retention;
 pub mod routing;
 pub mod service;

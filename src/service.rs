@@ -24,7 +24,7 @@ use crate::db::outbox::{Outbox, PENDING_INDEX, REPEATABLE_IDS_WARNING};
 use crate::db::{self, SessionKind, describe, migrate};
 use crate::metrics::Metrics;
 use crate::mq::{BrokerLink, BrokerState};
-use crate::worker::{ClaimCursor, Shared, Worker};
+use crate::worker::{ClaimCursor, Worker, WorkerContext};
 
 /// The async runtime the relay runs on: one worker thread unless the
 /// `TOKIO_WORKER_THREADS` environment variable says otherwise. The relay
@@ -171,7 +171,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     link_tasks.close();
 
     let workers = TaskTracker::new();
-    let shared = Shared {
+    let context = WorkerContext {
         config: config.clone(),
         outbox: outbox.clone(),
         broker: broker_tx,
@@ -181,7 +181,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         unwritable: Arc::default(),
     };
     for index in 0..config.relay.workers {
-        let worker = Worker::new(index, shared.clone(), backoff());
+        let worker = Worker::new(index, context.clone(), backoff());
         let token = stop.clone();
         workers.spawn(async move {
             // A worker that panics must not leave the relay half-running.

@@ -41,12 +41,14 @@ use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{Config, RelayConfig};
-use crate::db::outbox::{self, ClaimedRow, Outbox, SchemaError, Statements};
+use crate::db::outbox::{
+    self, ClaimPosition, ClaimedRow, Fetched, Outbox, SchemaError, Statements,
+};
 use crate::db::{self, SessionKind, describe};
 use crate::metrics::Metrics;
 use crate::mq::publisher::{ChannelFailure, Delivery, Message, Publisher, soft_kind};
 use crate::mq::{self, BrokerState};
-use crate::relay::{ClaimPosition, Fetched, Hold, assemble, plan, take_bodies};
+use crate::planner::{Hold, assemble, plan, take_bodies};
 use crate::routing::Router;
 use lapin::protocol::AMQPSoftError;
 
@@ -146,9 +148,11 @@ pub struct Worker {
     unwritable: Arc<Unwritable>,
 }
 
-/// What a relay's workers share.
+/// What every worker of a relay is built with: the configuration and the
+/// outbox, and the state the workers share (the broker's state, the wake-up,
+/// the claim cursor, the metrics, the rows only memory can charge).
 #[derive(Clone)]
-pub struct Shared {
+pub struct WorkerContext {
     /// The configuration.
     pub config: Arc<Config>,
     /// The outbox's tables and statements.
@@ -248,8 +252,8 @@ pub struct ClaimCursor(tokio::sync::Mutex<Option<ClaimPosition>>);
 
 impl Worker {
     /// Worker number `index` of a relay.
-    pub fn new(index: usize, shared: Shared, backoff: Backoff) -> Self {
-        let Shared {
+    pub fn new(index: usize, context: WorkerContext, backoff: Backoff) -> Self {
+        let WorkerContext {
             config,
             outbox,
             broker,
@@ -257,7 +261,7 @@ impl Worker {
             cursor,
             metrics,
             unwritable,
-        } = shared;
+        } = context;
         let router = Router::new(&config.rabbitmq, outbox.body_type.content_type());
         Self {
             index,

@@ -30,7 +30,6 @@ use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, accepts, to_sql_checke
 use tokio_postgres::{Client, GenericClient, Row, Statement, Transaction};
 
 use super::quote_ident;
-use crate::relay::Fetched;
 use crate::routing::{HEADERS_FETCH_LIMIT, MessageFields};
 
 /// The status table of the seed.
@@ -793,9 +792,9 @@ impl Outbox {
     /// within `$3` bytes counted from the first row (whose body always
     /// comes). So one statement claims and reads a whole batch, while an
     /// oversized body, or one past the batch's budget, never leaves the
-    /// database. The budget here counts every body; [`crate::relay::plan`]
+    /// database. The budget here counts every body; [`crate::planner::plan`]
     /// counts only those it publishes, so a planned body this withheld is
-    /// fetched apart ([`crate::relay::take_bodies`]).
+    /// fetched apart ([`crate::planner::take_bodies`]).
     ///
     /// Rows are taken in [`CLAIM_ORDER`] through the partial index, which
     /// lets the scan stop after `$1` rows; with `after_cursor` only rows
@@ -1321,6 +1320,27 @@ impl ClaimedRow {
         };
         Ok((claimed, fetched))
     }
+}
+
+/// One fetched data row: its body and its status row's message columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// `message_id` as text.
+    pub id: String,
+    /// The body bytes.
+    pub body: Vec<u8>,
+    /// Routing and properties (the same for every data row of an id).
+    pub fields: MessageFields,
+}
+
+/// A row's place in the order claims take rows in
+/// ([`CLAIM_ORDER`]), where the next claim starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimPosition {
+    /// The row's `relay_enqueued_at`.
+    pub enqueued_at: EnqueuedAt,
+    /// The row's `message_id` as text.
+    pub id: String,
 }
 
 /// A `relay_enqueued_at` value exactly as PostgreSQL sent it, to be sent
