@@ -12,7 +12,8 @@
 //! * [`routing`]: each message's exchange, routing key and properties.
 //! * [`mq`]: the AMQP connection owner and the declared topology;
 //!   [`mq::publisher`] confirm-mode publishing, [`mq::table`] JSON → AMQP tables.
-//! * [`worker`]: claim, publish, confirm, mark, commit.
+//! * [`worker`]: a worker's loop; its batch as named steps (claim,
+//!   publish, confirm, mark, commit) with a typed outcome.
 //! * [`service`]: wiring, start-up and the ordered shutdown.
 //! * [`retention`]: optional deletion of old transferred rows.
 //! * [`metrics`], [`admin`]: Prometheus metrics and the `/metrics`,
