@@ -882,13 +882,19 @@ fn blank_comment_lines(text: &str) -> String {
 ///
 /// # Errors
 /// The parser's message; it never contains the URL (nor its password).
-pub fn amqp_uri(url: &str) -> Result<lapin::uri::AMQPUri, String> {
-    let mut uri: lapin::uri::AMQPUri = url.parse()?;
+pub fn amqp_uri(url: &str) -> Result<lapin::uri::AMQPUri, InvalidAmqpUrl> {
+    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(InvalidAmqpUrl)?;
     if uri.vhost.is_empty() {
         uri.vhost = "/".to_owned();
     }
     Ok(uri)
 }
+
+/// Why a text is not an AMQP URL: the parser's words (the parser gives no
+/// error type of its own), never the URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidAmqpUrl(String);
 
 /// Replaces the password of a URL's user info with `***`.
 ///

@@ -53,8 +53,8 @@ pub enum StartError {
     #[error("outbox schema: {0}")]
     Schema(#[from] db::outbox::SchemaError),
     /// The admin endpoint cannot listen.
-    #[error("{0}")]
-    Admin(String),
+    #[error(transparent)]
+    Admin(admin::BindError),
 }
 
 /// How often the backlog (pending rows, oldest age) is sampled for metrics.

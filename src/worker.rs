@@ -49,7 +49,7 @@ use crate::config::Config;
 use crate::db::outbox::{AttemptRule, ClaimPosition, Outbox, SchemaError, Statements};
 use crate::db::{self, SessionKind, describe};
 use crate::metrics::Metrics;
-use crate::mq::publisher::Publisher;
+use crate::mq::publisher::{ChannelFailure, Publisher};
 use crate::mq::{self, BrokerState};
 use crate::routing::Router;
 use batch::{BatchOutcome, Steps};
@@ -62,9 +62,9 @@ const TRANSACTION_MARGIN: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 enum BatchError {
     #[error("postgres: {0}")]
-    Database(String),
+    Database(#[from] DatabaseFault),
     #[error("rabbitmq: {0}")]
-    Broker(String),
+    Broker(#[from] BrokerFault),
     /// Part of the configured topology is gone; reported through the
     /// broker state, not per batch.
     #[error("rabbitmq topology: {0}")]
@@ -73,34 +73,88 @@ enum BatchError {
     Stopping,
 }
 
+/// A batch's fault on the database's side, sorted by SQLSTATE when the
+/// server sent one.
+#[derive(Debug, thiserror::Error)]
+enum DatabaseFault {
+    /// A statement prepared by name met another server session: PostgreSQL
+    /// is behind a transaction pooler ([`db::transaction_pooler_seen`]).
+    #[error(
+        "{}: the session's transactions run on different server sessions (a transaction pooler); \
+         the next session keeps nothing across transactions",
+        describe(.0)
+    )]
+    TransactionPooler(#[source] tokio_postgres::Error),
+    /// `feature_not_supported` (0A000): the only one the relay's own
+    /// prepared statements can meet is a column they read changing type
+    /// (see `db::outbox`).
+    #[error(
+        "the outbox's columns changed under the prepared statements ({}); \
+         their types are read again on a new session",
+        describe(.0)
+    )]
+    ColumnsRetyped(#[source] tokio_postgres::Error),
+    /// A session fault: the session is dropped after the failed batch and
+    /// the new one goes to the server that accepts writes.
+    #[error(
+        "the server is read-only, a standby or a demoted primary ({}); \
+         reconnecting to the server that accepts writes",
+        describe(.0)
+    )]
+    ReadOnly(#[source] tokio_postgres::Error),
+    /// Any other error of the server or the session.
+    #[error("{}", describe(.0))]
+    Query(#[source] tokio_postgres::Error),
+    /// An update of the outbox refused for no row at all (a revoked grant):
+    /// the table's fault, so no row is charged.
+    #[error(
+        "the database refuses the relay's update of the outbox itself, for any row: {}",
+        describe(.0)
+    )]
+    OutboxRefused(#[source] tokio_postgres::Error),
+    /// The outbox's columns cannot be used as they are (or changed while
+    /// they were read).
+    #[error(transparent)]
+    Schema(SchemaError),
+    /// A statement got no answer in time (`postgres.query_timeout_ms`).
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A batch's fault on the broker's side.
+#[derive(Debug, thiserror::Error)]
+enum BrokerFault {
+    /// The batch's channel cannot be used again.
+    #[error(transparent)]
+    Channel(ChannelFailure),
+    /// The broker nacked messages.
+    #[error(
+        "broker nacked {0} messages (a queue limit with overflow reject-publish, or a broker fault)"
+    )]
+    Nacked(usize),
+    /// No confirm-mode channel could be opened.
+    #[error("open a confirm channel: {0}")]
+    OpenChannel(#[source] Box<lapin::Error>),
+    /// The broker did not say in time whether the exchanges rows name exist.
+    #[error("no answer about the exchanges rows name")]
+    NoExchangeAnswer,
+    /// Asking whether the exchanges rows name exist failed.
+    #[error(transparent)]
+    ExchangeCheck(mq::BrokerError),
+}
+
 impl From<tokio_postgres::Error> for BatchError {
     fn from(e: tokio_postgres::Error) -> Self {
-        // The only unsupported feature the relay's own prepared statements
-        // can meet: a column they read changed type (`db::outbox`).
-        if db::transaction_pooler_seen(&e) {
-            return Self::Database(format!(
-                "{}: the session's transactions run on different server sessions (a transaction pooler); \
-                 the next session keeps nothing across transactions",
-                describe(&e)
-            ));
-        }
-        if e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED) {
-            return Self::Database(format!(
-                "the outbox's columns changed under the prepared statements ({}); \
-                 their types are read again on a new session",
-                describe(&e)
-            ));
-        }
-        // A session fault: the batch fails (the session is always dropped
-        // after a failed batch) and the new one goes to the writable server.
-        if db::is_read_only(&e) {
-            return Self::Database(format!(
-                "the server is read-only, a standby or a demoted primary ({}); \
-                 reconnecting to the server that accepts writes",
-                describe(&e)
-            ));
-        }
-        Self::Database(describe(&e))
+        let fault = if db::transaction_pooler_seen(&e) {
+            DatabaseFault::TransactionPooler(e)
+        } else if e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED) {
+            DatabaseFault::ColumnsRetyped(e)
+        } else if db::is_read_only(&e) {
+            DatabaseFault::ReadOnly(e)
+        } else {
+            DatabaseFault::Query(e)
+        };
+        Self::Database(fault)
     }
 }
 
@@ -315,13 +369,10 @@ impl Worker {
         }
         if let Some(failure) = outcome.channel_failure {
             self.publisher = None;
-            return Err(BatchError::Broker(failure.to_string()));
+            return Err(BrokerFault::Channel(failure).into());
         }
         if outcome.nacked > 0 {
-            return Err(BatchError::Broker(format!(
-                "broker nacked {} messages (a queue limit with overflow reject-publish, or a broker fault)",
-                outcome.nacked
-            )));
+            return Err(BrokerFault::Nacked(outcome.nacked).into());
         }
         Ok(outcome.claimed >= self.config.relay.batch_size
             || outcome.deferred > 0
@@ -411,7 +462,7 @@ impl Worker {
         };
         let publisher = Publisher::open(connection)
             .await
-            .map_err(|e| BatchError::Broker(format!("open a confirm channel: {e}")))?;
+            .map_err(|e| BrokerFault::OpenChannel(Box::new(e)))?;
         self.publisher = Some(publisher);
         Ok(())
     }
@@ -501,8 +552,8 @@ async fn within_schema<T>(
     match tokio::time::timeout(limit, call).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(SchemaError::Query(e))) => Err(e.into()),
-        Ok(Err(e)) => Err(BatchError::Database(e.to_string())),
-        Err(_) => Err(BatchError::Database(format!("no answer within {limit:?}"))),
+        Ok(Err(e)) => Err(DatabaseFault::Schema(e).into()),
+        Err(_) => Err(DatabaseFault::Timeout(limit).into()),
     }
 }
 
@@ -514,7 +565,7 @@ async fn within<T>(
 ) -> Result<T, BatchError> {
     match tokio::time::timeout(limit, call).await {
         Ok(result) => result.map_err(Into::into),
-        Err(_) => Err(BatchError::Database(format!("no answer within {limit:?}"))),
+        Err(_) => Err(DatabaseFault::Timeout(limit).into()),
     }
 }
 

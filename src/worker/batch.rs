@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio_postgres::{Client, Transaction};
 use tracing::{debug, error, warn};
 
-use super::{BatchError, ClaimCursor, Unwritable, within};
+use super::{BatchError, BrokerFault, ClaimCursor, DatabaseFault, Unwritable, within};
 use crate::config::RelayConfig;
 use crate::db::outbox::{
     self, AttemptRule, Claim, ClaimLimits, Fetched, RecordedFailure, Statements,
@@ -325,9 +325,9 @@ impl Steps<'_> {
             publisher.missing_exchanges(&batch.messages),
         )
         .await
-        .map_err(|_| BatchError::Broker("no answer about the exchanges rows name".into()))?;
+        .map_err(|_| BrokerFault::NoExchangeAnswer)?;
         let mut unusable: HashMap<String, Hold> = missing
-            .map_err(BatchError::Broker)?
+            .map_err(BrokerFault::ExchangeCheck)?
             .into_iter()
             .map(|x| (x.clone(), Hold::NoExchange(x)))
             .collect();
@@ -760,7 +760,7 @@ where
             };
             tokio::time::timeout(limit, both)
                 .await
-                .map_err(|_| BatchError::Database(format!("no answer within {limit:?}")))
+                .map_err(|_| BatchError::from(DatabaseFault::Timeout(limit)))
         }
     };
     let refused_by_row = |e: tokio_postgres::Error| {
@@ -780,10 +780,7 @@ where
             // fails too, the fault is the table's and no row is charged.
             if let Err(e) = attempt(Vec::new()).await? {
                 within(limit, tx.batch_execute(outbox::ROLLBACK_TO_SAVEPOINT)).await?;
-                return Err(BatchError::Database(format!(
-                    "the database refuses the relay's update of the outbox itself, for any row: {}",
-                    describe(&e)
-                )));
+                return Err(DatabaseFault::OutboxRefused(e).into());
             }
             if let [row] = rows {
                 return Ok((Vec::new(), vec![(row, words)]));
