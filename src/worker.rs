@@ -27,7 +27,7 @@
 //! no transaction spans an outage, and it keeps its claim transaction alive
 //! while a blocked broker holds back the confirms of a batch already sent.
 //!
-//! The batch itself, step by step, and what it reports are in [`batch`];
+//! The batch itself, step by step, and what it reports are in `batch`;
 //! this module keeps the loop, the session and channel a worker owns, its
 //! back-off, and its reactions to a batch's outcome.
 

@@ -32,7 +32,7 @@ use crate::routing::Router;
 
 /// How long rows naming an exchange the broker refused fail without being
 /// published; after it, one more try shows whether the refusal still holds.
-pub(super) const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
+const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 
 /// What the steps of one batch read, borrowed from the worker for the batch.
 pub(super) struct Steps<'w> {
