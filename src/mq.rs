@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::protocol::AMQPSoftError;
+use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
@@ -31,7 +31,6 @@ use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{BrokerNode, ExchangeConfig, QueueConfig, RabbitConfig};
-use publisher::{channel_error, soft_kind};
 
 /// Heartbeat asked for when the URL sets none: a dead broker is noticed in
 /// about two intervals.
@@ -40,6 +39,23 @@ const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
 /// How often the owner double-checks the connection besides its events.
 const STATUS_CHECK: Duration = Duration::from_secs(1);
+
+/// The channel-level (soft) AMQP error behind `error`, if that is what it is:
+/// such an error closes one channel and leaves the connection up.
+pub fn channel_error(error: &lapin::Error) -> Option<&AMQPError> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) if matches!(e.kind(), AMQPErrorKind::Soft(_)) => Some(e),
+        _ => None,
+    }
+}
+
+/// The soft error kind of a channel-level error.
+pub fn soft_kind(error: &AMQPError) -> Option<&AMQPSoftError> {
+    match error.kind() {
+        AMQPErrorKind::Soft(kind) => Some(kind),
+        AMQPErrorKind::Hard(_) => None,
+    }
+}
 
 /// What the workers need to know about the broker.
 #[derive(Clone, Default)]

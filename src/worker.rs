@@ -32,131 +32,34 @@
 //! back-off, and its reactions to a batch's outcome.
 
 mod batch;
+mod error;
+mod unwritable;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 use tokio_postgres::Client;
-use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::db::outbox::{AttemptRule, ClaimPosition, Outbox, SchemaError, Statements};
-use crate::db::{self, SessionKind, describe};
+use crate::db::outbox::{Outbox, Statements};
+use crate::db::{self, SessionKind};
 use crate::metrics::Metrics;
-use crate::mq::publisher::{ChannelFailure, Publisher};
+use crate::mq::publisher::Publisher;
 use crate::mq::{self, BrokerState};
 use crate::routing::Router;
+pub use batch::ClaimCursor;
 use batch::{BatchOutcome, Steps};
+use error::{BatchError, BrokerFault, within, within_schema};
+pub use unwritable::Unwritable;
 
 /// Extra time a claim transaction may stay open beyond the confirm timeout
 /// before the server ends it (and releases its locks).
 const TRANSACTION_MARGIN: Duration = Duration::from_secs(30);
-
-/// Why one batch attempt failed; its rows stay pending.
-#[derive(Debug, thiserror::Error)]
-enum BatchError {
-    #[error("postgres: {0}")]
-    Database(#[from] DatabaseFault),
-    #[error("rabbitmq: {0}")]
-    Broker(#[from] BrokerFault),
-    /// Part of the configured topology is gone; reported through the
-    /// broker state, not per batch.
-    #[error("rabbitmq topology: {0}")]
-    Topology(String),
-    #[error("stopping")]
-    Stopping,
-}
-
-/// A batch's fault on the database's side, sorted by SQLSTATE when the
-/// server sent one.
-#[derive(Debug, thiserror::Error)]
-enum DatabaseFault {
-    /// A statement prepared by name met another server session: PostgreSQL
-    /// is behind a transaction pooler ([`db::transaction_pooler_seen`]).
-    #[error(
-        "{}: the session's transactions run on different server sessions (a transaction pooler); \
-         the next session keeps nothing across transactions",
-        describe(.0)
-    )]
-    TransactionPooler(#[source] tokio_postgres::Error),
-    /// `feature_not_supported` (0A000): the only one the relay's own
-    /// prepared statements can meet is a column they read changing type
-    /// (see `db::outbox`).
-    #[error(
-        "the outbox's columns changed under the prepared statements ({}); \
-         their types are read again on a new session",
-        describe(.0)
-    )]
-    ColumnsRetyped(#[source] tokio_postgres::Error),
-    /// A session fault: the session is dropped after the failed batch and
-    /// the new one goes to the server that accepts writes.
-    #[error(
-        "the server is read-only, a standby or a demoted primary ({}); \
-         reconnecting to the server that accepts writes",
-        describe(.0)
-    )]
-    ReadOnly(#[source] tokio_postgres::Error),
-    /// Any other error of the server or the session.
-    #[error("{}", describe(.0))]
-    Query(#[source] tokio_postgres::Error),
-    /// An update of the outbox refused for no row at all (a revoked grant):
-    /// the table's fault, so no row is charged.
-    #[error(
-        "the database refuses the relay's update of the outbox itself, for any row: {}",
-        describe(.0)
-    )]
-    OutboxRefused(#[source] tokio_postgres::Error),
-    /// The outbox's columns cannot be used as they are (or changed while
-    /// they were read).
-    #[error(transparent)]
-    Schema(SchemaError),
-    /// A statement got no answer in time (`postgres.query_timeout_ms`).
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-}
-
-/// A batch's fault on the broker's side.
-#[derive(Debug, thiserror::Error)]
-enum BrokerFault {
-    /// The batch's channel cannot be used again.
-    #[error(transparent)]
-    Channel(ChannelFailure),
-    /// The broker nacked messages.
-    #[error(
-        "broker nacked {0} messages (a queue limit with overflow reject-publish, or a broker fault)"
-    )]
-    Nacked(usize),
-    /// No confirm-mode channel could be opened.
-    #[error("open a confirm channel: {0}")]
-    OpenChannel(#[source] Box<lapin::Error>),
-    /// The broker did not say in time whether the exchanges rows name exist.
-    #[error("no answer about the exchanges rows name")]
-    NoExchangeAnswer,
-    /// Asking whether the exchanges rows name exist failed.
-    #[error(transparent)]
-    ExchangeCheck(mq::BrokerError),
-}
-
-impl From<tokio_postgres::Error> for BatchError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        let fault = if db::transaction_pooler_seen(&e) {
-            DatabaseFault::TransactionPooler(e)
-        } else if e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED) {
-            DatabaseFault::ColumnsRetyped(e)
-        } else if db::is_read_only(&e) {
-            DatabaseFault::ReadOnly(e)
-        } else {
-            DatabaseFault::Query(e)
-        };
-        Self::Database(fault)
-    }
-}
 
 /// One claim-publish-mark loop.
 pub struct Worker {
@@ -203,77 +106,6 @@ pub struct WorkerContext {
     /// Rows whose failures the database refuses to record on the row.
     pub unwritable: Arc<Unwritable>,
 }
-
-/// Rows the database refuses any update of (a trigger or constraint that
-/// fires on every UPDATE of the row): neither marking them transferred nor
-/// recording their failure works, so they would be published again at every
-/// claim, without delay, forever. Their attempts are kept here instead, by
-/// the rule the table's bookkeeping follows (a doubling delay, held after
-/// `relay.max_attempts`), for the life of the relay process: the table is
-/// untouched, so the row stays pending there, and a restart (or another
-/// instance) starts counting again.
-#[derive(Debug, Default)]
-pub struct Unwritable(std::sync::Mutex<HashMap<String, UnwritableRow>>);
-
-/// One row in [`Unwritable`].
-#[derive(Debug)]
-struct UnwritableRow {
-    attempts: u32,
-    next_attempt: Instant,
-    held: bool,
-}
-
-impl Unwritable {
-    fn rows(&self) -> std::sync::MutexGuard<'_, HashMap<String, UnwritableRow>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Whether `id` waits out a delay or is held: not to be published now.
-    fn waiting(rows: &HashMap<String, UnwritableRow>, id: &str) -> bool {
-        rows.get(id)
-            .is_some_and(|r| r.held || r.next_attempt > Instant::now())
-    }
-
-    /// Charges one failed attempt to `id` under `rule`, the rule the table's
-    /// bookkeeping follows; returns `(attempts, held)`.
-    fn charge(&self, id: &str, rule: &AttemptRule) -> (u32, bool) {
-        let mut rows = self.rows();
-        let row = rows.entry(id.to_owned()).or_insert(UnwritableRow {
-            attempts: 0,
-            next_attempt: Instant::now(),
-            held: false,
-        });
-        row.attempts = row.attempts.saturating_add(1);
-        // The delay doubles per earlier attempt up to the cap, as on the table.
-        let doublings = row.attempts.saturating_sub(1).min(31);
-        row.next_attempt = Instant::now()
-            + rule
-                .delay
-                .saturating_mul(1u32 << doublings)
-                .min(rule.max_delay);
-        row.held = row.attempts >= rule.max_attempts;
-        (row.attempts, row.held)
-    }
-
-    /// Forgets the rows in `ids`: they were marked or recorded on the table.
-    fn forget<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
-        let mut rows = self.rows();
-        if !rows.is_empty() {
-            for id in ids {
-                rows.remove(id);
-            }
-        }
-    }
-}
-
-/// The position of a relay's claims in the backlog, shared by its workers.
-/// Claims walk the pending rows in claim order (oldest first) from here and
-/// wrap around at the end, so no row waits longer than one pass, however
-/// large the backlog.
-#[derive(Debug, Default)]
-pub struct ClaimCursor(tokio::sync::Mutex<Option<ClaimPosition>>);
 
 impl Worker {
     /// Worker number `index` of a relay.
@@ -541,66 +373,5 @@ impl Worker {
         }
         self.session = Some((client, statements));
         Ok(())
-    }
-}
-
-/// [`within`] for calls that read or check the outbox's columns.
-async fn within_schema<T>(
-    limit: Duration,
-    call: impl Future<Output = Result<T, SchemaError>>,
-) -> Result<T, BatchError> {
-    match tokio::time::timeout(limit, call).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(SchemaError::Query(e))) => Err(e.into()),
-        Ok(Err(e)) => Err(DatabaseFault::Schema(e).into()),
-        Err(_) => Err(DatabaseFault::Timeout(limit).into()),
-    }
-}
-
-/// Runs one database call with a deadline: a stalled link must not hang the
-/// worker (TCP keepalives cannot see a peer that acknowledges and never answers).
-async fn within<T>(
-    limit: Duration,
-    call: impl Future<Output = Result<T, tokio_postgres::Error>>,
-) -> Result<T, BatchError> {
-    match tokio::time::timeout(limit, call).await {
-        Ok(result) => result.map_err(Into::into),
-        Err(_) => Err(DatabaseFault::Timeout(limit).into()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rows_the_database_will_not_update_follow_the_attempt_rule_in_memory() {
-        let memory = Unwritable::default();
-        let rule = &AttemptRule {
-            delay: Duration::from_secs(3600),
-            max_delay: Duration::from_secs(7200),
-            max_attempts: 3,
-        };
-        assert!(!Unwritable::waiting(&memory.rows(), "a"));
-        assert_eq!(memory.charge("a", rule), (1, false));
-        // Waiting out its delay: not published.
-        assert!(Unwritable::waiting(&memory.rows(), "a"));
-        assert!(!Unwritable::waiting(&memory.rows(), "b"));
-        assert_eq!(memory.charge("a", rule), (2, false));
-        assert_eq!(memory.charge("a", rule), (3, true));
-        // Past any delay, a held row stays held; huge counts do not overflow.
-        let now = &AttemptRule {
-            delay: Duration::ZERO,
-            max_delay: Duration::ZERO,
-            max_attempts: u32::MAX,
-        };
-        assert_eq!(memory.charge("b", now), (1, false));
-        assert!(!Unwritable::waiting(&memory.rows(), "b"));
-        memory.rows().get_mut("b").unwrap().attempts = u32::MAX - 1;
-        assert_eq!(memory.charge("b", now), (u32::MAX, true));
-        assert!(Unwritable::waiting(&memory.rows(), "b"));
-        // Marked or recorded on the table: forgotten.
-        memory.forget(["a", "b"]);
-        assert!(memory.rows().is_empty());
     }
 }

@@ -794,9 +794,10 @@ impl Outbox {
     /// within `$3` bytes counted from the first row (whose body always
     /// comes). So one statement claims and reads a whole batch, while an
     /// oversized body, or one past the batch's budget, never leaves the
-    /// database. The budget here counts every body; [`crate::planner::plan`]
+    /// database. The budget here counts every body; the planner's `plan`
     /// counts only those it publishes, so a planned body this withheld is
-    /// fetched apart ([`crate::planner::take_bodies`]).
+    /// fetched apart (the planner's `take_bodies`, then
+    /// [`Statements::bodies`]).
     ///
     /// Rows are taken in [`CLAIM_ORDER`] through the partial index, which
     /// lets the scan stop after `$1` rows; with `after_cursor` only rows

@@ -23,10 +23,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
+use lapin::protocol::AMQPError;
 use lapin::types::ShortString;
 use lapin::{Channel, Confirmation, Connection};
 
+use super::{BrokerError, channel_error, exchange_exists};
 use crate::config::AMQP_MAX_SHORT_STRING;
 use crate::routing::Destination;
 
@@ -63,23 +64,6 @@ pub enum Delivery {
     /// channel-level error such as 406 for a body over its size limit, or
     /// 404 / 403 for its exchange).
     Refused(AMQPError),
-}
-
-/// The channel-level (soft) AMQP error behind `error`, if that is what it is:
-/// such an error closes one channel and leaves the connection up.
-pub fn channel_error(error: &lapin::Error) -> Option<&AMQPError> {
-    match error.kind() {
-        lapin::ErrorKind::ProtocolError(e) if matches!(e.kind(), AMQPErrorKind::Soft(_)) => Some(e),
-        _ => None,
-    }
-}
-
-/// The soft error kind of a channel-level error.
-pub fn soft_kind(error: &AMQPError) -> Option<&AMQPSoftError> {
-    match error.kind() {
-        AMQPErrorKind::Soft(kind) => Some(kind),
-        AMQPErrorKind::Hard(_) => None,
-    }
 }
 
 /// Why a batch's channel can no longer be used.
@@ -180,7 +164,7 @@ impl Publisher {
     pub async fn missing_exchanges(
         &mut self,
         messages: &[Message],
-    ) -> Result<HashSet<String>, super::BrokerError> {
+    ) -> Result<HashSet<String>, BrokerError> {
         let mut missing = HashSet::new();
         for message in messages {
             let d = &message.destination;
@@ -192,7 +176,7 @@ impl Publisher {
             {
                 continue;
             }
-            if super::exchange_exists(&self.connection, name).await? {
+            if exchange_exists(&self.connection, name).await? {
                 self.known_exchanges.insert(name.to_owned());
             } else {
                 missing.insert(name.to_owned());

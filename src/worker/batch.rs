@@ -18,21 +18,29 @@ use tokio::sync::watch;
 use tokio_postgres::{Client, Transaction};
 use tracing::{debug, error, warn};
 
-use super::{BatchError, BrokerFault, ClaimCursor, DatabaseFault, Unwritable, within};
+use super::error::{BatchError, BrokerFault, DatabaseFault, within};
+use super::unwritable::Unwritable;
 use crate::config::RelayConfig;
 use crate::db::outbox::{
-    self, AttemptRule, Claim, ClaimLimits, Fetched, RecordedFailure, Statements,
+    self, AttemptRule, Claim, ClaimLimits, ClaimPosition, Fetched, RecordedFailure, Statements,
 };
 use crate::db::{self, describe};
 use crate::metrics::Metrics;
-use crate::mq::BrokerState;
-use crate::mq::publisher::{BatchReport, ChannelFailure, Delivery, Message, Publisher, soft_kind};
+use crate::mq::publisher::{BatchReport, ChannelFailure, Delivery, Message, Publisher};
+use crate::mq::{BrokerState, soft_kind};
 use crate::planner::{Assembled, Hold, Plan, assemble, plan, take_bodies};
 use crate::routing::Router;
 
 /// How long rows naming an exchange the broker refused fail without being
 /// published; after it, one more try shows whether the refusal still holds.
 const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
+
+/// The position of a relay's claims in the backlog, shared by its workers.
+/// Claims walk the pending rows in claim order (oldest first) from here and
+/// wrap around at the end, so no row waits longer than one pass, however
+/// large the backlog.
+#[derive(Debug, Default)]
+pub struct ClaimCursor(tokio::sync::Mutex<Option<ClaimPosition>>);
 
 /// What the steps of one batch read, borrowed from the worker for the batch.
 pub(super) struct Steps<'w> {
