@@ -60,10 +60,22 @@ pub struct AdminState {
 ///
 /// # Errors
 /// The address is taken or not local to this host; the text names the key.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        format!("key admin.listen: cannot listen on {addr}: {e}; pick another address, or set it to \"\" to turn the endpoint off")
-    })
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { addr, source })
+}
+
+/// Why the endpoint cannot listen on its address.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "key admin.listen: cannot listen on {addr}: {source}; pick another address, or set it to \"\" to turn the endpoint off"
+)]
+pub struct BindError {
+    /// The address.
+    pub addr: SocketAddr,
+    /// The system's refusal.
+    pub source: std::io::Error,
 }
 
 /// How long a client may take to send a request's headers (and how long an

@@ -23,13 +23,19 @@ pub const AMQP_MAX_SHORT_STRING: usize = 255;
 ///
 /// # Errors
 /// The parser's message; it never contains the URL (nor its password).
-pub fn parse_uri(url: &str) -> Result<AMQPUri, String> {
-    let mut uri: AMQPUri = url.parse()?;
+pub fn parse_uri(url: &str) -> Result<AMQPUri, InvalidAmqpUrl> {
+    let mut uri: AMQPUri = url.parse().map_err(InvalidAmqpUrl)?;
     if uri.vhost.is_empty() {
         uri.vhost = "/".to_owned();
     }
     Ok(uri)
 }
+
+/// Why a text is not an AMQP URL: the parser's words (the parser gives no
+/// error type of its own), never the URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidAmqpUrl(String);
 
 /// The channel-level (soft) AMQP error behind `error`, if that is what it is:
 /// such an error closes one channel and leaves the connection up.

@@ -22,8 +22,9 @@
 //!    confirm-mode publishing.
 //! 5. [`metrics`], [`admin`]: Prometheus metrics and the `/metrics`,
 //!    `/healthz`, `/readyz` endpoint; [`db::listener`] LISTEN.
-//! 6. [`relay`]: pure per-row decisions (which claimed rows become messages).
-//! 7. [`worker`]: claim, publish, confirm, mark, commit; [`retention`]:
+//! 6. [`planner`]: pure per-row decisions (which claimed rows become messages).
+//! 7. [`worker`]: a worker's loop, its batch as named steps (claim,
+//!    publish, confirm, mark, commit) with a typed outcome; [`retention`]:
 //!    optional deletion of old transferred rows.
 //! 8. [`service`]: wiring, start-up and the ordered shutdown.
 //! 9. [`cli`], [`cmd`]: the `pushoccurrence` command line.
@@ -37,8 +38,8 @@ pub mod config;
 pub mod db;
 pub mod metrics;
 pub mod mq;
+pub mod planner;
 pub mod progress;
-pub mod relay;
 pub mod retention;
 pub mod routing;
 pub mod service;

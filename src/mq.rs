@@ -11,6 +11,7 @@
 
 pub mod publisher;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,6 +72,118 @@ impl std::fmt::Debug for BrokerState {
     }
 }
 
+/// What went wrong talking to the broker, in words an operator can act on,
+/// with the client's error as the source. Nodes are named by their redacted
+/// URLs: never a password.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// A node's URL does not parse (config validation parses it first).
+    #[error("invalid URL {node}: {source}")]
+    InvalidUrl {
+        /// The node, redacted.
+        node: String,
+        /// The parser's words.
+        source: amqp::InvalidAmqpUrl,
+    },
+    /// `rabbitmq.ca_file` cannot be read.
+    #[error("read rabbitmq.ca_file {}: {source}", .path.display())]
+    ReadCaFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The connection failed.
+    #[error("connect to {node}: {source}")]
+    Connect {
+        /// The node, redacted.
+        node: String,
+        /// The client's error.
+        source: Box<lapin::Error>,
+    },
+    /// The node accepted the connection and did not finish the handshake.
+    #[error("connect to {node}: no AMQP handshake within {limit:?}")]
+    NoHandshake {
+        /// The node, redacted.
+        node: String,
+        /// How long it had.
+        limit: Duration,
+    },
+    /// The node did not answer the declarations.
+    #[error("declaring the topology on {node}: no answer within {limit:?}")]
+    NoDeclareAnswer {
+        /// The node, redacted.
+        node: String,
+        /// How long it had.
+        limit: Duration,
+    },
+    /// A channel could not be opened.
+    #[error("open a channel: {0}")]
+    OpenChannel(#[source] Box<lapin::Error>),
+    /// The broker refused to declare (or passively check) an exchange or a
+    /// queue; the text says what to change, by the refusal's kind.
+    #[error("{}", explain(.what, .key, .source))]
+    Declare {
+        /// `exchange 'x'`, `queue 'q'`.
+        what: String,
+        /// Where it is configured.
+        key: String,
+        /// The broker's refusal.
+        source: Box<lapin::Error>,
+    },
+    /// The broker refused a configured binding.
+    #[error(
+        "binding queue '{queue}' to exchange '{exchange}' (rabbitmq.bindings[{index}]) failed: {source}; \
+         both must be declared in the config or exist on the broker"
+    )]
+    Bind {
+        /// The queue.
+        queue: String,
+        /// The exchange.
+        exchange: String,
+        /// Its place in `rabbitmq.bindings`.
+        index: usize,
+        /// The broker's refusal.
+        source: Box<lapin::Error>,
+    },
+    /// A configured route names an exchange that is neither declared nor on
+    /// the broker.
+    #[error(
+        "exchange '{exchange}' named by {key} does not exist; declare it in rabbitmq.exchanges"
+    )]
+    MissingExchange {
+        /// The exchange.
+        exchange: String,
+        /// The route's key.
+        key: String,
+    },
+    /// An exchange name too long to be asked about.
+    #[error("exchange name of {0} bytes is too long for AMQP")]
+    ExchangeNameTooLong(usize),
+    /// Asking whether an exchange exists failed (other than "not found").
+    #[error("check exchange '{name}': {source}")]
+    CheckExchange {
+        /// The exchange.
+        name: String,
+        /// The client's error.
+        source: Box<lapin::Error>,
+    },
+    /// No node could be connected to: each node's failure, in the
+    /// configured order (so the same outage reads the same whatever order
+    /// the nodes were tried in).
+    #[error("{}", join_failures(.0))]
+    NoNode(Vec<BrokerError>),
+}
+
+/// The failures of several nodes, one after the other.
+fn join_failures(failures: &[BrokerError]) -> String {
+    failures
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Connects to the first of the broker's nodes that answers, tried in a new
 /// random order each time unless `rabbitmq.shuffle_urls` is off, and
 /// declares the topology. Returns the connection and the node's redacted
@@ -79,7 +192,7 @@ impl std::fmt::Debug for BrokerState {
 /// # Errors
 /// Each node's failure, in the configured order (so the same outage reads
 /// the same whatever order the nodes were tried in); never a password.
-pub async fn connect(cfg: &RabbitConfig) -> Result<(Connection, String), String> {
+pub async fn connect(cfg: &RabbitConfig) -> Result<(Connection, String), BrokerError> {
     let mut order: Vec<(usize, &BrokerNode)> = cfg.nodes.iter().enumerate().collect();
     if cfg.shuffle_nodes {
         fastrand::shuffle(&mut order);
@@ -91,12 +204,10 @@ pub async fn connect(cfg: &RabbitConfig) -> Result<(Connection, String), String>
             Err(reason) => failures.push((index, reason)),
         }
     }
-    failures.sort();
-    Err(failures
-        .into_iter()
-        .map(|(_, reason)| reason)
-        .collect::<Vec<_>>()
-        .join("; "))
+    failures.sort_by_key(|(index, _)| *index);
+    Err(BrokerError::NoNode(
+        failures.into_iter().map(|(_, reason)| reason).collect(),
+    ))
 }
 
 /// Opens a connection to one node and declares the topology on a
@@ -104,9 +215,16 @@ pub async fn connect(cfg: &RabbitConfig) -> Result<(Connection, String), String>
 ///
 /// # Errors
 /// A description of the failure that never contains the password.
-pub async fn connect_node(cfg: &RabbitConfig, node: &BrokerNode) -> Result<Connection, String> {
-    let mut uri: AMQPUri = amqp::parse_uri(node.url.expose())
-        .map_err(|e| format!("invalid URL {}: {e}", node.redacted))?;
+pub async fn connect_node(
+    cfg: &RabbitConfig,
+    node: &BrokerNode,
+) -> Result<Connection, BrokerError> {
+    let name = || node.redacted.clone();
+    let mut uri: AMQPUri =
+        amqp::parse_uri(node.url.expose()).map_err(|source| BrokerError::InvalidUrl {
+            node: name(),
+            source,
+        })?;
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     let limit = Duration::from_millis(
         *uri.query
@@ -120,10 +238,12 @@ pub async fn connect_node(cfg: &RabbitConfig, node: &BrokerNode) -> Result<Conne
     let tls = match &cfg.ca_file {
         Some(path) => OwnedTLSConfig {
             identity: None,
-            cert_chain: Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| format!("read rabbitmq.ca_file {}: {e}", path.display()))?,
-            ),
+            cert_chain: Some(std::fs::read_to_string(path).map_err(|source| {
+                BrokerError::ReadCaFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?),
         },
         None => OwnedTLSConfig::default(),
     };
@@ -131,27 +251,29 @@ pub async fn connect_node(cfg: &RabbitConfig, node: &BrokerNode) -> Result<Conne
     // accepts the connection and never speaks AMQP would hold this connect,
     // and every node after it, forever. The whole handshake gets the limit,
     // and so does the declaration.
+    let connect_failed = |source| BrokerError::Connect {
+        node: name(),
+        source: Box::new(source),
+    };
     let builder = DefaultConnectionBuilder::new()
-        .map_err(|e| format!("connect to {}: {e}", node.redacted))?
+        .map_err(connect_failed)?
         .with_uri(uri)
         .with_properties(properties)
         .with_tls_config(tls);
     let connection = tokio::time::timeout(limit, builder.connect())
         .await
-        .map_err(|_| {
-            format!(
-                "connect to {}: no AMQP handshake within {limit:?}",
-                node.redacted
-            )
+        .map_err(|_| BrokerError::NoHandshake {
+            node: name(),
+            limit,
         })?
-        .map_err(|e| format!("connect to {}: {e}", node.redacted))?;
+        .map_err(connect_failed)?;
     let declared = tokio::time::timeout(limit, declare_topology(&connection, cfg))
         .await
         .unwrap_or_else(|_| {
-            Err(format!(
-                "declaring the topology on {}: no answer within {limit:?}",
-                node.redacted
-            ))
+            Err(BrokerError::NoDeclareAnswer {
+                node: name(),
+                limit,
+            })
         });
     if let Err(e) = declared {
         let _closed =
@@ -168,7 +290,10 @@ pub async fn connect_node(cfg: &RabbitConfig, node: &BrokerNode) -> Result<Conne
 ///
 /// # Errors
 /// The first refusal, with the fix.
-pub async fn declare_topology(connection: &Connection, cfg: &RabbitConfig) -> Result<(), String> {
+pub async fn declare_topology(
+    connection: &Connection,
+    cfg: &RabbitConfig,
+) -> Result<(), BrokerError> {
     // A refusal closes the channel, and the first refusal ends the run.
     let channel = open_channel(connection).await?;
     for (i, exchange) in cfg.exchanges.iter().enumerate() {
@@ -188,12 +313,11 @@ pub async fn declare_topology(connection: &Connection, cfg: &RabbitConfig) -> Re
                 binding.arguments.clone(),
             )
             .await
-            .map_err(|e| {
-                format!(
-                    "binding queue '{}' to exchange '{}' (rabbitmq.bindings[{i}]) failed: {e}; \
-                     both must be declared in the config or exist on the broker",
-                    binding.queue, binding.exchange
-                )
+            .map_err(|source| BrokerError::Bind {
+                queue: binding.queue.clone(),
+                exchange: binding.exchange.clone(),
+                index: i,
+                source: Box::new(source),
             })?;
     }
     let routes = std::iter::once(("rabbitmq.exchange".to_owned(), &cfg.default_route)).chain(
@@ -207,10 +331,10 @@ pub async fn declare_topology(connection: &Connection, cfg: &RabbitConfig) -> Re
             continue;
         }
         if !exchange_exists(connection, &route.exchange).await? {
-            return Err(format!(
-                "exchange '{}' named by {key} does not exist; declare it in rabbitmq.exchanges",
-                route.exchange
-            ));
+            return Err(BrokerError::MissingExchange {
+                exchange: route.exchange.clone(),
+                key,
+            });
         }
     }
     let _closed = channel.close(200, "declared".into()).await;
@@ -222,9 +346,9 @@ pub async fn declare_topology(connection: &Connection, cfg: &RabbitConfig) -> Re
 ///
 /// # Errors
 /// Any failure other than "not found".
-pub async fn exchange_exists(connection: &Connection, name: &str) -> Result<bool, String> {
-    let name = ShortString::try_new(name)
-        .map_err(|_| format!("exchange name of {} bytes is too long for AMQP", name.len()))?;
+pub async fn exchange_exists(connection: &Connection, name: &str) -> Result<bool, BrokerError> {
+    let name =
+        ShortString::try_new(name).map_err(|_| BrokerError::ExchangeNameTooLong(name.len()))?;
     let channel = open_channel(connection).await?;
     let options = ExchangeDeclareOptions {
         passive: true,
@@ -246,19 +370,23 @@ pub async fn exchange_exists(connection: &Connection, name: &str) -> Result<bool
         Err(e) if channel_error(&e).and_then(soft_kind) == Some(&AMQPSoftError::NOTFOUND) => {
             Ok(false)
         }
-        Err(e) => Err(format!("check exchange '{name}': {e}")),
+        Err(source) => Err(BrokerError::CheckExchange {
+            name: name.to_string(),
+            source: Box::new(source),
+        }),
     }
 }
 
-async fn open_channel(connection: &Connection) -> Result<Channel, String> {
+async fn open_channel(connection: &Connection) -> Result<Channel, BrokerError> {
     connection
         .create_channel()
         .await
-        .map_err(|e| format!("open a channel: {e}"))
+        .map_err(|e| BrokerError::OpenChannel(Box::new(e)))
 }
 
 /// A refused declaration of `what` (`exchange 'x'`, `queue 'q'`),
-/// configured at `key`, as an operator can act on it.
+/// configured at `key`, as an operator can act on it: by the refusal's
+/// kind, never its text.
 fn explain(what: &str, key: &str, error: &lapin::Error) -> String {
     let text = error.to_string();
     match channel_error(error).and_then(soft_kind) {
@@ -280,7 +408,7 @@ async fn declare_exchange(
     channel: &Channel,
     exchange: &ExchangeConfig,
     key: &str,
-) -> Result<(), String> {
+) -> Result<(), BrokerError> {
     let options = ExchangeDeclareOptions {
         passive: exchange.passive,
         durable: exchange.durable,
@@ -296,11 +424,19 @@ async fn declare_exchange(
             exchange.arguments.clone(),
         )
         .await
-        .map_err(|e| explain(&format!("exchange '{}'", exchange.name), key, &e))
+        .map_err(|source| BrokerError::Declare {
+            what: format!("exchange '{}'", exchange.name),
+            key: key.to_owned(),
+            source: Box::new(source),
+        })
 }
 
 /// Declares (or passively checks) one queue.
-async fn declare_queue(channel: &Channel, queue: &QueueConfig, key: &str) -> Result<(), String> {
+async fn declare_queue(
+    channel: &Channel,
+    queue: &QueueConfig,
+    key: &str,
+) -> Result<(), BrokerError> {
     let options = QueueDeclareOptions {
         passive: queue.passive,
         durable: queue.durable,
@@ -312,7 +448,11 @@ async fn declare_queue(channel: &Channel, queue: &QueueConfig, key: &str) -> Res
         .queue_declare(queue.name.as_str().into(), options, queue.arguments.clone())
         .await
         .map(|_| ())
-        .map_err(|e| explain(&format!("queue '{}'", queue.name), key, &e))
+        .map_err(|source| BrokerError::Declare {
+            what: format!("queue '{}'", queue.name),
+            key: key.to_owned(),
+            source: Box::new(source),
+        })
 }
 
 /// Owns the AMQP connection and publishes its state.
@@ -374,7 +514,9 @@ impl BrokerLink {
                         continue;
                     }
                 }
-                Err(reason) => {
+                Err(failure) => {
+                    // Compared by its words: the same outage reads the same.
+                    let reason = failure.to_string();
                     let attempt = self.backoff.attempts();
                     match &last_failure {
                         None => error!(%reason, attempt, "cannot connect to rabbitmq"),

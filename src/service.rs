@@ -25,7 +25,7 @@ use crate::db::outbox::{Outbox, PENDING_INDEX, REPEATABLE_IDS_WARNING};
 use crate::db::{self, SessionKind, describe, migrate};
 use crate::metrics::Metrics;
 use crate::mq::{BrokerLink, BrokerState};
-use crate::worker::{ClaimCursor, Shared, Worker};
+use crate::worker::{ClaimCursor, Worker, WorkerContext};
 
 /// The async runtime the relay runs on: one worker thread unless the
 /// `TOKIO_WORKER_THREADS` environment variable says otherwise (read by the
@@ -54,8 +54,8 @@ pub enum StartError {
     #[error("outbox schema: {0}")]
     Schema(#[from] db::outbox::SchemaError),
     /// The admin endpoint cannot listen.
-    #[error("{0}")]
-    Admin(String),
+    #[error(transparent)]
+    Admin(admin::BindError),
 }
 
 /// How often the backlog (pending rows, oldest age) is sampled for metrics.
@@ -172,7 +172,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     link_tasks.close();
 
     let workers = TaskTracker::new();
-    let shared = Shared {
+    let context = WorkerContext {
         config: config.clone(),
         outbox: outbox.clone(),
         broker: broker_tx,
@@ -182,7 +182,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         unwritable: Arc::default(),
     };
     for index in 0..config.relay.workers {
-        let worker = Worker::new(index, shared.clone(), backoff());
+        let worker = Worker::new(index, context.clone(), backoff());
         let token = stop.clone();
         workers.spawn(async move {
             // A worker that panics must not leave the relay half-running.

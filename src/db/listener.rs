@@ -50,6 +50,39 @@ fn probe_channel() -> String {
     format!("pushoccurrence_probe_{}_{nanos:x}_{n}", std::process::id())
 }
 
+/// Why a listener session (or a probe, or `status`'s check) failed, with
+/// the driver's error as the source.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    /// No server could be connected to.
+    #[error("connect: {}", describe(.0))]
+    Connect(#[source] tokio_postgres::Error),
+    /// `LISTEN` failed.
+    #[error("LISTEN: {}", describe(.0))]
+    Listen(#[source] tokio_postgres::Error),
+    /// `LISTEN` got no answer in time.
+    #[error("LISTEN: no answer within {0:?}")]
+    ListenTimeout(Duration),
+    /// The idle session's ping failed.
+    #[error("ping: {}", describe(.0))]
+    Ping(#[source] tokio_postgres::Error),
+    /// The idle session's ping got no answer in time.
+    #[error("ping got no answer within {0:?}")]
+    PingTimeout(Duration),
+    /// The session failed, or a statement on it (the probe's NOTIFY).
+    #[error("{}", describe(.0))]
+    Session(#[source] tokio_postgres::Error),
+    /// A statement got no answer in time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The server ended the session.
+    #[error("server closed the session")]
+    Closed,
+    /// The task polling the session ended abnormally.
+    #[error("driver task failed: {0}")]
+    Driver(#[source] tokio::task::JoinError),
+}
+
 /// What the last probe showed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Hearing {
@@ -70,7 +103,7 @@ async fn send_probe(
     pg: &PostgresConfig,
     channel: &str,
     nonce: &str,
-) -> Result<(), String> {
+) -> Result<(), ListenerError> {
     let limit = pg.query_timeout;
     if notifier
         .as_ref()
@@ -79,7 +112,7 @@ async fn send_probe(
         *notifier = None;
         let client = super::connect(pg, SessionKind::Plain)
             .await
-            .map_err(|e| format!("connect: {}", describe(&e)))?;
+            .map_err(ListenerError::Connect)?;
         *notifier = Some(client);
     }
     let client = notifier.as_ref().expect("opened above");
@@ -89,11 +122,11 @@ async fn send_probe(
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => {
             *notifier = None;
-            Err(describe(&e))
+            Err(ListenerError::Session(e))
         }
         Err(_) => {
             *notifier = None;
-            Err(format!("no answer within {limit:?}"))
+            Err(ListenerError::Timeout(limit))
         }
     }
 }
@@ -119,10 +152,13 @@ async fn probe_heard(heard: &mut mpsc::UnboundedReceiver<String>, nonce: &str) -
 ///
 /// # Errors
 /// A session could not be opened or a statement failed.
-pub async fn hears(listen: &PostgresConfig, notify: &PostgresConfig) -> Result<bool, String> {
+pub async fn hears(
+    listen: &PostgresConfig,
+    notify: &PostgresConfig,
+) -> Result<bool, ListenerError> {
     let (client, mut connection) = super::open_first_writable(listen)
         .await
-        .map_err(|e| format!("connect: {}", describe(&e)))?;
+        .map_err(ListenerError::Connect)?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -137,7 +173,7 @@ pub async fn hears(listen: &PostgresConfig, notify: &PostgresConfig) -> Result<b
         client
             .batch_execute(&format!("LISTEN {}", quote_ident(&channel)))
             .await
-            .map_err(|e| format!("LISTEN: {}", describe(&e)))?;
+            .map_err(ListenerError::Listen)?;
         let mut notifier = None;
         send_probe(&mut notifier, notify, &channel, "status").await?;
         Ok(probe_heard(&mut rx, "status").await)
@@ -274,15 +310,14 @@ impl Listener {
         &mut self,
         listen_sql: &str,
         token: &CancellationToken,
-    ) -> Result<(), String> {
+    ) -> Result<(), ListenerError> {
         let (probe_tx, mut probe_rx) = mpsc::unbounded_channel();
         let probe_channel = self.probe_channel.clone();
         // Bounded: a peer that accepts and never answers costs each server
         // its connect timeout, never the listener.
         let (client, mut connection) = tokio::select! {
             () = token.cancelled() => return Ok(()),
-            res = super::open_first_writable(&self.pg) => res
-                .map_err(|e| format!("connect: {}", describe(&e)))?,
+            res = super::open_first_writable(&self.pg) => res.map_err(ListenerError::Connect)?,
         };
         let limit = self.pg.query_timeout;
         // The driver must be polled for queries to progress; it never blocks
@@ -309,16 +344,16 @@ impl Listener {
                         wake.notify_one();
                     }
                     Ok(_) => {}
-                    Err(e) => return describe(&e),
+                    Err(e) => return ListenerError::Session(e),
                 }
             }
-            "server closed the session".to_owned()
+            ListenerError::Closed
         });
         let result = async {
-                        tokio::time::timeout(limit, client.batch_execute(listen_sql))
+            tokio::time::timeout(limit, client.batch_execute(listen_sql))
                 .await
-                .map_err(|_| format!("LISTEN: no answer within {limit:?}"))?
-                .map_err(|e| format!("LISTEN: {}", describe(&e)))?;
+                .map_err(|_| ListenerError::ListenTimeout(limit))?
+                .map_err(ListenerError::Listen)?;
             self.listening.send_replace(true);
             self.backoff.reset();
             info!(channels = ?self.channels, "listening");
@@ -332,7 +367,7 @@ impl Listener {
                 tokio::select! {
                     () = token.cancelled() => return Ok(()),
                     reason = &mut driver => {
-                        return Err(reason.unwrap_or_else(|e| format!("driver task failed: {e}")));
+                        return Err(reason.unwrap_or_else(ListenerError::Driver));
                     }
                     () = tokio::time::sleep(PING_INTERVAL) => {
                                                 match tokio::time::timeout(limit, client.simple_query("SELECT 1")).await {
@@ -340,8 +375,8 @@ impl Listener {
                                 () = token.cancelled() => return Ok(()),
                                 () = self.probe(&mut probe_rx) => {}
                             },
-                            Ok(Err(e)) => return Err(format!("ping: {}", describe(&e))),
-                            Err(_) => return Err(format!("ping got no answer within {limit:?}")),
+                            Ok(Err(e)) => return Err(ListenerError::Ping(e)),
+                            Err(_) => return Err(ListenerError::PingTimeout(limit)),
                         }
                     }
                 }

@@ -25,6 +25,8 @@
 //! The relay's indexes are described here by definition ([`IndexSpec`]),
 //! and [`index_state`] compares an existing index with one.
 
+use std::time::Duration;
+
 use bytes::BytesMut;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, accepts, to_sql_checked};
@@ -32,7 +34,6 @@ use tokio_postgres::{Client, GenericClient, Row, Statement, Transaction};
 use tracing::debug;
 
 use super::quote_ident;
-use crate::relay::Fetched;
 use crate::routing::{HEADERS_FETCH_LIMIT, MessageFields};
 
 /// The status table of the seed.
@@ -823,9 +824,10 @@ impl Outbox {
     /// within `$3` bytes counted from the first row (whose body always
     /// comes). So one statement claims and reads a whole batch, while an
     /// oversized body, or one past the batch's budget, never leaves the
-    /// database. The budget here counts every body; [`crate::relay::plan`]
+    /// database. The budget here counts every body; the planner's `plan`
     /// counts only those it publishes, so a planned body this withheld is
-    /// fetched apart ([`crate::relay::take_bodies`]).
+    /// fetched apart (the planner's `take_bodies`, then
+    /// [`Statements::bodies`]).
     ///
     /// Rows are taken in [`CLAIM_ORDER`] through the partial index, which
     /// lets the scan stop after `$1` rows; with `after_cursor` only rows
@@ -1316,10 +1318,7 @@ pub enum Query {
 
 impl Query {
     /// Runs the statement in `tx` with `params`.
-    ///
-    /// # Errors
-    /// The server's or the connection's error.
-    pub async fn run(
+    async fn run(
         &self,
         tx: &Transaction<'_>,
         params: &[&(dyn ToSql + Sync)],
@@ -1338,19 +1337,176 @@ impl Query {
     }
 }
 
-/// The statements of one session.
+/// The statements of one claim session, run with typed arguments: each
+/// binds its own parameters.
 #[derive(Debug, Clone)]
 pub struct Statements {
     /// See [`Outbox::claim_sql`], from the lowest id.
-    pub claim_first: Query,
+    claim_first: Query,
     /// See [`Outbox::claim_sql`], after a cursor.
-    pub claim_after: Query,
+    claim_after: Query,
     /// See [`Outbox::bodies_sql`].
-    pub bodies: Query,
+    bodies: Query,
     /// See [`Outbox::mark_sql`].
-    pub mark: Query,
+    mark: Query,
     /// See [`Outbox::fail_sql`].
-    pub fail: Query,
+    fail: Query,
+}
+
+impl Statements {
+    /// Locks up to `limits.rows` claimable rows, in [`CLAIM_ORDER`] from the
+    /// start or `after` a position, with the bodies that fit `limits` (see
+    /// [`Outbox::claim_sql`]).
+    ///
+    /// # Errors
+    /// The server's or the connection's error, or a row that does not
+    /// decode (the claim query changed).
+    pub async fn claim(
+        &self,
+        tx: &Transaction<'_>,
+        limits: &ClaimLimits,
+        after: Option<&ClaimPosition>,
+    ) -> Result<Claim, tokio_postgres::Error> {
+        let rows = i64::try_from(limits.rows).unwrap_or(i64::MAX);
+        let max_message = i64::try_from(limits.max_message_bytes).unwrap_or(i64::MAX);
+        let max_batch = i64::try_from(limits.max_batch_bytes).unwrap_or(i64::MAX);
+        let returned = match after {
+            None => {
+                self.claim_first
+                    .run(tx, &[&rows, &max_message, &max_batch])
+                    .await?
+            }
+            Some(after) => {
+                let params: [&(dyn ToSql + Sync); 5] = [
+                    &rows,
+                    &max_message,
+                    &max_batch,
+                    &after.enqueued_at,
+                    &after.id,
+                ];
+                self.claim_after.run(tx, &params).await?
+            }
+        };
+        let (rows, bodies) = returned
+            .iter()
+            .map(ClaimedRow::decode)
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
+        Ok(Claim { rows, bodies })
+    }
+
+    /// The bodies of `ids`, one per data row (see [`Outbox::bodies_sql`]).
+    ///
+    /// # Errors
+    /// The server's or the connection's error, or a row that does not decode.
+    pub async fn bodies(
+        &self,
+        tx: &Transaction<'_>,
+        ids: &[String],
+    ) -> Result<Vec<Fetched>, tokio_postgres::Error> {
+        self.bodies
+            .run(tx, &[&ids])
+            .await?
+            .iter()
+            .map(Fetched::from_row)
+            .collect()
+    }
+
+    /// Marks the rows of `ids` transferred and returns the ids it marked
+    /// (see [`Outbox::mark_sql`]).
+    ///
+    /// # Errors
+    /// The server's or the connection's error.
+    pub async fn mark(
+        &self,
+        tx: &Transaction<'_>,
+        ids: &[&str],
+    ) -> Result<Vec<String>, tokio_postgres::Error> {
+        self.mark
+            .run(tx, &[&ids])
+            .await?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect()
+    }
+
+    /// Records one failed attempt per `(id, reason)` under `rule` and
+    /// returns what it recorded, one entry per status row it updated (see
+    /// [`Outbox::fail_sql`]).
+    ///
+    /// # Errors
+    /// The server's or the connection's error.
+    pub async fn record_failures(
+        &self,
+        tx: &Transaction<'_>,
+        failures: &[(&str, &str)],
+        rule: &AttemptRule,
+    ) -> Result<Vec<RecordedFailure>, tokio_postgres::Error> {
+        let ids: Vec<&str> = failures.iter().map(|(id, _)| *id).collect();
+        let reasons: Vec<&str> = failures.iter().map(|(_, reason)| *reason).collect();
+        let delay_ms = rule.delay.as_secs_f64() * 1000.0;
+        let cap_ms = rule.max_delay.as_secs_f64() * 1000.0;
+        let max_attempts = i32::try_from(rule.max_attempts).unwrap_or(i32::MAX);
+        self.fail
+            .run(tx, &[&ids, &reasons, &delay_ms, &cap_ms, &max_attempts])
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(RecordedFailure {
+                    id: row.try_get(0)?,
+                    parked: row.try_get(1)?,
+                    attempts: row.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// How much one claim takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimLimits {
+    /// At most this many status rows (`relay.batch_size`).
+    pub rows: usize,
+    /// A body over this many bytes stays in the database
+    /// (`relay.max_message_bytes`).
+    pub max_message_bytes: u64,
+    /// Bodies come along while their sum stays within this many bytes, the
+    /// first one always (`relay.max_batch_bytes`).
+    pub max_batch_bytes: u64,
+}
+
+/// The rule a row's failed attempts follow: the next attempt waits `delay`,
+/// doubled per earlier failure up to `max_delay`; the attempt that reaches
+/// `max_attempts` parks the row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptRule {
+    /// The wait after the first failure (`relay.attempt_delay_ms`).
+    pub delay: Duration,
+    /// The longest wait (`relay.max_retry_delay_sec`).
+    pub max_delay: Duration,
+    /// The attempt that parks the row (`relay.max_attempts`).
+    pub max_attempts: u32,
+}
+
+/// One failed attempt as [`Statements::record_failures`] wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedFailure {
+    /// `message_id` as text.
+    pub id: String,
+    /// The attempt parked the row.
+    pub parked: bool,
+    /// The row's attempts, this one included.
+    pub attempts: i32,
+}
+
+/// What one claim returned: one entry per data row, in claim order.
+#[derive(Debug, Default)]
+pub struct Claim {
+    /// The claimed rows, with sizes but no bodies, for the planner.
+    pub rows: Vec<ClaimedRow>,
+    /// The body of each row where the claim brought it along.
+    pub bodies: Vec<Option<Fetched>>,
 }
 
 /// One row of the claim query: a claimed id and one of its data rows.
@@ -1390,6 +1546,27 @@ impl ClaimedRow {
         };
         Ok((claimed, fetched))
     }
+}
+
+/// One fetched data row: its body and its status row's message columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// `message_id` as text.
+    pub id: String,
+    /// The body bytes.
+    pub body: Vec<u8>,
+    /// Routing and properties (the same for every data row of an id).
+    pub fields: MessageFields,
+}
+
+/// A row's place in the order claims take rows in
+/// ([`CLAIM_ORDER`]), where the next claim starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimPosition {
+    /// The row's `relay_enqueued_at`.
+    pub enqueued_at: EnqueuedAt,
+    /// The row's `message_id` as text.
+    pub id: String,
 }
 
 /// A `relay_enqueued_at` value exactly as PostgreSQL sent it, to be sent

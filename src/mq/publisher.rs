@@ -27,6 +27,7 @@ use lapin::protocol::AMQPError;
 use lapin::types::ShortString;
 use lapin::{Channel, Confirmation, Connection};
 
+use super::{BrokerError, exchange_exists};
 use crate::amqp::{AMQP_MAX_SHORT_STRING, channel_error};
 use crate::routing::Destination;
 
@@ -66,29 +67,31 @@ pub enum Delivery {
 }
 
 /// Why a batch's channel can no longer be used.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ChannelFailure {
     /// The broker closed the channel with a channel-level error; the
     /// connection is fine.
+    #[error("channel closed by the broker: {}", .0.get_message())]
     Closed(AMQPError),
-    /// The connection failed, or the broker did not confirm in time.
-    Broken(String),
+    /// The connection failed (or the channel, by other than a
+    /// channel-level error).
+    #[error("{0}")]
+    Failed(#[source] Box<lapin::Error>),
+    /// The messages were not handed to the broker in time (the channel is
+    /// closed, so none can slip out later).
+    #[error("messages not written within {0:?}")]
+    NotWritten(Duration),
+    /// The broker did not confirm in time (the channel is closed, so no
+    /// late confirm can be mistaken for another batch's).
+    #[error("no confirm within {0:?}")]
+    NotConfirmed(Duration),
 }
 
 impl ChannelFailure {
     fn of(error: &lapin::Error) -> Self {
         match channel_error(error) {
             Some(e) => Self::Closed(e.clone()),
-            None => Self::Broken(error.to_string()),
-        }
-    }
-}
-
-impl std::fmt::Display for ChannelFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Closed(e) => write!(f, "channel closed by the broker: {}", e.get_message()),
-            Self::Broken(reason) => f.write_str(reason),
+            None => Self::Failed(Box::new(error.clone())),
         }
     }
 }
@@ -161,7 +164,7 @@ impl Publisher {
     pub async fn missing_exchanges(
         &mut self,
         messages: &[Message],
-    ) -> Result<HashSet<String>, String> {
+    ) -> Result<HashSet<String>, BrokerError> {
         let mut missing = HashSet::new();
         for message in messages {
             let d = &message.destination;
@@ -173,7 +176,7 @@ impl Publisher {
             {
                 continue;
             }
-            if super::exchange_exists(&self.connection, name).await? {
+            if exchange_exists(&self.connection, name).await? {
                 self.known_exchanges.insert(name.to_owned());
             } else {
                 missing.insert(name.to_owned());
@@ -249,8 +252,8 @@ impl Publisher {
         )
         .await
         else {
-            let reason = format!("messages not written within {confirm_timeout:?}");
-            return self.give_up(reason, &sent, deliveries).await;
+            let failure = ChannelFailure::NotWritten(confirm_timeout);
+            return self.give_up(failure, &sent, deliveries).await;
         };
         let mut channel_failure = None;
         let mut confirms = Vec::with_capacity(sent.len());
@@ -276,8 +279,8 @@ impl Publisher {
         )
         .await;
         let Some(results) = results else {
-            let reason = format!("no confirm within {confirm_timeout:?}");
-            return self.give_up(reason, &confirm_slots, deliveries).await;
+            let failure = ChannelFailure::NotConfirmed(confirm_timeout);
+            return self.give_up(failure, &confirm_slots, deliveries).await;
         };
 
         let mut returned: Vec<(String, u16, String)> = Vec::new();
@@ -335,17 +338,18 @@ impl Publisher {
     /// released.
     async fn give_up(
         &self,
-        reason: String,
+        failure: ChannelFailure,
         slots: &[usize],
         mut deliveries: Vec<Delivery>,
     ) -> BatchReport {
         let _closed = self.channel.close(200, "batch timed out".into()).await;
+        let reason = failure.to_string();
         for i in slots {
             deliveries[*i] = Delivery::Unknown(reason.clone());
         }
         BatchReport {
             deliveries,
-            channel_failure: Some(ChannelFailure::Broken(reason)),
+            channel_failure: Some(failure),
         }
     }
 
@@ -395,7 +399,14 @@ impl Publisher {
                     (Some(Delivery::Unknown(_)), Some(ChannelFailure::Closed(e))) => {
                         Delivery::Refused(e)
                     }
-                    (_, Some(broken @ ChannelFailure::Broken(_))) => {
+                    (
+                        _,
+                        Some(
+                            broken @ (ChannelFailure::Failed(_)
+                            | ChannelFailure::NotWritten(_)
+                            | ChannelFailure::NotConfirmed(_)),
+                        ),
+                    ) => {
                         report.channel_failure = Some(broken);
                         return;
                     }

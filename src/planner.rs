@@ -1,11 +1,11 @@
-//! The per-row decisions of the relay, kept pure so they are tested without
-//! PostgreSQL or RabbitMQ: which claimed rows are published, which are held
-//! back and why, and where the next claim starts.
+//! The planner: the per-row decisions of a batch, kept pure so they are
+//! tested without PostgreSQL or RabbitMQ: which claimed rows are published,
+//! which are held back and why, and where the next claim starts.
 
 use std::collections::{HashMap, HashSet};
 
 use crate::amqp::AMQP_MAX_SHORT_STRING;
-use crate::db::outbox::{ClaimedRow, EnqueuedAt};
+use crate::db::outbox::{ClaimPosition, ClaimedRow, Fetched};
 use crate::mq::publisher::Message;
 use crate::routing::{MessageFields, Router};
 
@@ -90,16 +90,6 @@ pub struct Plan {
     pub cursor: Option<ClaimPosition>,
 }
 
-/// A row's place in the order claims take rows in
-/// ([`crate::db::outbox::CLAIM_ORDER`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClaimPosition {
-    /// The row's `relay_enqueued_at`.
-    pub enqueued_at: EnqueuedAt,
-    /// The row's `message_id` as text.
-    pub id: String,
-}
-
 /// Sorts a claim (one row per data row, in claim order) into ids to fetch and
 /// ids held back: no data row, a NULL body, a body over `max_message_bytes`,
 /// an id too long for AMQP, or (not a failure) past the batch's
@@ -169,17 +159,6 @@ pub struct Assembled {
     pub held: Vec<(String, Hold)>,
     /// How many distinct ids were claimed.
     pub claimed: usize,
-}
-
-/// One fetched data row: its body and its status row's message columns.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fetched {
-    /// `message_id` as text.
-    pub id: String,
-    /// The body bytes.
-    pub body: Vec<u8>,
-    /// Routing and properties (the same for every data row of an id).
-    pub fields: MessageFields,
 }
 
 /// Takes the bodies a claim brought along (one per claimed row, `None` where
@@ -256,6 +235,7 @@ pub fn assemble(plan: Plan, fetched: Vec<Fetched>, router: &Router) -> Assembled
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::outbox::EnqueuedAt;
 
     const MAX: u64 = 10;
     const BUDGET: u64 = 25;

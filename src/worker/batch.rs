@@ -1,0 +1,898 @@
+//! One batch as named steps, in one claim transaction: [`Steps::claim`]
+//! (and plan, and move the shared cursor), [`Steps::read_bodies`], assemble
+//! (the planner), [`Steps::screen`], [`Steps::publish`], [`classify`],
+//! [`Steps::mark`], [`Steps::record_failures`], commit. What the batch did
+//! comes out as a [`BatchOutcome`], which is counted and logged in one
+//! place ([`BatchOutcome::report`]) and tells the worker what to react to.
+//!
+//! Nothing here decides alone what a row deserves: the planner holds bad
+//! input, [`classify`] reads the broker's answers, and the database's
+//! refusals are sorted by SQLSTATE ([`db::is_rows_own`]).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use lapin::protocol::AMQPSoftError;
+use tokio::sync::watch;
+use tokio_postgres::{Client, Transaction};
+use tracing::{debug, error, warn};
+
+use super::error::{BatchError, BrokerFault, DatabaseFault, within};
+use super::unwritable::Unwritable;
+use crate::amqp::soft_kind;
+use crate::config::RelayConfig;
+use crate::db::outbox::{
+    self, AttemptRule, Claim, ClaimLimits, ClaimPosition, Fetched, RecordedFailure, Statements,
+};
+use crate::db::{self, describe};
+use crate::metrics::Metrics;
+use crate::mq::BrokerState;
+use crate::mq::publisher::{BatchReport, ChannelFailure, Delivery, Message, Publisher};
+use crate::planner::{Assembled, Hold, Plan, assemble, plan, take_bodies};
+use crate::routing::Router;
+
+/// How long rows naming an exchange the broker refused fail without being
+/// published; after it, one more try shows whether the refusal still holds.
+const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
+
+/// The position of a relay's claims in the backlog, shared by its workers.
+/// Claims walk the pending rows in claim order (oldest first) from here and
+/// wrap around at the end, so no row waits longer than one pass, however
+/// large the backlog.
+#[derive(Debug, Default)]
+pub struct ClaimCursor(tokio::sync::Mutex<Option<ClaimPosition>>);
+
+/// What the steps of one batch read, borrowed from the worker for the batch.
+pub(super) struct Steps<'w> {
+    /// `relay.*`: confirm timeout, batch size, byte limits.
+    pub relay: &'w RelayConfig,
+    /// How long any one statement may take (`postgres.query_timeout_ms`).
+    pub query_timeout: Duration,
+    /// The claim session's statements.
+    pub statements: &'w Statements,
+    /// Behind a transaction pooler: the claim session's settings, sent
+    /// with every claim.
+    pub transaction_settings: Option<&'w str>,
+    /// Each message's exchange, routing key and properties.
+    pub router: &'w Router,
+    /// The broker link's state: whether an alarm holds the confirms back.
+    pub broker: &'w watch::Receiver<BrokerState>,
+    /// Where the relay's next claim starts.
+    pub cursor: &'w ClaimCursor,
+    /// Exchanges named by rows that the broker refused, with why and when.
+    pub refused: &'w HashMap<String, (String, Instant)>,
+    /// Rows whose failures only this process can count.
+    pub unwritable: &'w Unwritable,
+}
+
+/// What one batch did: counted and logged by [`BatchOutcome::report`], and
+/// what the worker reacts to once it committed.
+#[derive(Debug, Default)]
+pub(super) struct BatchOutcome {
+    /// Distinct ids claimed; none means nothing was written or committed.
+    pub claimed: usize,
+    /// The claim reached the end of the backlog: the next one starts a new
+    /// pass.
+    pub wrapped: bool,
+    /// Rows held back for the batch's byte budget (not a failure).
+    pub deferred: usize,
+    /// Messages handed to the broker.
+    pub published: usize,
+    /// Messages the broker confirmed.
+    pub confirmed: usize,
+    /// Confirmed rows marked transferred.
+    pub marked: usize,
+    /// Messages returned as unroutable.
+    pub returned: usize,
+    /// Messages the broker nacked.
+    pub nacked: usize,
+    /// Rows charged a failed attempt (on the row or in memory).
+    pub failed: usize,
+    /// Rows parked (on the table) or held (in memory) by this batch.
+    pub parked: usize,
+    /// The rows with something to say, in the order they are logged.
+    pub rows: Vec<(String, RowOutcome)>,
+    /// When each step ended, from the batch's start.
+    pub timings: Timings,
+    /// Part of the configured topology is gone: a message on a configured
+    /// route came back unroutable, or its exchange is missing or refused.
+    pub topology_fault: Option<String>,
+    /// A message on a configured route was confirmed: the topology works.
+    pub configured_route_confirmed: bool,
+    /// Why the publishing channel cannot be used again, if it cannot.
+    pub channel_failure: Option<ChannelFailure>,
+    /// An exchange named by a row whose messages the broker refused, with
+    /// the broker's words.
+    pub refused_exchange: Option<(String, String)>,
+}
+
+/// What became of a claimed row the batch did not transfer, when there is
+/// something to log about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum RowOutcome {
+    /// Whether the broker took it is unknown (the channel failed, no
+    /// confirm in time): pending and uncharged.
+    Unsettled {
+        /// Why it is unknown.
+        reason: String,
+    },
+    /// Failed for a reason of its own; the attempt is recorded on the row.
+    Failed {
+        /// Why, as stored on the row.
+        reason: String,
+        /// The row's attempts, this one included.
+        attempt: i32,
+        /// This attempt parked it.
+        parked: bool,
+    },
+    /// Failed, and the database refused to record that on the row: the
+    /// relay counts its attempts in memory ([`Unwritable`]).
+    FailedInMemory {
+        /// Why it failed.
+        reason: String,
+        /// The database's words refusing the record.
+        refused: String,
+        /// Its attempts in this process.
+        attempt: u32,
+        /// Held in memory after `relay.max_attempts`.
+        held: bool,
+    },
+}
+
+/// When each step of a batch ended, from the batch's start.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Timings {
+    /// The claim and the bodies read.
+    pub claimed: Duration,
+    /// Every message published and settled.
+    pub confirmed: Duration,
+    /// Marks and failures written.
+    pub marked: Duration,
+    /// Committed.
+    pub committed: Duration,
+}
+
+/// A claim, planned.
+struct Claimed {
+    plan: Plan,
+    claim: Claim,
+    wrapped: bool,
+}
+
+/// What the planner's holds and the broker's answers mean for the rows of
+/// a batch, before anything is written.
+#[derive(Debug, Default, PartialEq)]
+struct Classified {
+    /// Ids of the confirmed messages, to be marked transferred.
+    confirmed: Vec<String>,
+    /// Rows to charge an attempt, with the reason.
+    failed: Vec<(String, String)>,
+    /// Messages whose confirm is unknown, with why.
+    unsettled: Vec<(String, String)>,
+    deferred: usize,
+    published: usize,
+    returned: usize,
+    nacked: usize,
+    topology_fault: Option<String>,
+    configured_route_confirmed: bool,
+    refused_exchange: Option<(String, String)>,
+}
+
+/// The failures of a batch as written.
+#[derive(Debug, Default)]
+struct Recorded {
+    /// On the rows, one entry per status row the statement updated.
+    on_rows: Vec<RecordedFailure>,
+    /// In memory, for rows the database refused to record them on.
+    in_memory: Vec<Remembered>,
+}
+
+/// A failed row charged in memory ([`Unwritable`]).
+#[derive(Debug)]
+struct Remembered {
+    id: String,
+    /// The database's words refusing the record on the row.
+    refused: String,
+    attempts: u32,
+    held: bool,
+}
+
+impl Steps<'_> {
+    /// Claims, publishes, marks and records one batch, then commits. An
+    /// empty claim ends the batch at once (nothing to commit).
+    ///
+    /// # Errors
+    /// A step failed; nothing is committed and the rows stay pending.
+    pub(super) async fn run(
+        &self,
+        client: &mut Client,
+        publisher: &mut Publisher,
+    ) -> Result<BatchOutcome, BatchError> {
+        let started = Instant::now();
+        let tx = within(self.query_timeout, client.transaction()).await?;
+        let Claimed {
+            plan,
+            claim,
+            wrapped,
+        } = self.claim(&tx).await?;
+        let claimed = plan.claimed;
+        if claimed == 0 {
+            return Ok(BatchOutcome {
+                wrapped,
+                ..BatchOutcome::default()
+            });
+        }
+        let fetched = self.read_bodies(&tx, &plan, claim).await?;
+        let claimed_at = started.elapsed();
+        let mut batch = assemble(plan, fetched, self.router);
+        self.screen(publisher, &mut batch).await?;
+        let report = self.publish(&tx, publisher, &batch.messages).await;
+        let confirmed_at = started.elapsed();
+        let mut classified = classify(&batch, &report);
+        let unmarked = self.mark(&tx, &mut classified).await?;
+        let recorded = self.record_failures(&tx, &classified.failed).await?;
+        let marked_at = started.elapsed();
+        within(self.query_timeout, tx.commit()).await?;
+        let committed_at = started.elapsed();
+        self.unwritable.forget(
+            classified
+                .confirmed
+                .iter()
+                .map(String::as_str)
+                .filter(|id| !unmarked.iter().any(|u| u == id))
+                .chain(recorded.on_rows.iter().map(|r| r.id.as_str())),
+        );
+        let timings = Timings {
+            claimed: claimed_at,
+            confirmed: confirmed_at,
+            marked: marked_at,
+            committed: committed_at,
+        };
+        Ok(BatchOutcome::committed(
+            (claimed, wrapped),
+            classified,
+            unmarked.len(),
+            &recorded,
+            report.channel_failure,
+            timings,
+        ))
+    }
+
+    /// Claims the next rows after the relay's cursor, plans them and moves
+    /// the cursor past them. One claim at a time per relay: consecutive
+    /// claims take adjacent ranges instead of wading through each other's
+    /// rows.
+    async fn claim(&self, tx: &Transaction<'_>) -> Result<Claimed, BatchError> {
+        let relay = self.relay;
+        let limits = ClaimLimits {
+            rows: relay.batch_size,
+            max_message_bytes: relay.max_message_bytes,
+            max_batch_bytes: relay.max_batch_bytes,
+        };
+        let mut position = self.cursor.0.lock().await;
+        let claim = self.statements.claim(tx, &limits, position.as_ref());
+        let claim = match self.transaction_settings {
+            // Behind a transaction pooler the session's settings last one
+            // transaction: set them with the claim, in the same round trip
+            // (both go out before either answer).
+            Some(settings) => {
+                within(self.query_timeout, async {
+                    let (set, claim) = tokio::join!(tx.batch_execute(settings), claim);
+                    set.and(claim)
+                })
+                .await?
+            }
+            None => within(self.query_timeout, claim).await?,
+        };
+        let plan = plan(&claim.rows, relay.max_message_bytes, relay.max_batch_bytes);
+        // A short claim after a cursor reached the end of the backlog: the
+        // next claim starts a new pass from the oldest.
+        let wrapped = position.is_some() && plan.claimed < relay.batch_size;
+        if wrapped {
+            *position = None;
+        } else if plan.cursor.is_some() {
+            position.clone_from(&plan.cursor);
+        }
+        Ok(Claimed {
+            plan,
+            claim,
+            wrapped,
+        })
+    }
+
+    /// The bodies of the planned rows: those the claim brought along, and
+    /// the rare ones it withheld, read apart.
+    async fn read_bodies(
+        &self,
+        tx: &Transaction<'_>,
+        plan: &Plan,
+        claim: Claim,
+    ) -> Result<Vec<Fetched>, BatchError> {
+        let (mut fetched, withheld) = take_bodies(plan, &claim.rows, claim.bodies);
+        if !withheld.is_empty() {
+            let bodies = self.statements.bodies(tx, &withheld);
+            fetched.extend(within(self.query_timeout, bodies).await?);
+        }
+        Ok(fetched)
+    }
+
+    /// Holds back, before anything is published, the messages that would
+    /// close the channel or must wait: rows naming an exchange that is
+    /// missing or that the broker refused lately fail alone instead of
+    /// failing the batch; rows whose failures only this process remembers
+    /// stay pending, untouched, while they wait out their delay or are held.
+    async fn screen(
+        &self,
+        publisher: &mut Publisher,
+        batch: &mut Assembled,
+    ) -> Result<(), BatchError> {
+        // Bounded: a broker that blocks publishing holds these questions
+        // back too, and nothing is published yet, so giving up is free.
+        let missing = tokio::time::timeout(
+            self.relay.confirm_timeout,
+            publisher.missing_exchanges(&batch.messages),
+        )
+        .await
+        .map_err(|_| BrokerFault::NoExchangeAnswer)?;
+        let mut unusable: HashMap<String, Hold> = missing
+            .map_err(BrokerFault::ExchangeCheck)?
+            .into_iter()
+            .map(|x| (x.clone(), Hold::NoExchange(x)))
+            .collect();
+        for (exchange, (reason, at)) in self.refused {
+            if at.elapsed() < REFUSAL_MEMORY {
+                unusable
+                    .entry(exchange.clone())
+                    .or_insert_with(|| Hold::RefusedExchange {
+                        exchange: exchange.clone(),
+                        reason: reason.clone(),
+                    });
+            }
+        }
+        if !unusable.is_empty() {
+            let (held, publishable): (Vec<Message>, Vec<Message>) =
+                std::mem::take(&mut batch.messages)
+                    .into_iter()
+                    .partition(|m| {
+                        m.destination.exchange_from_row
+                            && unusable.contains_key(m.destination.exchange.as_str())
+                    });
+            batch.messages = publishable;
+            batch.held.extend(held.into_iter().map(|m| {
+                let hold = unusable[m.destination.exchange.as_str()].clone();
+                (m.id, hold)
+            }));
+        }
+        let rows = self.unwritable.rows();
+        if !rows.is_empty() {
+            batch
+                .messages
+                .retain(|m| !Unwritable::waiting(&rows, &m.id));
+            batch.held.retain(|(id, _)| !Unwritable::waiting(&rows, id));
+        }
+        Ok(())
+    }
+
+    /// Publishes the messages and waits for their confirms; after a
+    /// channel-closing refusal, finds the message it belongs to
+    /// ([`Publisher::isolate`]). While a blocked broker holds the confirms
+    /// back, a statement now and then keeps PostgreSQL from ending the
+    /// claim session as idle in transaction (and releasing rows already
+    /// published).
+    async fn publish(
+        &self,
+        tx: &Transaction<'_>,
+        publisher: &mut Publisher,
+        messages: &[Message],
+    ) -> BatchReport {
+        let paused = || self.broker.borrow().blocked;
+        let limit = self.query_timeout;
+        let keep_alive =
+            || async move { within(limit, tx.batch_execute("SELECT 1")).await.is_ok() };
+        let timeout = self.relay.confirm_timeout;
+        let mut report = publisher
+            .publish_batch(messages, timeout, paused, keep_alive)
+            .await;
+        publisher
+            .isolate(messages, &mut report, timeout, paused, keep_alive)
+            .await;
+        report
+    }
+
+    /// Marks the confirmed rows transferred. A row the database refuses to
+    /// mark, or skips without an error, is published again after a delay:
+    /// it joins the failed rows. Returns the ids not marked.
+    async fn mark(
+        &self,
+        tx: &Transaction<'_>,
+        classified: &mut Classified,
+    ) -> Result<Vec<String>, BatchError> {
+        let confirmed = &classified.confirmed;
+        let mut unmarked: Vec<String> = Vec::new();
+        if confirmed.is_empty() {
+            return Ok(unmarked);
+        }
+        let statements = self.statements;
+        let (marked, refused) =
+            row_by_row(tx, self.query_timeout, confirmed, |ids: &[&String]| {
+                let ids: Vec<&str> = ids.iter().map(|id| id.as_str()).collect();
+                async move { statements.mark(tx, &ids).await }
+            })
+            .await?;
+        let marked: HashSet<String> = marked.into_iter().collect();
+        for (id, words) in refused {
+            unmarked.push(id.clone());
+            classified.failed.push((
+                id.clone(),
+                format!(
+                    "published and confirmed, but the database refused to mark it transferred: {words}; \
+                     it is published again after a delay"
+                ),
+            ));
+        }
+        // Skipped without an error (a BEFORE UPDATE trigger returning NULL,
+        // a rule, a row-level security policy): the same rule.
+        let skipped: Vec<&String> = confirmed
+            .iter()
+            .filter(|id| !marked.contains(*id) && !unmarked.contains(id))
+            .collect();
+        for id in skipped {
+            unmarked.push(id.clone());
+            classified.failed.push((
+                id.clone(),
+                "published and confirmed, but marking it transferred updated no row \
+                 (a BEFORE UPDATE trigger returning NULL, a rule or a row-level security policy skips it); \
+                 it is published again after a delay"
+                    .to_owned(),
+            ));
+        }
+        Ok(unmarked)
+    }
+
+    /// Records a failed attempt on each failed row (a doubling delay, parked
+    /// after `relay.max_attempts`). A row the database refuses to record it
+    /// on, or skips, is charged in memory by the same rule ([`Unwritable`]).
+    async fn record_failures(
+        &self,
+        tx: &Transaction<'_>,
+        failed: &[(String, String)],
+    ) -> Result<Recorded, BatchError> {
+        let mut recorded = Recorded::default();
+        if failed.is_empty() {
+            return Ok(recorded);
+        }
+        let rule = attempt_rule(self.relay);
+        let statements = self.statements;
+        let (on_rows, refused) = row_by_row(
+            tx,
+            self.query_timeout,
+            failed,
+            |rows: &[&(String, String)]| {
+                let failures: Vec<(&str, &str)> = rows
+                    .iter()
+                    .map(|(id, reason)| (id.as_str(), reason.as_str()))
+                    .collect();
+                async move { statements.record_failures(tx, &failures, &rule).await }
+            },
+        )
+        .await?;
+        let skipped = failed.iter().filter(|(id, _)| {
+            !on_rows.iter().any(|r| r.id == *id) && !refused.iter().any(|((r, _), _)| r == id)
+        });
+        let skipped: Vec<(&(String, String), String)> = skipped
+            .map(|row| (row, "the update recording it changed no row".to_owned()))
+            .collect();
+        for ((id, _), words) in refused.into_iter().chain(skipped) {
+            let (attempts, held) = self.unwritable.charge(id, &rule);
+            recorded.in_memory.push(Remembered {
+                id: id.clone(),
+                refused: words,
+                attempts,
+                held,
+            });
+        }
+        recorded.on_rows = on_rows;
+        Ok(recorded)
+    }
+}
+
+impl BatchOutcome {
+    /// What a committed batch of `claimed` ids (`wrapped` past the end of
+    /// the backlog) did, from its rows as classified, the number of
+    /// confirmed rows left `unmarked`, and the failures as `recorded`.
+    fn committed(
+        (claimed, wrapped): (usize, bool),
+        classified: Classified,
+        unmarked: usize,
+        recorded: &Recorded,
+        channel_failure: Option<ChannelFailure>,
+        timings: Timings,
+    ) -> Self {
+        let parked = recorded.on_rows.iter().filter(|r| r.parked).count()
+            + recorded.in_memory.iter().filter(|r| r.held).count();
+        Self {
+            claimed,
+            wrapped,
+            deferred: classified.deferred,
+            published: classified.published,
+            confirmed: classified.confirmed.len(),
+            marked: classified.confirmed.len() - unmarked,
+            returned: classified.returned,
+            nacked: classified.nacked,
+            failed: classified.failed.len(),
+            parked,
+            rows: row_outcomes(classified.unsettled, classified.failed, recorded),
+            timings,
+            topology_fault: classified.topology_fault,
+            configured_route_confirmed: classified.configured_route_confirmed,
+            channel_failure,
+            refused_exchange: classified.refused_exchange,
+        }
+    }
+
+    /// Counts what a committed batch did and logs its rows: every metric of
+    /// a batch and every row's log line come from here. An empty claim
+    /// committed nothing and reports nothing.
+    pub(super) fn report(&self, worker: usize, metrics: &Metrics) {
+        if self.claimed == 0 {
+            return;
+        }
+        let timings = &self.timings;
+        metrics.batch_committed();
+        metrics.batch_size.observe(self.claimed as f64);
+        metrics.claim_seconds.observe(timings.claimed.as_secs_f64());
+        if self.published > 0 {
+            metrics
+                .confirm_seconds
+                .observe((timings.confirmed - timings.claimed).as_secs_f64());
+        }
+        metrics.published.inc_by(self.published as u64);
+        metrics.confirmed.inc_by(self.confirmed as u64);
+        metrics.nacked.inc_by(self.nacked as u64);
+        metrics.returned.inc_by(self.returned as u64);
+        metrics.failed.inc_by(self.failed as u64);
+        metrics.parked.inc_by(self.parked as u64);
+
+        for (id, row) in &self.rows {
+            match row {
+                RowOutcome::Unsettled { reason } => {
+                    debug!(message_id = %id, %reason, "confirm unknown; the row stays pending");
+                }
+                RowOutcome::FailedInMemory {
+                    reason,
+                    refused,
+                    attempt,
+                    held: true,
+                } => error!(
+                    message_id = %id, %reason, recording_refused = %refused, attempt,
+                    "row held in memory after repeated failures: the database refuses any update of it, \
+                     so it stays pending in the table; fix the trigger or constraint, then restart the relay"
+                ),
+                RowOutcome::FailedInMemory {
+                    reason,
+                    refused,
+                    attempt,
+                    held: false,
+                } => warn!(
+                    message_id = %id, %reason, recording_refused = %refused, attempt,
+                    "row failed and the database refuses to record that on the row; \
+                     this relay counts its attempts in memory and retries it after a delay"
+                ),
+                RowOutcome::Failed {
+                    reason,
+                    attempt,
+                    parked: true,
+                } => error!(
+                    message_id = %id, %reason, attempt,
+                    "row parked after repeated failures; fix it and run `pushoccurrence requeue`"
+                ),
+                RowOutcome::Failed {
+                    reason,
+                    attempt,
+                    parked: false,
+                } => {
+                    warn!(message_id = %id, %reason, attempt, "row failed; it will be retried after a delay")
+                }
+            }
+        }
+        debug!(
+            worker,
+            claimed = self.claimed,
+            marked = self.marked,
+            failed = self.failed,
+            claim_ms = timings.claimed.as_secs_f64() * 1e3,
+            publish_confirm_ms = (timings.confirmed - timings.claimed).as_secs_f64() * 1e3,
+            mark_ms = (timings.marked - timings.confirmed).as_secs_f64() * 1e3,
+            commit_ms = (timings.committed - timings.marked).as_secs_f64() * 1e3,
+            "batch committed"
+        );
+    }
+}
+
+/// The rule failed attempts follow, from `relay.*`.
+pub(super) fn attempt_rule(relay: &RelayConfig) -> AttemptRule {
+    AttemptRule {
+        delay: relay.attempt_delay,
+        max_delay: relay.max_retry_delay,
+        max_attempts: relay.max_attempts,
+    }
+}
+
+/// Sorts a published batch's rows by what the planner held and what the
+/// broker answered: confirmed (to mark), failed for a reason of the row's
+/// own (to charge), deferred, or left pending and uncharged (nacked,
+/// unknown, or a topology fault: a configured route that routes nowhere,
+/// a configured exchange that is missing or refused).
+fn classify(batch: &Assembled, report: &BatchReport) -> Classified {
+    let mut out = Classified::default();
+    for (id, hold) in &batch.held {
+        match hold {
+            Hold::Deferred => out.deferred += 1,
+            _ => out.failed.push((id.clone(), hold.reason())),
+        }
+    }
+    for (message, delivery) in batch.messages.iter().zip(&report.deliveries) {
+        let d = &message.destination;
+        let id = || message.id.clone();
+        if *delivery != Delivery::IdTooLong {
+            out.published += 1;
+        }
+        match delivery {
+            // A configured route that routes nowhere: the queue is gone, not
+            // the row's fault. The row stays pending.
+            Delivery::Returned { code, text } if d.configured => {
+                out.returned += 1;
+                out.topology_fault.get_or_insert_with(|| {
+                    format!(
+                        "messages on the configured route (exchange '{}', routing key '{}') come back unroutable: {code} {text}; \
+                         the queue it should reach is missing or unbound",
+                        d.exchange, d.routing_key
+                    )
+                });
+            }
+            Delivery::Returned { code, text } => {
+                out.returned += 1;
+                let reason = format!(
+                    "returned by the broker as unroutable: {code} {text} (exchange '{}', routing key '{}')",
+                    d.exchange, d.routing_key
+                );
+                out.failed.push((id(), reason));
+            }
+            Delivery::Refused(error) => {
+                let kind = soft_kind(error);
+                let about_exchange = matches!(
+                    kind,
+                    Some(AMQPSoftError::NOTFOUND | AMQPSoftError::ACCESSREFUSED)
+                );
+                let words = error.get_message().to_string();
+                if about_exchange && !d.exchange_from_row {
+                    out.topology_fault.get_or_insert_with(|| {
+                        format!(
+                            "the broker refused publishing to the configured exchange '{}' ({words})",
+                            d.exchange
+                        )
+                    });
+                } else if about_exchange {
+                    if kind == Some(&AMQPSoftError::ACCESSREFUSED) {
+                        out.refused_exchange = Some((d.exchange.to_string(), words.clone()));
+                    }
+                    let hold = Hold::RefusedExchange {
+                        exchange: d.exchange.to_string(),
+                        reason: words,
+                    };
+                    out.failed.push((id(), hold.reason()));
+                } else {
+                    out.failed.push((
+                        id(),
+                        format!("the broker refused the message: {} {words}", error.get_id()),
+                    ));
+                }
+            }
+            Delivery::IdTooLong => out.failed.push((id(), Hold::IdTooLong.reason())),
+            Delivery::Nacked => out.nacked += 1,
+            Delivery::Unknown(reason) => out.unsettled.push((id(), reason.clone())),
+            Delivery::Confirmed => {
+                out.configured_route_confirmed |= d.configured;
+                out.confirmed.push(id());
+            }
+        }
+    }
+    out
+}
+
+/// The rows to log, in order: those whose confirm is unknown, then the
+/// failed ones, each with how its failure was recorded.
+fn row_outcomes(
+    unsettled: Vec<(String, String)>,
+    failed: Vec<(String, String)>,
+    recorded: &Recorded,
+) -> Vec<(String, RowOutcome)> {
+    let unsettled = unsettled
+        .into_iter()
+        .map(|(id, reason)| (id, RowOutcome::Unsettled { reason }));
+    let failed = failed.into_iter().map(|(id, reason)| {
+        if let Some(remembered) = recorded.in_memory.iter().find(|r| r.id == id) {
+            let row = RowOutcome::FailedInMemory {
+                reason,
+                refused: remembered.refused.clone(),
+                attempt: remembered.attempts,
+                held: remembered.held,
+            };
+            return (id, row);
+        }
+        let (parked, attempt) = recorded
+            .on_rows
+            .iter()
+            .find(|r| r.id == id)
+            .map_or((false, 0), |r| (r.parked, r.attempts));
+        (
+            id,
+            RowOutcome::Failed {
+                reason,
+                attempt,
+                parked,
+            },
+        )
+    });
+    unsettled.chain(failed).collect()
+}
+
+/// Runs a statement that updates claimed rows (`run`, given the rows) for
+/// all `rows` at once under a savepoint; when the server refuses it for a
+/// reason of the rows' own ([`db::is_rows_own`]: a constraint, a trigger),
+/// undoes it and runs it row by row, each under its own savepoint, so one
+/// row the database refuses neither aborts the claim transaction (and its
+/// locks) nor undoes the other rows. Returns what the statement returned
+/// for the rows it updated, and the rows refused with the database's words.
+/// Any other error (a lost session, a timeout, a passing condition), or one
+/// the statement meets for no row at all (a revoked grant: the table's
+/// fault, not a row's), fails the batch and charges nobody.
+async fn row_by_row<'r, T, R, F, Fut>(
+    tx: &Transaction<'_>,
+    limit: Duration,
+    rows: &'r [T],
+    run: F,
+) -> Result<(Vec<R>, Vec<(&'r T, String)>), BatchError>
+where
+    F: Fn(&[&'r T]) -> Fut,
+    Fut: Future<Output = Result<Vec<R>, tokio_postgres::Error>>,
+{
+    // The savepoint and the statement go out together: no extra round trip
+    // when nothing is refused (the usual case).
+    let attempt = |subset: Vec<&'r T>| {
+        let update = run(&subset);
+        async move {
+            let both = async {
+                let (savepoint, rows) = tokio::join!(tx.batch_execute(outbox::SAVEPOINT), update);
+                savepoint.and(rows)
+            };
+            tokio::time::timeout(limit, both)
+                .await
+                .map_err(|_| BatchError::from(DatabaseFault::Timeout(limit)))
+        }
+    };
+    let refused_by_row = |e: tokio_postgres::Error| {
+        if db::is_rows_own(&e) {
+            Ok(describe(&e))
+        } else {
+            Err(BatchError::from(e))
+        }
+    };
+    match attempt(rows.iter().collect()).await? {
+        Ok(returned) => return Ok((returned, Vec::new())),
+        Err(e) => {
+            let words = refused_by_row(e)?;
+            within(limit, tx.batch_execute(outbox::ROLLBACK_TO_SAVEPOINT)).await?;
+            // The statement for no row at all checks what is the table's,
+            // not a row's: privileges (a revoked grant), column types. If it
+            // fails too, the fault is the table's and no row is charged.
+            if let Err(e) = attempt(Vec::new()).await? {
+                within(limit, tx.batch_execute(outbox::ROLLBACK_TO_SAVEPOINT)).await?;
+                return Err(DatabaseFault::OutboxRefused(e).into());
+            }
+            if let [row] = rows {
+                return Ok((Vec::new(), vec![(row, words)]));
+            }
+        }
+    }
+    let mut returned = Vec::new();
+    let mut refused = Vec::new();
+    for row in rows {
+        match attempt(vec![row]).await? {
+            Ok(r) => returned.extend(r),
+            Err(e) => {
+                refused.push((row, refused_by_row(e)?));
+                within(limit, tx.batch_execute(outbox::ROLLBACK_TO_SAVEPOINT)).await?;
+            }
+        }
+    }
+    Ok((returned, refused))
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::protocol::{AMQPError, AMQPErrorKind};
+
+    use super::*;
+    use crate::routing::MessageFields;
+
+    fn message(id: &str, exchange: Option<&str>) -> Message {
+        let config = crate::config::tests::seed();
+        let router = Router::new(&config.rabbitmq, "text/plain");
+        let fields = MessageFields {
+            exchange: exchange.map(str::to_owned),
+            routing_key: exchange.map(|_| "elsewhere".to_owned()),
+            ..MessageFields::default()
+        };
+        Message {
+            id: id.into(),
+            body: b"x".to_vec(),
+            destination: router.resolve(&fields).unwrap(),
+        }
+    }
+
+    fn refused(kind: AMQPSoftError, words: &str) -> Delivery {
+        Delivery::Refused(AMQPError::new(AMQPErrorKind::Soft(kind), words.into()))
+    }
+
+    #[test]
+    fn holds_and_broker_answers_sort_rows_into_marked_charged_and_left_pending() {
+        let returned = Delivery::Returned {
+            code: 312,
+            text: "NO_ROUTE".into(),
+        };
+        let batch = Assembled {
+            messages: vec![
+                message("ok", None),
+                message("lost", None),
+                message("unrouted", Some("x")),
+                message("forbidden", Some("x")),
+                message("nacked", None),
+                message("unknown", None),
+                message("configured-gone", None),
+            ],
+            held: vec![
+                ("late".into(), Hold::Deferred),
+                ("empty".into(), Hold::NullBody),
+            ],
+            claimed: 9,
+        };
+        let report = BatchReport {
+            deliveries: vec![
+                Delivery::Confirmed,
+                returned.clone(),
+                returned,
+                refused(AMQPSoftError::ACCESSREFUSED, "ACCESS_REFUSED - no write"),
+                Delivery::Nacked,
+                Delivery::Unknown("no confirm within 1s".into()),
+                refused(AMQPSoftError::NOTFOUND, "NOT_FOUND - no exchange"),
+            ],
+            channel_failure: None,
+        };
+        let c = classify(&batch, &report);
+        assert_eq!(c.confirmed, ["ok"]);
+        assert!(c.configured_route_confirmed);
+        let failed: Vec<&str> = c.failed.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(failed, ["empty", "unrouted", "forbidden"]);
+        assert_eq!(
+            c.unsettled,
+            [("unknown".to_owned(), "no confirm within 1s".to_owned())]
+        );
+        assert_eq!(
+            (c.deferred, c.nacked, c.returned, c.published),
+            (1, 1, 2, 7)
+        );
+        assert_eq!(
+            c.refused_exchange,
+            Some(("x".to_owned(), "ACCESS_REFUSED - no write".to_owned()))
+        );
+        // The first sign of a broken configured topology is the one reported;
+        // it charges nobody.
+        let fault = c.topology_fault.unwrap();
+        assert!(
+            fault.contains("come back unroutable: 312 NO_ROUTE"),
+            "{fault}"
+        );
+    }
+}
