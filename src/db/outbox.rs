@@ -1099,6 +1099,27 @@ impl Outbox {
     /// # Errors
     /// The id cannot be a `message_id` of this column's type.
     pub fn canonical_id(&self, raw: &str) -> Result<String, String> {
+        if let IdKind::Integer { .. } = self.id_kind {
+            // As int2in/int4in/int8in read it: blanks around, an optional
+            // sign, decimal digits, within the type's range.
+            let (low, high) = match self.id_type.as_str() {
+                "smallint" => (i64::from(i16::MIN), i64::from(i16::MAX)),
+                "integer" => (i64::from(i32::MIN), i64::from(i32::MAX)),
+                _ => (i64::MIN, i64::MAX),
+            };
+            return raw
+                .trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (low..=high).contains(n))
+                .map(|n| n.to_string())
+                .ok_or_else(|| {
+                    format!(
+                        "not a whole number from {low} to {high} (message_id is {})",
+                        self.id_type
+                    )
+                });
+        }
         if self.id_type != "uuid" {
             return if raw.is_empty() {
                 Err("an empty id".to_owned())
@@ -1678,6 +1699,36 @@ mod tests {
             ..o
         };
         assert_eq!(text.canonical_id("Order-7").as_deref(), Ok("Order-7"));
+    }
+
+    #[test]
+    fn an_integer_id_is_read_as_postgresql_reads_it_and_anything_else_is_malformed() {
+        for (id_type, max) in [
+            ("smallint", "32767"),
+            ("integer", "2147483647"),
+            ("bigint", "9223372036854775807"),
+        ] {
+            let o = Outbox {
+                id_type: id_type.into(),
+                id_kind: IdKind::Integer { has_default: true },
+                ..outbox(BodyType::Bytea)
+            };
+            for (spelling, canonical) in [("42", "42"), (" 007 ", "7"), ("+5", "5"), ("-3", "-3")] {
+                assert_eq!(
+                    o.canonical_id(spelling).as_deref(),
+                    Ok(canonical),
+                    "{id_type} {spelling}"
+                );
+            }
+            assert_eq!(o.canonical_id(max).as_deref(), Ok(max));
+            for bad in ["abc", "", "4.2", "1e3", "0x10", &format!("{max}0")] {
+                let why = o.canonical_id(bad).unwrap_err();
+                assert!(
+                    why.contains(&format!("message_id is {id_type}")),
+                    "{id_type} {bad}: {why}"
+                );
+            }
+        }
     }
 
     #[test]
