@@ -191,8 +191,16 @@ async fn migrate_locked(
     check_types(schema, &existing)?;
     let has = |table: &str| existing.iter().any(|c| c.table == table);
     if has(LOG_TABLE) && !has(DATA_TABLE) {
-        return Err(SchemaError::Missing(format!(
-            "{schema}.{LOG_TABLE} exists but {schema}.{DATA_TABLE} does not; create it with the same message_id type"
+        // Not `SchemaError::Missing`, whose fix is to run `migrate`: this
+        // is `migrate` saying what it will not guess (the body table's
+        // types and keys are the user's choice once the status table is).
+        let id_type = find(&existing, LOG_TABLE, "message_id")
+            .map_or("<the type of message_id>", |c| c.sql_type.as_str());
+        return Err(SchemaError::Unsupported(format!(
+            "{schema}.{LOG_TABLE} exists but {schema}.{DATA_TABLE} does not; create it with the same \
+             message_id type, e.g. CREATE TABLE {s}.{DATA_TABLE} (message_id {id_type}, message_body bytea), \
+             and run migrate again",
+            s = quote_ident(schema),
         ))
         .into());
     }

@@ -1148,3 +1148,30 @@ async fn status_reads_parked_and_recent_rows_through_indexes_not_the_history() {
     }
     env.cleanup().await;
 }
+
+/// A status table without its body table: `migrate` says what is missing
+/// and how to create it (with the status table's id type), not to run
+/// `migrate`, which is what just refused.
+#[tokio::test]
+async fn migrate_on_a_status_table_without_its_body_table_says_how_to_make_one() {
+    let env = TestEnv::new("nodata").await;
+    let s = &env.name;
+    env.pg
+        .batch_execute(&format!(
+            "CREATE SCHEMA \"{s}\";
+             CREATE TABLE \"{s}\".message_queue_log (
+                 message_id bigint PRIMARY KEY, transferred boolean DEFAULT false, transfer_time timestamp);"
+        ))
+        .await
+        .unwrap();
+    let (code, out) = command(&env, &["migrate"]).await;
+    assert_eq!(code, Some(78), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{s}.message_queue_log exists but {s}.message_queue_log_data does not"
+        )) && out.contains("(message_id bigint, message_body bytea)"),
+        "{out}"
+    );
+    assert!(!out.contains("run `pushoccurrence migrate`"), "{out}");
+    env.cleanup().await;
+}
