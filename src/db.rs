@@ -152,27 +152,34 @@ pub fn behind_transaction_pooler(pg: &PostgresConfig) -> bool {
 }
 
 /// Whether `error` shows a transaction pooler the config does not name: a
-/// statement the session prepared by name is missing (26000) or one of that
-/// name exists already (42P05), so its transactions run on different server
-/// sessions. The first time, warns with the fix; claim sessions opened from
-/// then on work as behind a transaction pooler, so the relay carries on.
+/// statement the session prepared by name is missing (26000), so its
+/// transactions run on different server sessions
+/// ([`transaction_pooler_found`]). (A name found taken at prepare time,
+/// 42P05, shows only that a pooled server session carries another client's
+/// statements, which a session pooler can hand on too; it is skipped, see
+/// `Outbox::prepare`.)
 pub fn transaction_pooler_seen(error: &tokio_postgres::Error) -> bool {
-    use tokio_postgres::error::SqlState;
-    let Some(code) = error.code() else {
-        return false;
-    };
-    if *code != SqlState::INVALID_SQL_STATEMENT_NAME && *code != SqlState::DUPLICATE_PSTATEMENT {
+    if error.code() != Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME) {
         return false;
     }
+    transaction_pooler_found(&describe(error));
+    true
+}
+
+/// Records that a claim session's transactions ran on different server
+/// sessions, as `sign` shows: PostgreSQL is behind a transaction pooler the
+/// config does not name. The first time, warns with the fix; claim sessions
+/// opened from then on work as behind a transaction pooler, so the relay
+/// carries on.
+pub fn transaction_pooler_found(sign: &str) {
     if !TRANSACTION_POOLER_SEEN.swap(true, Ordering::Relaxed) {
         warn!(
-            error = %describe(error),
-            "a statement prepared on this session met another server session: PostgreSQL is behind a \
+            %sign,
+            "a claim session's transactions ran on different server sessions: PostgreSQL is behind a \
              transaction pooler; claim sessions now set their settings in every transaction and prepare \
              no named statement. Set postgres.pooler to \"transaction\" to say so from the start"
         );
     }
-    true
 }
 
 /// The statements that give a claim session its settings: the server-side

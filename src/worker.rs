@@ -406,7 +406,29 @@ impl Worker {
                         })
                         .await?
                     }
-                    None => within(limit, claim).await?,
+                    // Named statements: the claim must run on the server
+                    // session they were prepared on (asked in the same
+                    // round trip); on another, the same names may be
+                    // another client's statements, and the transaction is
+                    // rolled back before anything is published.
+                    None => match statements.server {
+                        Some(prepared_on) => {
+                            within(limit, async {
+                                let (server, rows) =
+                                    tokio::join!(tx.query_typed_one(outbox::SERVER_SESSION_SQL, &[]), claim);
+                                Ok((server?.get::<_, i32>(0), rows?))
+                            })
+                            .await
+                            .and_then(|(server, rows)| {
+                                if server == prepared_on {
+                                    Ok(rows)
+                                } else {
+                                    Err(moved_server_session(prepared_on, server))
+                                }
+                            })?
+                        }
+                        None => within(limit, claim).await?,
+                    },
                 };
                 let (rows, bodies): (Vec<ClaimedRow>, Vec<Option<Fetched>>) =
                     rows.iter().map(ClaimedRow::decode).collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
@@ -754,8 +776,8 @@ impl Worker {
     /// session: a column retyped under the running relay (ALTER TABLE) shows
     /// as a failed batch (see `db::outbox`), which replaces the session, so
     /// the new statements are built for the new types), then prepares the
-    /// statements: by name, or `unnamed` (inside a transaction) behind a
-    /// transaction pooler.
+    /// statements inside the transaction `client`: by name, or `unnamed`
+    /// behind a transaction pooler.
     async fn inspect_and_prepare(
         &mut self,
         client: &(impl tokio_postgres::GenericClient + Sync),
@@ -796,13 +818,15 @@ impl Worker {
             .await
             .map_err(BatchError::from)
             .inspect_err(|_| self.metrics.session_connect_failed())?;
-        let statements = if db::behind_transaction_pooler(&self.config.postgres) {
-            // Every statement inside one transaction: through a transaction
-            // pooler, a named statement's parse and its use may otherwise
-            // meet different server sessions.
-            let tx = within(limit, client.transaction()).await?;
-            let statements = self.inspect_and_prepare(&tx, true).await?;
-            within(limit, tx.commit()).await?;
+        let unnamed = db::behind_transaction_pooler(&self.config.postgres);
+        // Every statement inside one transaction: through a transaction
+        // pooler, a named statement's parse and its use may otherwise meet
+        // different server sessions, and the names are checked free on the
+        // server session the statements stay on.
+        let tx = within(limit, client.transaction()).await?;
+        let statements = self.inspect_and_prepare(&tx, unnamed).await?;
+        within(limit, tx.commit()).await?;
+        if unnamed {
             let SessionKind::Claim {
                 idle_in_transaction,
             } = kind
@@ -814,10 +838,7 @@ impl Worker {
                 idle_in_transaction,
                 true,
             ));
-            statements
-        } else {
-            self.inspect_and_prepare(&client, false).await?
-        };
+        }
         if self.backoff.attempts() > 0 {
             info!(worker = self.index, "claim session reconnected");
             self.metrics.session_reconnects.inc();
@@ -913,6 +934,20 @@ async fn within_schema<T>(
         Ok(Err(e)) => Err(BatchError::Database(e.to_string())),
         Err(_) => Err(BatchError::Database(format!("no answer within {limit:?}"))),
     }
+}
+
+/// A claim transaction of a session with named statements ran on server
+/// session `ran_on`, not on `prepared_on` where they were prepared: a
+/// transaction pooler the config does not name ([`db::transaction_pooler_found`]).
+fn moved_server_session(prepared_on: i32, ran_on: i32) -> BatchError {
+    let sign = format!(
+        "a claim transaction ran on server session {ran_on}, its statements were prepared on {prepared_on}"
+    );
+    db::transaction_pooler_found(&sign);
+    BatchError::Database(format!(
+        "{sign} (a transaction pooler): rolled back before anything was published, since the statements \
+         of that name there may be another client's; the next session keeps nothing across transactions"
+    ))
 }
 
 /// Runs one database call with a deadline: a stalled link must not hang the

@@ -428,3 +428,174 @@ async fn through_a_transaction_pooler_nothing_meets_or_leaves_a_named_statement(
     env.cleanup().await;
     drop(bouncer);
 }
+
+/// A session through `bouncer` to the test database.
+async fn through(bouncer: &PgBouncer) -> tokio_postgres::Client {
+    let conn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=test",
+        bouncer.port
+    );
+    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// Through a transaction pooler the config does not name, the relay's named
+/// statements live on one server session and another client's statements
+/// under the same names (here: another outbox's relay, whose client also
+/// names them `s0`, `s1`, …) on another. A claim transaction that lands on
+/// the other server session must not run those: it would claim the other
+/// outbox's rows, publish them to this relay's queue and mark them
+/// transferred there, lost to their own consumers, and nothing would fail.
+/// The relay notices that its transaction runs on another server session
+/// than the one its statements were prepared on, rolls back, and carries on
+/// as behind a transaction pooler.
+#[tokio::test]
+async fn an_unnamed_transaction_pooler_never_runs_another_clients_statements_as_the_relays() {
+    use pushoccurrence::db::outbox::Outbox;
+    let bouncer = PgBouncer::start_with("transaction", "default_pool_size = 2").await;
+    let mut mine = TestEnv::new("pgb_mine").await;
+    mine.migrate().await;
+    let theirs = TestEnv::new("pgb_theirs").await;
+    theirs.migrate().await;
+    let outbox = Outbox::inspect(&theirs.pg, &theirs.name).await.unwrap();
+    // In the order the relay's client prepares (and so names) its own.
+    let their_statements = [
+        outbox.claim_sql(false),
+        outbox.claim_sql(true),
+        outbox.bodies_sql(),
+        outbox.mark_sql(),
+        outbox.fail_sql(),
+    ];
+
+    // `first` holds one of the two server sessions, so the relay prepares
+    // its statements on the other.
+    let first = through(&bouncer).await;
+    first.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    mine.config["postgres"]["port"] = bouncer.port.into();
+    mine.config["postgres"]["auto_migrate"] = false.into();
+    // One worker, so its statements are the process's first five.
+    mine.config["rabbitmq"]["retry"]["buffer_size"] = 1.into();
+    mine.config["relay"]["batch_size"] = 1.into();
+    let consumer = mine.consumer().await;
+    let relay = mine.relay().await;
+    let mut ids = mine.insert_many(5, 5).await;
+    consumer.wait_for_all(&ids).await;
+
+    // The other outbox's statements on the first server session, then the
+    // relay's transactions moved there: `second` takes the relay's server
+    // session, `first` lets its own go.
+    for i in 0..40 {
+        first
+            .batch_execute(&format!("PREPARE s{i} AS {}", their_statements[i % 5]))
+            .await
+            .unwrap();
+    }
+    let second = through(&bouncer).await;
+    let pinned = tokio::spawn(async move {
+        second.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        second
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    first.batch_execute("COMMIT").await.unwrap();
+    let second = pinned.await.unwrap();
+
+    let their_ids = theirs.insert_many(20, 20).await;
+    ids.extend(mine.insert_many(20, 20).await);
+    wait_until(
+        "the relay relays its own rows or someone else's",
+        || async {
+            let counts = consumer.counts();
+            ids.iter().all(|id| counts.contains_key(id))
+                || their_ids.iter().any(|id| counts.contains_key(id))
+        },
+    )
+    .await;
+    let received = consumer.ids();
+    let foreign: Vec<&String> = their_ids
+        .iter()
+        .filter(|id| received.contains(id))
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "the other outbox's rows went out through this relay: {foreign:?}"
+    );
+    assert_eq!(
+        theirs.pending().await,
+        20,
+        "the other outbox's rows are untouched"
+    );
+    second.batch_execute("COMMIT").await.unwrap();
+    env_settles(&mine, &consumer, &ids).await;
+    let log = relay.log_text();
+    assert_eq!(
+        log.matches("PostgreSQL is behind a transaction pooler")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(relay.terminate().await.success());
+    mine.cleanup().await;
+    theirs.cleanup().await;
+    drop(bouncer);
+}
+
+/// Every one of `ids` arrives once, and every row is transferred.
+async fn env_settles(env: &TestEnv, consumer: &Consumer, ids: &[String]) {
+    consumer.wait_for_all(ids).await;
+    env.wait_all_transferred().await;
+    assert_exactly_once(consumer, ids);
+}
+
+/// A session pooler whose `server_reset_query` leaves prepared statements
+/// behind (`RESET ALL`, or none) hands the relay server sessions that carry
+/// the previous client's statements under the names the relay's client
+/// gives its own (`s0`, `s1`, …: a relay restarted, another process using
+/// the same driver). A name found taken is skipped: no failed batch, and no
+/// warning that blames a transaction pooler (whose fix, `postgres.pooler =
+/// "transaction"`, would be wrong here).
+#[tokio::test]
+async fn a_session_pooler_handing_on_prepared_statements_costs_no_batch_and_blames_no_transaction_pooler()
+ {
+    let bouncer = PgBouncer::start_with(
+        "session",
+        "default_pool_size = 8\nserver_reset_query = RESET ALL",
+    )
+    .await;
+    let mut env = TestEnv::new("pgb_leftover").await;
+    env.migrate().await;
+    // Every server session of the pool carries statements s0 … s39.
+    let clients: Vec<tokio_postgres::Client> = {
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(through(&bouncer).await);
+        }
+        clients
+    };
+    for client in &clients {
+        let sql: String = (0..40)
+            .map(|i| format!("PREPARE s{i} AS SELECT 1;"))
+            .collect();
+        client.batch_execute(&sql).await.unwrap();
+    }
+    drop(clients);
+    wait_until("the pooler has every server session back", || async {
+        let names = statements_on(&bouncer).await;
+        names.len() == 40
+    })
+    .await;
+
+    env.config["postgres"]["port"] = bouncer.port.into();
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let ids = env.insert_many(500, 100).await;
+    env_settles(&env, &consumer, &ids).await;
+    let log = relay.log_text();
+    assert!(!log.contains("batch failed"), "{log}");
+    assert!(!log.contains("transaction pooler"), "{log}");
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+    drop(bouncer);
+}
