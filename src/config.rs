@@ -544,10 +544,19 @@ impl Config {
                 } else if let Some(key) = SECRET_KEYS.iter().find(|k| is_at_or_under(&path, k)) {
                     // serde quotes the offending value ("invalid type:
                     // integer `73195046`"), which here is the secret.
-                    ConfigError::new(format!(
-                        "{}: expected a string; put the value in quotes",
-                        source.of(key)
-                    ))
+                    if *key == "rabbitmq.urls" && path == *key {
+                        ConfigError::new(format!(
+                            "{}: expected a list of AMQP URLs, one per node, \
+                             e.g. [\"amqp://user:password@rabbit-1:5672/\", \"amqp://user:password@rabbit-2:5672/\"]",
+                            source.of(key)
+                        ))
+                    } else {
+                        // The list's item (`rabbitmq.urls[1]`) when it is one.
+                        ConfigError::new(format!(
+                            "{}: expected a string; put the value in quotes",
+                            source.of(if path.starts_with(&format!("{key}[")) { &path } else { key })
+                        ))
+                    }
                 } else {
                     ConfigError::new(format!("{}: {inner}", source.of(&path)))
                 }
@@ -1103,6 +1112,22 @@ fn apply_env(json: &mut Value, env: &BTreeMap<String, String>) -> Result<Applied
         set_path(json, key, value)
             .map_err(|msg| ConfigError::new(format!("environment variable {var}: {msg}")))?;
         applied.from_env.insert(key.to_owned(), var);
+    }
+    // The broker's address set in the environment, as one URL or as a
+    // cluster's list, replaces the file's in either form: the seed's file
+    // always has `rabbitmq.url`, so `PUSHOCCURRENCE_RABBITMQ_URLS` could
+    // otherwise never be used with it ("set one of them"). Both set in
+    // the environment stay an error.
+    for (set, replaced) in [
+        ("rabbitmq.urls", "rabbitmq.url"),
+        ("rabbitmq.url", "rabbitmq.urls"),
+    ] {
+        if applied.from_env.contains_key(set)
+            && !applied.from_env.contains_key(replaced)
+            && let Some(rabbitmq) = json.get_mut("rabbitmq").and_then(Value::as_object_mut)
+        {
+            rabbitmq.remove(&replaced["rabbitmq.".len()..]);
+        }
     }
     for (name, value) in env.iter().filter(|(k, _)| !known.contains(k)) {
         if is_service_link(name, value) {
