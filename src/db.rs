@@ -16,7 +16,7 @@ use tokio_postgres::Client;
 
 use tracing::{debug, warn};
 
-use crate::config::{Pooler, PostgresConfig, SslMode};
+use crate::config::{PgServer, Pooler, PostgresConfig, SslMode};
 
 /// What a session is for; claim sessions get server-side timeouts that
 /// release their row locks if the relay freezes.
@@ -46,11 +46,7 @@ pub async fn connect(
     kind: SessionKind,
 ) -> Result<Client, tokio_postgres::Error> {
     let (client, connection) = open_first_writable(pg).await?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            debug!(%error, "postgres session ended");
-        }
-    });
+    drive(connection);
     if let SessionKind::Claim {
         idle_in_transaction,
     } = kind
@@ -64,6 +60,30 @@ pub async fn connect(
     Ok(client)
 }
 
+/// A plain session ([`SessionKind::Plain`]), as [`connect`] opens it, and
+/// the server of `pg.servers` it went to (the first that answered and
+/// accepts writes): what `check` reports, since the server's own idea of
+/// its address names neither a host name nor a pooler in between.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_plain_reporting(
+    pg: &PostgresConfig,
+) -> Result<(Client, &PgServer), tokio_postgres::Error> {
+    let (client, connection, server) = open_first_writable_server(pg).await?;
+    drive(connection);
+    Ok((client, server))
+}
+
+/// Spawns the task that drives a session's connection.
+fn drive(connection: Connection) {
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            debug!(%error, "postgres session ended");
+        }
+    });
+}
+
 /// A session on the first of `pg.servers`, in order, that answers and
 /// accepts writes. Each server gets `postgres.connect_timeout_sec` for the
 /// whole of it (TCP, TLS, the startup exchange and the read-write check):
@@ -74,12 +94,20 @@ pub async fn connect(
 pub(crate) async fn open_first_writable(
     pg: &PostgresConfig,
 ) -> Result<(Client, Connection), tokio_postgres::Error> {
+    let (client, connection, _) = open_first_writable_server(pg).await?;
+    Ok((client, connection))
+}
+
+/// [`open_first_writable`], with the server the session went to.
+async fn open_first_writable_server(
+    pg: &PostgresConfig,
+) -> Result<(Client, Connection, &PgServer), tokio_postgres::Error> {
     let mut last = None;
     for server in &pg.servers {
         let mut cfg = session_config(pg);
         cfg.host(&server.host).port(server.port);
         match tokio::time::timeout(pg.connect_timeout, cfg.connect(pg.tls.0.clone())).await {
-            Ok(Ok(session)) => return Ok(session),
+            Ok(Ok((client, connection))) => return Ok((client, connection, server)),
             Ok(Err(e)) => last = Some(e),
             // The driver's own error for a connect that timed out.
             Err(_) => last = Some(tokio_postgres::Error::__private_api_timeout()),

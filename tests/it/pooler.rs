@@ -599,3 +599,32 @@ async fn a_session_pooler_handing_on_prepared_statements_costs_no_batch_and_blam
     env.cleanup().await;
     drop(bouncer);
 }
+
+/// `check` with several hosts names the one the session went to in the
+/// config's words: behind a pooler the server's own idea of its address
+/// (`inet_server_addr()`) is PostgreSQL's, behind the pooler, an address
+/// the config does not name at all.
+#[tokio::test]
+async fn check_names_the_configured_host_it_reached_through_a_pooler() {
+    let bouncer = PgBouncer::start("session").await;
+    let mut env = TestEnv::new("pgb_check").await;
+    env.migrate().await;
+    env.config["postgres"]["host"] = "127.0.0.1,localhost".into();
+    env.config["postgres"]["port"] = serde_json::json!([free_port(), bouncer.port]);
+    let out = pushoccurrence(&env.write_config(), &["check"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("writes go to localhost:{})", bouncer.port)),
+        "{stdout}"
+    );
+    env.cleanup().await;
+    drop(bouncer);
+}
