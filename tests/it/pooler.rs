@@ -106,6 +106,30 @@ impl PgBouncer {
     }
 }
 
+impl PgBouncer {
+    /// How many server sessions the pool of the test database has open.
+    pub async fn server_sessions(&self) -> usize {
+        let conn = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer",
+            self.port
+        );
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .simple_query("SHOW SERVERS")
+            .await
+            .unwrap()
+            .iter()
+            .filter(|m| {
+                matches!(m, tokio_postgres::SimpleQueryMessage::Row(row)
+                    if row.get("database") == Some("test"))
+            })
+            .count()
+    }
+}
+
 impl Drop for PgBouncer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -627,4 +651,66 @@ async fn check_names_the_configured_host_it_reached_through_a_pooler() {
     );
     env.cleanup().await;
     drop(bouncer);
+}
+
+/// The seed's config pointed at a transaction pooler without saying so
+/// (`postgres.pooler` unset, `auto_migrate` on by default): the start-up
+/// migration takes its session advisory lock on one pooled server session
+/// and its unlock runs on another ("you don't own a lock of type
+/// ExclusiveLock"), so the lock stays on the pooled server session after
+/// the relay is gone, and every later migration of the schema, `migrate`
+/// run directly against PostgreSQL included, waits for it until PgBouncer
+/// happens to close that server session. Not fixed: a migration cannot
+/// tell an undeclared transaction pooler from a direct session before it
+/// takes its lock (consecutive statements usually land on the same server
+/// session), and a lock that cannot be left behind means reworking how
+/// migrations are serialised.
+#[tokio::test]
+#[ignore = "not fixed: the migration lock of a start-up behind an undeclared transaction pooler stays on a pooled server session"]
+async fn a_start_up_migration_through_an_undeclared_transaction_pooler_leaves_no_lock_behind() {
+    let mut env = TestEnv::new("pgb_lock").await;
+    env.migrate().await;
+    let key = format!("pushoccurrence:migrate:{}", env.name);
+    // Round robin: consecutive statements of the relay land on the server
+    // sessions in turn, as under any concurrent load; with two and with
+    // three of them, so the unlock cannot land where the lock is by the
+    // parity of the migration's statements.
+    for pool_size in [2, 3] {
+        let bouncer = PgBouncer::start_with(
+            "transaction",
+            &format!("default_pool_size = {pool_size}\nserver_round_robin = 1"),
+        )
+        .await;
+        // Open every server session: one transaction each at once.
+        let mut clients = Vec::new();
+        for _ in 0..pool_size {
+            let client = through(&bouncer).await;
+            client.batch_execute("BEGIN; SELECT 1").await.unwrap();
+            clients.push(client);
+        }
+        for client in &clients {
+            client.batch_execute("COMMIT").await.unwrap();
+        }
+        drop(clients);
+        assert_eq!(bouncer.server_sessions().await, pool_size);
+        env.config["postgres"]["port"] = bouncer.port.into();
+        let relay = env.relay().await;
+        assert!(relay.terminate().await.success());
+        let held: i64 = env
+            .pg
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1
+                    AND objid = (hashtext($1)::int8 & 4294967295)::oid",
+                &[&key],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            held, 0,
+            "the migration lock outlived the relay ({pool_size} server sessions)"
+        );
+        drop(bouncer);
+    }
+    env.cleanup().await;
 }
