@@ -108,7 +108,7 @@ pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("rabbitmq.retry.idle_sleep_ms", EnvKind::Number),
     ("listener.channels", EnvKind::List),
     ("listener.host", EnvKind::Text),
-    ("listener.port", EnvKind::Number),
+    ("listener.port", EnvKind::NumberOrList),
     ("relay.batch_size", EnvKind::Number),
     ("relay.confirm_timeout_ms", EnvKind::Number),
     ("relay.shutdown_grace_ms", EnvKind::Number),
@@ -317,30 +317,23 @@ pub struct PostgresConfig {
     pub pooler: Pooler,
     /// Where the listener connects when not through `host`/`port`
     /// (`listener.host`, `listener.port`): LISTEN needs a session of its
-    /// own, which a transaction pooler cannot give.
-    pub listener_host: Option<String>,
-    /// See `listener_host`.
-    pub listener_port: Option<u16>,
+    /// own, which a transaction pooler cannot give. Several servers as for
+    /// `host` (a primary and its standby), tried in order for the one that
+    /// accepts writes.
+    pub listener_servers: Option<Vec<PgServer>>,
 }
 
 impl PostgresConfig {
     /// The configuration of the listener's session: `listener.host` and
     /// `listener.port` where given (a direct connection past a pooler).
-    /// `listener.host` names one server (on `listener.port`, else the
-    /// first server's port); `listener.port` alone moves every server to
-    /// that port.
+    /// `listener.host` names its servers as `host` does (each on
+    /// `listener.port`, one for all or one per host, else on the first
+    /// server's port); `listener.port` alone moves the servers to that
+    /// port (or to one port each).
     pub fn for_listener(&self) -> Self {
         let mut pg = self.clone();
-        if let Some(host) = &self.listener_host {
-            let port = self.listener_port.unwrap_or(self.servers[0].port);
-            pg.servers = vec![PgServer {
-                host: host.clone(),
-                port,
-            }];
-        } else if let Some(port) = self.listener_port {
-            for server in &mut pg.servers {
-                server.port = port;
-            }
+        if let Some(servers) = &self.listener_servers {
+            pg.servers.clone_from(servers);
         }
         pg
     }
@@ -360,7 +353,7 @@ impl PostgresConfig {
     /// Whether the listener has a connection of its own (`listener.host`
     /// or `listener.port`).
     pub fn listener_is_direct(&self) -> bool {
-        self.listener_host.is_some() || self.listener_port.is_some()
+        self.listener_servers.is_some()
     }
 }
 
@@ -648,7 +641,7 @@ impl Config {
             .map_err(|e| ConfigError::new(format!("key postgres.ssl_root_cert: {e}")))?;
         check_identifier("postgres.schema", &pg.schema)?;
         non_empty("postgres.host", &pg.host)?;
-        let servers = pg_servers(&pg.host, &pg.port.0)?;
+        let servers = pg_servers(("postgres.host", &pg.host), ("postgres.port", &pg.port.0))?;
         non_empty("postgres.database", &pg.database)?;
         non_empty("postgres.user", &pg.user)?;
         non_empty("postgres.application_name", &pg.application_name)?;
@@ -669,6 +662,26 @@ impl Config {
         if let Some(host) = &listener.host {
             non_empty("listener.host", host)?;
         }
+        let listener_servers = match (&listener.host, &listener.port) {
+            (Some(hosts), ports) => {
+                let ports = ports
+                    .as_ref()
+                    .map_or_else(|| vec![servers[0].port], |p| p.0.clone());
+                Some(pg_servers(
+                    ("listener.host", hosts),
+                    ("listener.port", &ports),
+                )?)
+            }
+            (None, Some(ports)) => {
+                // The regular hosts, on the listener's port(s).
+                let hosts: Vec<&str> = servers.iter().map(|s| s.host.as_str()).collect();
+                Some(pg_servers(
+                    ("postgres.host", &hosts.join(",")),
+                    ("listener.port", &ports.0),
+                )?)
+            }
+            (None, None) => None,
+        };
         if pooler == Pooler::Transaction
             && pg.auto_migrate
             && listener.host.is_none()
@@ -680,9 +693,6 @@ impl Config {
                  give the relay a direct connection (listener.host, listener.port), or set \
                  postgres.auto_migrate to false and run `pushoccurrence migrate` against PostgreSQL directly",
             ));
-        }
-        if listener.port == Some(0) {
-            return Err(ConfigError::new("key listener.port: must be 1-65535"));
         }
 
         let urls: Vec<(String, String)> = match (mq.url, mq.urls) {
@@ -813,8 +823,7 @@ impl Config {
                 connect_timeout,
                 query_timeout,
                 pooler,
-                listener_host: listener.host,
-                listener_port: listener.port,
+                listener_servers,
             },
             rabbitmq: RabbitConfig {
                 nodes,
@@ -950,28 +959,32 @@ fn split_userinfo(url: &str) -> Option<(&str, &str, &str)> {
     Some((&url[..start], user, password))
 }
 
-/// The servers named by `postgres.host` (one host, or several separated by
-/// commas, as libpq reads a connection string's `host`) and `postgres.port`
-/// (one port for every host, or one per host in the same order).
-fn pg_servers(hosts: &str, ports: &[u16]) -> Result<Vec<PgServer>, ConfigError> {
+/// The servers named by a host key (`postgres.host`, `listener.host`: one
+/// host, or several separated by commas, as libpq reads a connection
+/// string's `host`) and a port key (one port for every host, or one per
+/// host in the same order); errors name the keys.
+fn pg_servers(
+    (host_key, hosts): (&str, &str),
+    (port_key, ports): (&str, &[u16]),
+) -> Result<Vec<PgServer>, ConfigError> {
     let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
     if hosts.iter().any(|h| h.is_empty()) {
         return Err(ConfigError::new(format!(
-            "key postgres.host: '{}' has an empty host name; name one host, or several separated by commas (db1,db2)",
+            "key {host_key}: '{}' has an empty host name; name one host, or several separated by commas (db1,db2)",
             hosts.join(",")
         )));
     }
     if ports.is_empty() {
-        return Err(ConfigError::new(
-            "key postgres.port: list at least one port",
-        ));
+        return Err(ConfigError::new(format!(
+            "key {port_key}: list at least one port"
+        )));
     }
     if ports.contains(&0) {
-        return Err(ConfigError::new("key postgres.port: must be 1-65535"));
+        return Err(ConfigError::new(format!("key {port_key}: must be 1-65535")));
     }
     if ports.len() != 1 && ports.len() != hosts.len() {
         return Err(ConfigError::new(format!(
-            "keys postgres.host and postgres.port: {} hosts but {} ports; give one port for all hosts, or one per host in the same order",
+            "keys {host_key} and {port_key}: {} hosts but {} ports; give one port for all hosts, or one per host in the same order",
             hosts.len(),
             ports.len()
         )));
@@ -1679,7 +1692,7 @@ struct RawListener {
     #[serde(default)]
     host: Option<String>,
     #[serde(default)]
-    port: Option<u16>,
+    port: Option<RawPorts>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1717,7 +1730,7 @@ fn default_pg_port() -> RawPorts {
     RawPorts(vec![5432])
 }
 
-/// `postgres.port`: one port (the seed's number), or one per host as a list
+/// `postgres.port`, `listener.port`: one port (the seed's number), or one per host as a list
 /// of numbers or a text of numbers separated by commas (libpq's form, and
 /// what an environment variable can hold).
 #[derive(Debug)]

@@ -741,3 +741,43 @@ async fn a_session_pooler_with_room_for_the_listener_and_the_workers_relays() {
     env.cleanup().await;
     drop(bouncer);
 }
+
+/// A transaction pooler in front of a primary and its standby: the
+/// listener's direct connection names both servers, as `postgres.host`
+/// does, so it follows a failover. The first listed here refuses
+/// connections; the listener (and the start-up migration, which uses the
+/// same address) goes to the next, hears every notification, and `status`
+/// says so.
+#[tokio::test]
+async fn a_listener_given_several_hosts_past_a_transaction_pooler_goes_to_the_one_that_accepts_writes()
+ {
+    let bouncer = PgBouncer::start("transaction").await;
+    let mut env = TestEnv::new("pgb_lhosts").await;
+    env.config["postgres"]["port"] = bouncer.port.into();
+    env.config["postgres"]["pooler"] = "transaction".into();
+    env.config["listener"]["host"] = "127.0.0.1,localhost".into();
+    env.config["listener"]["port"] = serde_json::json!([free_port(), pg_port()]);
+    // No idle sweeps: only notifications can wake the relay.
+    env.config["rabbitmq"]["retry"]["idle_sleep_ms"] = 3_600_000.into();
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let ids = env.insert_many(200, 50).await;
+    env_settles(&env, &consumer, &ids).await;
+    let log = relay.log_text();
+    assert!(!log.contains(DEAF), "{log}");
+    assert!(relay.terminate().await.success());
+    let out = pushoccurrence(&env.write_config(), &["status"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("heard by a session at"), "{stdout}");
+    assert!(!stdout.contains("NOT heard"), "{stdout}");
+    env.cleanup().await;
+    drop(bouncer);
+}
