@@ -1968,6 +1968,37 @@ pub(crate) mod tests {
         assert_eq!(c.postgres.for_session_work().servers, c.postgres.servers);
         let e = err(SEED, &[("PUSHOCCURRENCE_LISTENER_PORT", "0")]);
         assert!(e.contains("listener.port"), "{e}");
+        // Several listener hosts, as postgres.host takes them.
+        let env = [
+            ("PUSHOCCURRENCE_LISTENER_HOST", "db-1, db-2"),
+            ("PUSHOCCURRENCE_LISTENER_PORT", "5433,5434"),
+        ];
+        let c = parse(SEED, &env).unwrap();
+        assert_eq!(
+            c.postgres.for_listener().servers_text(),
+            "db-1:5433,db-2:5434"
+        );
+        let c = parse(SEED, &[("PUSHOCCURRENCE_LISTENER_HOST", "db-1,db-2")]).unwrap();
+        assert_eq!(
+            c.postgres.for_listener().servers_text(),
+            "db-1:5432,db-2:5432"
+        );
+        let e = err(
+            SEED,
+            &[
+                ("PUSHOCCURRENCE_LISTENER_HOST", "db-1,db-2,db-3"),
+                ("PUSHOCCURRENCE_LISTENER_PORT", "5433,5434"),
+            ],
+        );
+        assert!(
+            e.contains("keys listener.host and listener.port: 3 hosts but 2 ports"),
+            "{e}"
+        );
+        let e = err(SEED, &[("PUSHOCCURRENCE_LISTENER_HOST", "db-1,")]);
+        assert!(
+            e.contains("(key listener.host): 'db-1,' has an empty host name"),
+            "{e}"
+        );
     }
 
     #[test]
