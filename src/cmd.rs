@@ -139,8 +139,8 @@ pub async fn migrate(config: Config) -> anyhow::Result<()> {
 pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
     println!("ok    config: {config_origin}");
     let pg = &config.postgres;
-    let client = match db::connect(pg, SessionKind::Plain).await {
-        Ok(client) => client,
+    let (client, server) = match db::connect_plain_reporting(pg).await {
+        Ok(session) => session,
         Err(e) => {
             let msg = format!(
                 "postgres: cannot connect to {} database {} as {}: {}; check postgres.* and that the server is up (with several hosts, that one accepts writes)",
@@ -162,7 +162,7 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
         "ok    postgres: {} database {} (server {version}{})",
         pg.servers_text(),
         pg.database,
-        connected_to(&client, pg).await
+        connected_to(server, pg)
     );
 
     let outbox = match Outbox::inspect(&client, &pg.schema).await {
@@ -287,26 +287,13 @@ pub async fn check(config: Config, config_origin: &str) -> anyhow::Result<()> {
 }
 
 /// With several servers configured, which one the session went to (the
-/// one that accepted writes), as `; writes go to host:port`; nothing for one.
-async fn connected_to(
-    client: &tokio_postgres::Client,
-    pg: &crate::config::PostgresConfig,
-) -> String {
+/// first one that answered and accepted writes), as `; writes go to
+/// host:port` in the config's words; nothing for one.
+fn connected_to(server: &crate::config::PgServer, pg: &crate::config::PostgresConfig) -> String {
     if pg.servers.len() < 2 {
         return String::new();
     }
-    match client
-        .query_typed_one(
-            "SELECT host(inet_server_addr()) || ':' || inet_server_port()",
-            &[],
-        )
-        .await
-        .ok()
-        .and_then(|row| row.get::<_, Option<String>>(0))
-    {
-        Some(addr) => format!("; writes go to {addr}"),
-        None => String::new(),
-    }
+    format!("; writes go to {}:{}", server.host, server.port)
 }
 
 /// Opens a plain session for a one-off command; unreachable is exit 69.

@@ -150,10 +150,20 @@ impl Config {
                 } else if let Some(key) = SECRET_KEYS.iter().find(|k| is_at_or_under(&path, k)) {
                     // serde quotes the offending value ("invalid type:
                     // integer `73195046`"), which here is the secret.
-                    ConfigError::new(format!(
-                        "{}: expected a string; put the value in quotes",
-                        source.of(key)
-                    ))
+                    if *key == "rabbitmq.urls" && path == *key {
+                        ConfigError::new(format!(
+                            "{}: expected a list of AMQP URLs, one per node, \
+                             e.g. [\"amqp://user:password@rabbit-1:5672/\", \"amqp://user:password@rabbit-2:5672/\"]",
+                            source.of(key)
+                        ))
+                    } else {
+                        // The list's item (`rabbitmq.urls[1]`) when it is one.
+                        let item = path.starts_with(&format!("{key}["));
+                        ConfigError::new(format!(
+                            "{}: expected a string; put the value in quotes",
+                            source.of(if item { &path } else { key })
+                        ))
+                    }
                 } else {
                     ConfigError::new(format!("{}: {inner}", source.of(&path)))
                 }

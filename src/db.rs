@@ -15,7 +15,7 @@ use tokio_postgres::Client;
 
 use tracing::{debug, warn};
 
-use crate::config::{Pooler, PostgresConfig};
+use crate::config::{PgServer, Pooler, PostgresConfig};
 use crate::tls::{self, SslMode};
 
 /// What a session is for; claim sessions get server-side timeouts that
@@ -46,11 +46,7 @@ pub async fn connect(
     kind: SessionKind,
 ) -> Result<Client, tokio_postgres::Error> {
     let (client, connection) = open_first_writable(pg).await?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            debug!(%error, "postgres session ended");
-        }
-    });
+    drive(connection);
     if let SessionKind::Claim {
         idle_in_transaction,
     } = kind
@@ -64,6 +60,30 @@ pub async fn connect(
     Ok(client)
 }
 
+/// A plain session ([`SessionKind::Plain`]), as [`connect`] opens it, and
+/// the server of `pg.servers` it went to (the first that answered and
+/// accepts writes): what `check` reports, since the server's own idea of
+/// its address names neither a host name nor a pooler in between.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_plain_reporting(
+    pg: &PostgresConfig,
+) -> Result<(Client, &PgServer), tokio_postgres::Error> {
+    let (client, connection, server) = open_first_writable_server(pg).await?;
+    drive(connection);
+    Ok((client, server))
+}
+
+/// Spawns the task that drives a session's connection.
+fn drive(connection: Connection) {
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            debug!(%error, "postgres session ended");
+        }
+    });
+}
+
 /// A session on the first of `pg.servers`, in order, that answers and
 /// accepts writes. Each server gets `postgres.connect_timeout_sec` for the
 /// whole of it (TCP, TLS, the startup exchange and the read-write check):
@@ -74,13 +94,21 @@ pub async fn connect(
 pub(crate) async fn open_first_writable(
     pg: &PostgresConfig,
 ) -> Result<(Client, Connection), tokio_postgres::Error> {
+    let (client, connection, _) = open_first_writable_server(pg).await?;
+    Ok((client, connection))
+}
+
+/// [`open_first_writable`], with the server the session went to.
+async fn open_first_writable_server(
+    pg: &PostgresConfig,
+) -> Result<(Client, Connection, &PgServer), tokio_postgres::Error> {
     let tls = tls::connector(pg.ssl_mode, pg.ssl_root_cert.as_ref());
     let mut last = None;
     for server in &pg.servers {
         let mut cfg = session_config(pg);
         cfg.host(&server.host).port(server.port);
         match tokio::time::timeout(pg.connect_timeout, cfg.connect(tls.0.clone())).await {
-            Ok(Ok(session)) => return Ok(session),
+            Ok(Ok((client, connection))) => return Ok((client, connection, server)),
             Ok(Err(e)) => last = Some(e),
             // The driver's own error for a connect that timed out.
             Err(_) => last = Some(tokio_postgres::Error::__private_api_timeout()),
@@ -153,27 +181,34 @@ pub fn behind_transaction_pooler(pg: &PostgresConfig) -> bool {
 }
 
 /// Whether `error` shows a transaction pooler the config does not name: a
-/// statement the session prepared by name is missing (26000) or one of that
-/// name exists already (42P05), so its transactions run on different server
-/// sessions. The first time, warns with the fix; claim sessions opened from
-/// then on work as behind a transaction pooler, so the relay carries on.
+/// statement the session prepared by name is missing (26000), so its
+/// transactions run on different server sessions
+/// ([`transaction_pooler_found`]). (A name found taken at prepare time,
+/// 42P05, shows only that a pooled server session carries another client's
+/// statements, which a session pooler can hand on too; it is skipped, see
+/// `Outbox::prepare`.)
 pub fn transaction_pooler_seen(error: &tokio_postgres::Error) -> bool {
-    use tokio_postgres::error::SqlState;
-    let Some(code) = error.code() else {
-        return false;
-    };
-    if *code != SqlState::INVALID_SQL_STATEMENT_NAME && *code != SqlState::DUPLICATE_PSTATEMENT {
+    if error.code() != Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME) {
         return false;
     }
+    transaction_pooler_found(&describe(error));
+    true
+}
+
+/// Records that a claim session's transactions ran on different server
+/// sessions, as `sign` shows: PostgreSQL is behind a transaction pooler the
+/// config does not name. The first time, warns with the fix; claim sessions
+/// opened from then on work as behind a transaction pooler, so the relay
+/// carries on.
+pub fn transaction_pooler_found(sign: &str) {
     if !TRANSACTION_POOLER_SEEN.swap(true, Ordering::Relaxed) {
         warn!(
-            error = %describe(error),
-            "a statement prepared on this session met another server session: PostgreSQL is behind a \
+            %sign,
+            "a claim session's transactions ran on different server sessions: PostgreSQL is behind a \
              transaction pooler; claim sessions now set their settings in every transaction and prepare \
              no named statement. Set postgres.pooler to \"transaction\" to say so from the start"
         );
     }
-    true
 }
 
 /// The statements that give a claim session its settings: the server-side

@@ -303,8 +303,8 @@ impl Worker {
     /// session: a column retyped under the running relay (ALTER TABLE) shows
     /// as a failed batch (see `db::outbox`), which replaces the session, so
     /// the new statements are built for the new types), then prepares the
-    /// statements: by name, or `unnamed` (inside a transaction) behind a
-    /// transaction pooler.
+    /// statements inside the transaction `client`: by name, or `unnamed`
+    /// behind a transaction pooler.
     async fn inspect_and_prepare(
         &mut self,
         client: &(impl tokio_postgres::GenericClient + Sync),
@@ -345,13 +345,15 @@ impl Worker {
             .await
             .map_err(BatchError::from)
             .inspect_err(|_| self.metrics.session_connect_failed())?;
-        let statements = if db::behind_transaction_pooler(&self.config.postgres) {
-            // Every statement inside one transaction: through a transaction
-            // pooler, a named statement's parse and its use may otherwise
-            // meet different server sessions.
-            let tx = within(limit, client.transaction()).await?;
-            let statements = self.inspect_and_prepare(&tx, true).await?;
-            within(limit, tx.commit()).await?;
+        let unnamed = db::behind_transaction_pooler(&self.config.postgres);
+        // Every statement inside one transaction: through a transaction
+        // pooler, a named statement's parse and its use may otherwise meet
+        // different server sessions, and the names are checked free on the
+        // server session the statements stay on.
+        let tx = within(limit, client.transaction()).await?;
+        let statements = self.inspect_and_prepare(&tx, unnamed).await?;
+        within(limit, tx.commit()).await?;
+        if unnamed {
             let SessionKind::Claim {
                 idle_in_transaction,
             } = kind
@@ -363,10 +365,7 @@ impl Worker {
                 idle_in_transaction,
                 true,
             ));
-            statements
-        } else {
-            self.inspect_and_prepare(&client, false).await?
-        };
+        }
         if self.backoff.attempts() > 0 {
             info!(worker = self.index, "claim session reconnected");
             self.metrics.session_reconnects.inc();

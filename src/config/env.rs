@@ -86,7 +86,7 @@ pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("rabbitmq.retry.idle_sleep_ms", EnvKind::Number),
     ("listener.channels", EnvKind::List),
     ("listener.host", EnvKind::Text),
-    ("listener.port", EnvKind::Number),
+    ("listener.port", EnvKind::NumberOrList),
     ("relay.batch_size", EnvKind::Number),
     ("relay.confirm_timeout_ms", EnvKind::Number),
     ("relay.shutdown_grace_ms", EnvKind::Number),
@@ -200,6 +200,22 @@ pub(super) fn apply_env(
         set_path(json, key, value)
             .map_err(|msg| ConfigError::new(format!("environment variable {var}: {msg}")))?;
         applied.from_env.insert(key.to_owned(), var);
+    }
+    // The broker's address set in the environment, as one URL or as a
+    // cluster's list, replaces the file's in either form: the seed's file
+    // always has `rabbitmq.url`, so `PUSHOCCURRENCE_RABBITMQ_URLS` could
+    // otherwise never be used with it ("set one of them"). Both set in
+    // the environment stay an error.
+    for (set, replaced) in [
+        ("rabbitmq.urls", "rabbitmq.url"),
+        ("rabbitmq.url", "rabbitmq.urls"),
+    ] {
+        if applied.from_env.contains_key(set)
+            && !applied.from_env.contains_key(replaced)
+            && let Some(rabbitmq) = json.get_mut("rabbitmq").and_then(Value::as_object_mut)
+        {
+            rabbitmq.remove(&replaced["rabbitmq.".len()..]);
+        }
     }
     for (name, value) in env.iter().filter(|(k, _)| !known.contains(k)) {
         if is_service_link(name, value) {

@@ -21,9 +21,6 @@ impl TryFrom<RawListener> for Listener {
         if let Some(host) = &listener.host {
             non_empty("listener.host", host)?;
         }
-        if listener.port == Some(0) {
-            return Err(ConfigError::new("key listener.port: must be 1-65535"));
-        }
         if listener.channels.is_empty() {
             return Err(ConfigError::new(
                 "key listener.channels: list at least one NOTIFY channel",

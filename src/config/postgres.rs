@@ -52,30 +52,23 @@ pub struct PostgresConfig {
     pub pooler: Pooler,
     /// Where the listener connects when not through `host`/`port`
     /// (`listener.host`, `listener.port`): LISTEN needs a session of its
-    /// own, which a transaction pooler cannot give.
-    pub listener_host: Option<String>,
-    /// See `listener_host`.
-    pub listener_port: Option<u16>,
+    /// own, which a transaction pooler cannot give. Several servers as for
+    /// `host` (a primary and its standby), tried in order for the one that
+    /// accepts writes.
+    pub listener_servers: Option<Vec<PgServer>>,
 }
 
 impl PostgresConfig {
     /// The configuration of the listener's session: `listener.host` and
     /// `listener.port` where given (a direct connection past a pooler).
-    /// `listener.host` names one server (on `listener.port`, else the
-    /// first server's port); `listener.port` alone moves every server to
-    /// that port.
+    /// `listener.host` names its servers as `host` does (each on
+    /// `listener.port`, one for all or one per host, else on the first
+    /// server's port); `listener.port` alone moves the servers to that
+    /// port (or to one port each).
     pub fn for_listener(&self) -> Self {
         let mut pg = self.clone();
-        if let Some(host) = &self.listener_host {
-            let port = self.listener_port.unwrap_or(self.servers[0].port);
-            pg.servers = vec![PgServer {
-                host: host.clone(),
-                port,
-            }];
-        } else if let Some(port) = self.listener_port {
-            for server in &mut pg.servers {
-                server.port = port;
-            }
+        if let Some(servers) = &self.listener_servers {
+            pg.servers.clone_from(servers);
         }
         pg
     }
@@ -95,7 +88,7 @@ impl PostgresConfig {
     /// Whether the listener has a connection of its own (`listener.host`
     /// or `listener.port`).
     pub fn listener_is_direct(&self) -> bool {
-        self.listener_host.is_some() || self.listener_port.is_some()
+        self.listener_servers.is_some()
     }
 
     /// The servers as `host:port` separated by commas, for messages.
@@ -167,7 +160,7 @@ impl TryFrom<(RawPostgres, &RawListener)> for PostgresConfig {
             .map_err(|e| ConfigError::new(format!("key postgres.ssl_root_cert: {e}")))?;
         check_identifier("postgres.schema", &pg.schema)?;
         non_empty("postgres.host", &pg.host)?;
-        let servers = pg_servers(&pg.host, &pg.port.0)?;
+        let servers = pg_servers(("postgres.host", &pg.host), ("postgres.port", &pg.port.0))?;
         non_empty("postgres.database", &pg.database)?;
         non_empty("postgres.user", &pg.user)?;
         non_empty("postgres.application_name", &pg.application_name)?;
@@ -197,6 +190,26 @@ impl TryFrom<(RawPostgres, &RawListener)> for PostgresConfig {
                  postgres.auto_migrate to false and run `pushoccurrence migrate` against PostgreSQL directly",
             ));
         }
+        let listener_servers = match (&listener.host, &listener.port) {
+            (Some(hosts), ports) => {
+                let ports = ports
+                    .as_ref()
+                    .map_or_else(|| vec![servers[0].port], |p| p.0.clone());
+                Some(pg_servers(
+                    ("listener.host", hosts),
+                    ("listener.port", &ports),
+                )?)
+            }
+            (None, Some(ports)) => {
+                // The regular hosts, on the listener's port(s).
+                let hosts: Vec<&str> = servers.iter().map(|s| s.host.as_str()).collect();
+                Some(pg_servers(
+                    ("postgres.host", &hosts.join(",")),
+                    ("listener.port", &ports.0),
+                )?)
+            }
+            (None, None) => None,
+        };
         Ok(Self {
             servers,
             database: pg.database,
@@ -210,34 +223,37 @@ impl TryFrom<(RawPostgres, &RawListener)> for PostgresConfig {
             connect_timeout,
             query_timeout,
             pooler,
-            listener_host: listener.host.clone(),
-            listener_port: listener.port,
+            listener_servers,
         })
     }
 }
 
-/// The servers named by `postgres.host` (one host, or several separated by
-/// commas, as libpq reads a connection string's `host`) and `postgres.port`
-/// (one port for every host, or one per host in the same order).
-fn pg_servers(hosts: &str, ports: &[u16]) -> Result<Vec<PgServer>, ConfigError> {
+/// The servers named by a host key (`postgres.host`, `listener.host`: one
+/// host, or several separated by commas, as libpq reads a connection
+/// string's `host`) and a port key (one port for every host, or one per
+/// host in the same order); errors name the keys.
+fn pg_servers(
+    (host_key, hosts): (&str, &str),
+    (port_key, ports): (&str, &[u16]),
+) -> Result<Vec<PgServer>, ConfigError> {
     let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
     if hosts.iter().any(|h| h.is_empty()) {
         return Err(ConfigError::new(format!(
-            "key postgres.host: '{}' has an empty host name; name one host, or several separated by commas (db1,db2)",
+            "key {host_key}: '{}' has an empty host name; name one host, or several separated by commas (db1,db2)",
             hosts.join(",")
         )));
     }
     if ports.is_empty() {
-        return Err(ConfigError::new(
-            "key postgres.port: list at least one port",
-        ));
+        return Err(ConfigError::new(format!(
+            "key {port_key}: list at least one port"
+        )));
     }
     if ports.contains(&0) {
-        return Err(ConfigError::new("key postgres.port: must be 1-65535"));
+        return Err(ConfigError::new(format!("key {port_key}: must be 1-65535")));
     }
     if ports.len() != 1 && ports.len() != hosts.len() {
         return Err(ConfigError::new(format!(
-            "keys postgres.host and postgres.port: {} hosts but {} ports; give one port for all hosts, or one per host in the same order",
+            "keys {host_key} and {port_key}: {} hosts but {} ports; give one port for all hosts, or one per host in the same order",
             hosts.len(),
             ports.len()
         )));
@@ -375,6 +391,37 @@ mod tests {
         assert_eq!(c.postgres.for_session_work().servers, c.postgres.servers);
         let e = err(SEED, &[("PUSHOCCURRENCE_LISTENER_PORT", "0")]);
         assert!(e.contains("listener.port"), "{e}");
+        // Several listener hosts, as postgres.host takes them.
+        let env = [
+            ("PUSHOCCURRENCE_LISTENER_HOST", "db-1, db-2"),
+            ("PUSHOCCURRENCE_LISTENER_PORT", "5433,5434"),
+        ];
+        let c = parse(SEED, &env).unwrap();
+        assert_eq!(
+            c.postgres.for_listener().servers_text(),
+            "db-1:5433,db-2:5434"
+        );
+        let c = parse(SEED, &[("PUSHOCCURRENCE_LISTENER_HOST", "db-1,db-2")]).unwrap();
+        assert_eq!(
+            c.postgres.for_listener().servers_text(),
+            "db-1:5432,db-2:5432"
+        );
+        let e = err(
+            SEED,
+            &[
+                ("PUSHOCCURRENCE_LISTENER_HOST", "db-1,db-2,db-3"),
+                ("PUSHOCCURRENCE_LISTENER_PORT", "5433,5434"),
+            ],
+        );
+        assert!(
+            e.contains("keys listener.host and listener.port: 3 hosts but 2 ports"),
+            "{e}"
+        );
+        let e = err(SEED, &[("PUSHOCCURRENCE_LISTENER_HOST", "db-1,")]);
+        assert!(
+            e.contains("(key listener.host): 'db-1,' has an empty host name"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -319,7 +319,7 @@ pub(super) struct RawListener {
     #[serde(default)]
     pub(super) host: Option<String>,
     #[serde(default)]
-    pub(super) port: Option<u16>,
+    pub(super) port: Option<RawPorts>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -358,7 +358,7 @@ fn default_pg_port() -> RawPorts {
     RawPorts(vec![5432])
 }
 
-/// `postgres.port`: one port (the seed's number), or one per host as a list
+/// `postgres.port`, `listener.port`: one port (the seed's number), or one per host as a list
 /// of numbers or a text of numbers separated by commas (libpq's form, and
 /// what an environment variable can hold).
 #[derive(Debug)]

@@ -1174,6 +1174,10 @@ impl Outbox {
     /// Prepares the claim and mark statements on a worker's session, and
     /// checks that the statements reading bodies were prepared for the
     /// body type this outbox was inspected with (see the module's docs).
+    /// Run inside the transaction `tx` (see [`Outbox::prepare_free_names`]);
+    /// the statements outlive it, on the server session that ran it, whose
+    /// process id is kept in [`Statements::server`] so every claim
+    /// transaction can check that it runs there.
     ///
     /// # Errors
     /// The server's error, e.g. when the tables were dropped;
@@ -1181,15 +1185,17 @@ impl Outbox {
     /// [`Outbox::inspect`].
     pub async fn prepare(
         &self,
-        client: &(impl GenericClient + Sync),
+        tx: &(impl GenericClient + Sync),
     ) -> Result<Statements, SchemaError> {
-        let [claim_first, claim_after, bodies, mark, fail] = self.prepare_checked(client).await?;
+        let [claim_first, claim_after, bodies, mark, fail] = self.prepare_free_names(tx).await?;
+        let server = tx.query_typed_one(SERVER_SESSION_SQL, &[]).await?.get(0);
         Ok(Statements {
             claim_first: Query::Named(claim_first),
             claim_after: Query::Named(claim_after),
             bodies: Query::Named(bodies),
             mark: Query::Named(mark),
             fail: Query::Named(fail),
+            server: Some(server),
         })
     }
 
@@ -1214,12 +1220,35 @@ impl Outbox {
             self.mark_sql(),
             self.fail_sql(),
         ];
-        // A pooled server session may carry another client's statements
-        // under the names this client gives its own (`s0`, `s1`, …: one
-        // counter per process, so every process starts at `s0`); a name
-        // taken (42P05) is skipped by preparing again, under a savepoint
-        // since the failure aborts the transaction. The counter has moved
-        // on by then, so each attempt tries new names.
+        let prepared = self.prepare_free_names(tx).await?;
+        let [claim_first, claim_after, bodies, mark, fail] =
+            std::array::from_fn(|i| Query::Unnamed {
+                sql: sql[i].clone(),
+                types: prepared[i].params().to_vec(),
+            });
+        Ok(Statements {
+            claim_first,
+            claim_after,
+            bodies,
+            mark,
+            fail,
+            server: None,
+        })
+    }
+
+    /// [`Outbox::prepare_checked`] inside the transaction `tx`, on names no
+    /// other client took on this server session. A pooled server session
+    /// may carry another client's statements under the names this client
+    /// gives its own (`s0`, `s1`, …: one counter per process, so every
+    /// process starts at `s0`): a transaction pooler's, or a session
+    /// pooler's whose `server_reset_query` does not deallocate them. A name
+    /// taken (42P05) is skipped by preparing again, under a savepoint since
+    /// the failure aborts the transaction. The counter has moved on by
+    /// then, so each attempt tries new names.
+    async fn prepare_free_names(
+        &self,
+        tx: &(impl GenericClient + Sync),
+    ) -> Result<[Statement; 5], SchemaError> {
         let mut attempts = 0;
         let prepared = loop {
             tx.batch_execute(PREPARE_SAVEPOINT).await?;
@@ -1240,18 +1269,7 @@ impl Outbox {
                 "statement names taken on the pooled server session (another client's) were skipped"
             );
         }
-        let [claim_first, claim_after, bodies, mark, fail] =
-            std::array::from_fn(|i| Query::Unnamed {
-                sql: sql[i].clone(),
-                types: prepared[i].params().to_vec(),
-            });
-        Ok(Statements {
-            claim_first,
-            claim_after,
-            bodies,
-            mark,
-            fail,
-        })
+        Ok(prepared)
     }
 
     /// Prepares the five statements (claim from the start, claim after a
@@ -1283,14 +1301,19 @@ impl Outbox {
     }
 }
 
-/// Set before the statements of [`Outbox::prepare_unnamed`] are prepared,
-/// and returned to when a name was taken.
+/// Set before the statements of [`Outbox::prepare_free_names`] are
+/// prepared, and returned to when a name was taken.
 const PREPARE_SAVEPOINT: &str = "SAVEPOINT relay_prepare";
 const PREPARE_ROLLBACK: &str = "ROLLBACK TO SAVEPOINT relay_prepare";
-/// How many taken statement names [`Outbox::prepare_unnamed`] skips
+/// How many taken statement names [`Outbox::prepare_free_names`] skips
 /// before it gives up (the batch then fails, and the next session tries
 /// on from there).
 const PREPARE_NAME_ATTEMPTS: u32 = 256;
+
+/// The server session a statement runs on: its backend's process id, the
+/// same for every transaction of a session unless a transaction pooler
+/// hands the transactions to different server sessions.
+pub const SERVER_SESSION_SQL: &str = "SELECT pg_backend_pid()";
 
 /// Sets a savepoint inside the claim transaction before statements that
 /// update claimed rows: one row the database refuses to update (a
@@ -1372,9 +1395,23 @@ pub struct Statements {
     mark: Query,
     /// See [`Outbox::fail_sql`].
     fail: Query,
+    /// The server session (backend process id) named statements were
+    /// prepared on; `None` for unnamed ones. A transaction pooler the
+    /// config does not name may run a claim transaction on another server
+    /// session, where the same names can be another client's statements
+    /// (another outbox's relay prepares its own as `s0`, `s1`, …): running
+    /// those would claim and mark that client's rows. So every claim
+    /// transaction checks it runs here before it publishes anything.
+    server: Option<i32>,
 }
 
 impl Statements {
+    /// The server session named statements were prepared on, which every
+    /// claim transaction must run on; `None` for unnamed statements.
+    pub fn prepared_on(&self) -> Option<i32> {
+        self.server
+    }
+
     /// Locks up to `limits.rows` claimable rows, in [`CLAIM_ORDER`] from the
     /// start or `after` a position, with the bodies that fit `limits` (see
     /// [`Outbox::claim_sql`]).

@@ -23,7 +23,8 @@ use super::unwritable::Unwritable;
 use crate::amqp::soft_kind;
 use crate::config::RelayConfig;
 use crate::db::outbox::{
-    self, AttemptRule, Claim, ClaimLimits, ClaimPosition, Fetched, RecordedFailure, Statements,
+    self, AttemptRule, Claim, ClaimLimits, ClaimPosition, Fetched, RecordedFailure,
+    SERVER_SESSION_SQL, Statements,
 };
 use crate::db::{self, describe};
 use crate::metrics::Metrics;
@@ -283,7 +284,33 @@ impl Steps<'_> {
                 })
                 .await?
             }
-            None => within(self.query_timeout, claim).await?,
+            // Named statements: the claim must run on the server session
+            // they were prepared on (asked in the same round trip); on
+            // another, the same names may be another client's statements,
+            // and the transaction is rolled back before anything is
+            // published.
+            None => match self.statements.prepared_on() {
+                Some(prepared_on) => {
+                    let (ran_on, claim) = within(self.query_timeout, async {
+                        let (server, claim) =
+                            tokio::join!(tx.query_typed_one(SERVER_SESSION_SQL, &[]), claim);
+                        Ok((server?.try_get::<_, i32>(0)?, claim?))
+                    })
+                    .await?;
+                    if ran_on != prepared_on {
+                        db::transaction_pooler_found(&format!(
+                            "a claim transaction ran on server session {ran_on}, its statements were prepared on {prepared_on}"
+                        ));
+                        return Err(DatabaseFault::MovedServerSession {
+                            prepared_on,
+                            ran_on,
+                        }
+                        .into());
+                    }
+                    claim
+                }
+                None => within(self.query_timeout, claim).await?,
+            },
         };
         let plan = plan(&claim.rows, relay.max_message_bytes, relay.max_batch_bytes);
         // A short claim after a cursor reached the end of the backlog: the

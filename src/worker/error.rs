@@ -39,6 +39,23 @@ pub(super) enum DatabaseFault {
         describe(.0)
     )]
     TransactionPooler(#[source] tokio_postgres::Error),
+    /// A claim transaction of a session with named statements ran on
+    /// another server session than the one they were prepared on: a
+    /// transaction pooler the config does not name
+    /// ([`db::transaction_pooler_found`]). Found in the claim's own round
+    /// trip, before anything is published, and rolled back: the same names
+    /// there may be another client's statements.
+    #[error(
+        "a claim transaction ran on server session {ran_on}, its statements were prepared on {prepared_on} \
+         (a transaction pooler): rolled back before anything was published, since the statements of that \
+         name there may be another client's; the next session keeps nothing across transactions"
+    )]
+    MovedServerSession {
+        /// The backend the statements were prepared on.
+        prepared_on: i32,
+        /// The backend the claim ran on.
+        ran_on: i32,
+    },
     /// `feature_not_supported` (0A000): the only one the relay's own
     /// prepared statements can meet is a column they read changing type
     /// (see `db::outbox`).

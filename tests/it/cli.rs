@@ -811,3 +811,89 @@ async fn migrate_through_a_transaction_pooler_is_refused_before_it_takes_a_lock(
     );
     env.cleanup().await;
 }
+
+/// The broker's nodes from the environment with the seed's file, which
+/// always has `rabbitmq.url`: `PUSHOCCURRENCE_RABBITMQ_URLS` replaces the
+/// file's URL (as `PUSHOCCURRENCE_RABBITMQ_URL` replaces a file's list),
+/// instead of "set one of them" with no way out but editing the file; both
+/// in the environment stay an error. A list given as one string is told to
+/// be a list, and a bad item is named by its index; no secret is printed.
+#[tokio::test]
+async fn the_environment_s_broker_nodes_replace_the_file_s_and_a_urls_string_is_told_to_be_a_list()
+{
+    let mut env = TestEnv::new("cfg_urls").await;
+    env.migrate().await;
+    // The seed's file: one URL, here one that would never connect.
+    env.config["rabbitmq"]["url"] = "amqp://guest:fiLe5ecret@127.0.0.1:1/".into();
+    let nodes = format!(
+        "amqp://guest:eNv5ecret@127.0.0.1:{}/,{}",
+        free_port(),
+        amqp_url()
+    );
+    let (code, text) = run_with(
+        &env,
+        &["check"],
+        &[("PUSHOCCURRENCE_RABBITMQ_URLS", &nodes)],
+    )
+    .await;
+    assert!(!text.contains("5ecret"), "a secret printed: {text}");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("ok    rabbitmq: amqp://guest:***@127.0.0.1:5672/"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("127.0.0.1:1/"),
+        "the file's URL is replaced: {text}"
+    );
+
+    let (code, text) = run_with(
+        &env,
+        &["check"],
+        &[
+            ("PUSHOCCURRENCE_RABBITMQ_URLS", &nodes),
+            ("PUSHOCCURRENCE_RABBITMQ_URL", &amqp_url()),
+        ],
+    )
+    .await;
+    assert!(!text.contains("5ecret"), "a secret printed: {text}");
+    assert_eq!(code, Some(78), "{text}");
+    assert!(
+        text.contains("keys rabbitmq.url and rabbitmq.urls: set one of them"),
+        "{text}"
+    );
+
+    // A file with a list; the environment's single URL replaces it.
+    env.config["rabbitmq"]
+        .as_object_mut()
+        .unwrap()
+        .remove("url");
+    env.config["rabbitmq"]["urls"] = serde_json::json!(["amqp://guest:fiLe5ecret@127.0.0.1:1/"]);
+    let (code, text) = run_with(
+        &env,
+        &["check"],
+        &[("PUSHOCCURRENCE_RABBITMQ_URL", &amqp_url())],
+    )
+    .await;
+    assert!(!text.contains("5ecret"), "a secret printed: {text}");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("127.0.0.1:1/"), "{text}");
+
+    env.config["rabbitmq"]["urls"] = "amqp://guest:fiLe5ecret@127.0.0.1:1/".into();
+    let (code, text) = run_with(&env, &["check"], &[]).await;
+    assert!(!text.contains("5ecret"), "a secret printed: {text}");
+    assert_eq!(code, Some(78), "{text}");
+    assert!(
+        text.contains("key rabbitmq.urls: expected a list of AMQP URLs"),
+        "{text}"
+    );
+    env.config["rabbitmq"]["urls"] = serde_json::json!([amqp_url(), 5672]);
+    let (code, text) = run_with(&env, &["check"], &[]).await;
+    assert!(!text.contains("5ecret"), "a secret printed: {text}");
+    assert_eq!(code, Some(78), "{text}");
+    assert!(
+        text.contains("key rabbitmq.urls[1]: expected a string"),
+        "{text}"
+    );
+    env.cleanup().await;
+}

@@ -106,6 +106,30 @@ impl PgBouncer {
     }
 }
 
+impl PgBouncer {
+    /// How many server sessions the pool of the test database has open.
+    pub async fn server_sessions(&self) -> usize {
+        let conn = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer",
+            self.port
+        );
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .simple_query("SHOW SERVERS")
+            .await
+            .unwrap()
+            .iter()
+            .filter(|m| {
+                matches!(m, tokio_postgres::SimpleQueryMessage::Row(row)
+                    if row.get("database") == Some("test"))
+            })
+            .count()
+    }
+}
+
 impl Drop for PgBouncer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -425,6 +449,335 @@ async fn through_a_transaction_pooler_nothing_meets_or_leaves_a_named_statement(
         expected,
         "the pooled server session holds only the other client's statements"
     );
+    env.cleanup().await;
+    drop(bouncer);
+}
+
+/// A session through `bouncer` to the test database.
+async fn through(bouncer: &PgBouncer) -> tokio_postgres::Client {
+    let conn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=test",
+        bouncer.port
+    );
+    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// Through a transaction pooler the config does not name, the relay's named
+/// statements live on one server session and another client's statements
+/// under the same names (here: another outbox's relay, whose client also
+/// names them `s0`, `s1`, …) on another. A claim transaction that lands on
+/// the other server session must not run those: it would claim the other
+/// outbox's rows, publish them to this relay's queue and mark them
+/// transferred there, lost to their own consumers, and nothing would fail.
+/// The relay notices that its transaction runs on another server session
+/// than the one its statements were prepared on, rolls back, and carries on
+/// as behind a transaction pooler.
+#[tokio::test]
+async fn an_unnamed_transaction_pooler_never_runs_another_clients_statements_as_the_relays() {
+    use pushoccurrence::db::outbox::Outbox;
+    let bouncer = PgBouncer::start_with("transaction", "default_pool_size = 2").await;
+    let mut mine = TestEnv::new("pgb_mine").await;
+    mine.migrate().await;
+    let theirs = TestEnv::new("pgb_theirs").await;
+    theirs.migrate().await;
+    let outbox = Outbox::inspect(&theirs.pg, &theirs.name).await.unwrap();
+    // In the order the relay's client prepares (and so names) its own.
+    let their_statements = [
+        outbox.claim_sql(false),
+        outbox.claim_sql(true),
+        outbox.bodies_sql(),
+        outbox.mark_sql(),
+        outbox.fail_sql(),
+    ];
+
+    // `first` holds one of the two server sessions, so the relay prepares
+    // its statements on the other.
+    let first = through(&bouncer).await;
+    first.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    mine.config["postgres"]["port"] = bouncer.port.into();
+    mine.config["postgres"]["auto_migrate"] = false.into();
+    // One worker, so its statements are the process's first five.
+    mine.config["rabbitmq"]["retry"]["buffer_size"] = 1.into();
+    mine.config["relay"]["batch_size"] = 1.into();
+    let consumer = mine.consumer().await;
+    let relay = mine.relay().await;
+    let mut ids = mine.insert_many(5, 5).await;
+    consumer.wait_for_all(&ids).await;
+
+    // The other outbox's statements on the first server session, then the
+    // relay's transactions moved there: `second` takes the relay's server
+    // session, `first` lets its own go.
+    for i in 0..40 {
+        first
+            .batch_execute(&format!("PREPARE s{i} AS {}", their_statements[i % 5]))
+            .await
+            .unwrap();
+    }
+    let second = through(&bouncer).await;
+    let pinned = tokio::spawn(async move {
+        second.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        second
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    first.batch_execute("COMMIT").await.unwrap();
+    let second = pinned.await.unwrap();
+
+    let their_ids = theirs.insert_many(20, 20).await;
+    ids.extend(mine.insert_many(20, 20).await);
+    wait_until(
+        "the relay relays its own rows or someone else's",
+        || async {
+            let counts = consumer.counts();
+            ids.iter().all(|id| counts.contains_key(id))
+                || their_ids.iter().any(|id| counts.contains_key(id))
+        },
+    )
+    .await;
+    let received = consumer.ids();
+    let foreign: Vec<&String> = their_ids
+        .iter()
+        .filter(|id| received.contains(id))
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "the other outbox's rows went out through this relay: {foreign:?}"
+    );
+    assert_eq!(
+        theirs.pending().await,
+        20,
+        "the other outbox's rows are untouched"
+    );
+    second.batch_execute("COMMIT").await.unwrap();
+    env_settles(&mine, &consumer, &ids).await;
+    let log = relay.log_text();
+    assert_eq!(
+        log.matches("PostgreSQL is behind a transaction pooler")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(relay.terminate().await.success());
+    mine.cleanup().await;
+    theirs.cleanup().await;
+    drop(bouncer);
+}
+
+/// Every one of `ids` arrives once, and every row is transferred.
+async fn env_settles(env: &TestEnv, consumer: &Consumer, ids: &[String]) {
+    consumer.wait_for_all(ids).await;
+    env.wait_all_transferred().await;
+    assert_exactly_once(consumer, ids);
+}
+
+/// A session pooler whose `server_reset_query` leaves prepared statements
+/// behind (`RESET ALL`, or none) hands the relay server sessions that carry
+/// the previous client's statements under the names the relay's client
+/// gives its own (`s0`, `s1`, …: a relay restarted, another process using
+/// the same driver). A name found taken is skipped: no failed batch, and no
+/// warning that blames a transaction pooler (whose fix, `postgres.pooler =
+/// "transaction"`, would be wrong here).
+#[tokio::test]
+async fn a_session_pooler_handing_on_prepared_statements_costs_no_batch_and_blames_no_transaction_pooler()
+ {
+    let bouncer = PgBouncer::start_with(
+        "session",
+        "default_pool_size = 8\nserver_reset_query = RESET ALL",
+    )
+    .await;
+    let mut env = TestEnv::new("pgb_leftover").await;
+    env.migrate().await;
+    // Every server session of the pool carries statements s0 … s39.
+    let clients: Vec<tokio_postgres::Client> = {
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(through(&bouncer).await);
+        }
+        clients
+    };
+    for client in &clients {
+        let sql: String = (0..40)
+            .map(|i| format!("PREPARE s{i} AS SELECT 1;"))
+            .collect();
+        client.batch_execute(&sql).await.unwrap();
+    }
+    drop(clients);
+    wait_until("the pooler has every server session back", || async {
+        let names = statements_on(&bouncer).await;
+        names.len() == 40
+    })
+    .await;
+
+    env.config["postgres"]["port"] = bouncer.port.into();
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let ids = env.insert_many(500, 100).await;
+    env_settles(&env, &consumer, &ids).await;
+    let log = relay.log_text();
+    assert!(!log.contains("batch failed"), "{log}");
+    assert!(!log.contains("transaction pooler"), "{log}");
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+    drop(bouncer);
+}
+
+/// `check` with several hosts names the one the session went to in the
+/// config's words: behind a pooler the server's own idea of its address
+/// (`inet_server_addr()`) is PostgreSQL's, behind the pooler, an address
+/// the config does not name at all.
+#[tokio::test]
+async fn check_names_the_configured_host_it_reached_through_a_pooler() {
+    let bouncer = PgBouncer::start("session").await;
+    let mut env = TestEnv::new("pgb_check").await;
+    env.migrate().await;
+    env.config["postgres"]["host"] = "127.0.0.1,localhost".into();
+    env.config["postgres"]["port"] = serde_json::json!([free_port(), bouncer.port]);
+    let out = pushoccurrence(&env.write_config(), &["check"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("writes go to localhost:{})", bouncer.port)),
+        "{stdout}"
+    );
+    env.cleanup().await;
+    drop(bouncer);
+}
+
+/// The seed's config pointed at a transaction pooler without saying so
+/// (`postgres.pooler` unset, `auto_migrate` on by default): the start-up
+/// migration takes its session advisory lock on one pooled server session
+/// and its unlock runs on another ("you don't own a lock of type
+/// ExclusiveLock"), so the lock stays on the pooled server session after
+/// the relay is gone, and every later migration of the schema, `migrate`
+/// run directly against PostgreSQL included, waits for it until PgBouncer
+/// happens to close that server session. Not fixed: a migration cannot
+/// tell an undeclared transaction pooler from a direct session before it
+/// takes its lock (consecutive statements usually land on the same server
+/// session), and a lock that cannot be left behind means reworking how
+/// migrations are serialised.
+#[tokio::test]
+#[ignore = "not fixed: the migration lock of a start-up behind an undeclared transaction pooler stays on a pooled server session"]
+async fn a_start_up_migration_through_an_undeclared_transaction_pooler_leaves_no_lock_behind() {
+    let mut env = TestEnv::new("pgb_lock").await;
+    env.migrate().await;
+    let key = format!("pushoccurrence:migrate:{}", env.name);
+    // Round robin: consecutive statements of the relay land on the server
+    // sessions in turn, as under any concurrent load; with two and with
+    // three of them, so the unlock cannot land where the lock is by the
+    // parity of the migration's statements.
+    for pool_size in [2, 3] {
+        let bouncer = PgBouncer::start_with(
+            "transaction",
+            &format!("default_pool_size = {pool_size}\nserver_round_robin = 1"),
+        )
+        .await;
+        // Open every server session: one transaction each at once.
+        let mut clients = Vec::new();
+        for _ in 0..pool_size {
+            let client = through(&bouncer).await;
+            client.batch_execute("BEGIN; SELECT 1").await.unwrap();
+            clients.push(client);
+        }
+        for client in &clients {
+            client.batch_execute("COMMIT").await.unwrap();
+        }
+        drop(clients);
+        assert_eq!(bouncer.server_sessions().await, pool_size);
+        env.config["postgres"]["port"] = bouncer.port.into();
+        let relay = env.relay().await;
+        assert!(relay.terminate().await.success());
+        let held: i64 = env
+            .pg
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1
+                    AND objid = (hashtext($1)::int8 & 4294967295)::oid",
+                &[&key],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            held, 0,
+            "the migration lock outlived the relay ({pool_size} server sessions)"
+        );
+        drop(bouncer);
+    }
+    env.cleanup().await;
+}
+
+/// A session pooler whose pool has room for the relay's listener and its
+/// workers (here two), not for every session it opens: the backlog
+/// sampler and the listener's probe sender each keep a server session of
+/// their own for the relay's whole life, and they connect before the
+/// workers (which wait for the broker first), so the workers wait for a
+/// server session forever ("timeout waiting for server") and nothing is
+/// relayed. Not fixed: those two would have to give their session back
+/// after each use (a connect every few seconds on a direct connection);
+/// docs/topologies.md says how many server sessions a relay needs.
+#[tokio::test]
+#[ignore = "not fixed: a relay needs its workers + 3 server sessions of a session pooler; with fewer its workers may get none"]
+async fn a_session_pooler_with_room_for_the_listener_and_the_workers_relays() {
+    let bouncer = PgBouncer::start_with("session", "default_pool_size = 3").await;
+    let mut env = TestEnv::new("pgb_small").await;
+    env.migrate().await;
+    env.config["postgres"]["port"] = bouncer.port.into();
+    env.config["postgres"]["auto_migrate"] = false.into();
+    env.config["postgres"]["query_timeout_ms"] = 2000.into();
+    let consumer = env.consumer().await;
+    let relay = env.relay_unready().await;
+    let ids = env.insert_many(100, 100).await;
+    env_settles(&env, &consumer, &ids).await;
+    drop(relay);
+    env.cleanup().await;
+    drop(bouncer);
+}
+
+/// A transaction pooler in front of a primary and its standby: the
+/// listener's direct connection names both servers, as `postgres.host`
+/// does, so it follows a failover. The first listed here refuses
+/// connections; the listener (and the start-up migration, which uses the
+/// same address) goes to the next, hears every notification, and `status`
+/// says so.
+#[tokio::test]
+async fn a_listener_given_several_hosts_past_a_transaction_pooler_goes_to_the_one_that_accepts_writes()
+ {
+    let bouncer = PgBouncer::start("transaction").await;
+    let mut env = TestEnv::new("pgb_lhosts").await;
+    env.config["postgres"]["port"] = bouncer.port.into();
+    env.config["postgres"]["pooler"] = "transaction".into();
+    env.config["listener"]["host"] = "127.0.0.1,localhost".into();
+    env.config["listener"]["port"] = serde_json::json!([free_port(), pg_port()]);
+    // No idle sweeps: only notifications can wake the relay.
+    env.config["rabbitmq"]["retry"]["idle_sleep_ms"] = 3_600_000.into();
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let ids = env.insert_many(200, 50).await;
+    env_settles(&env, &consumer, &ids).await;
+    let log = relay.log_text();
+    assert!(!log.contains(DEAF), "{log}");
+    assert!(relay.terminate().await.success());
+    let out = pushoccurrence(&env.write_config(), &["status"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("heard by a session at"), "{stdout}");
+    assert!(!stdout.contains("NOT heard"), "{stdout}");
     env.cleanup().await;
     drop(bouncer);
 }
