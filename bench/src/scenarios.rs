@@ -1,5 +1,7 @@
 //! The relay's own scenarios: draining a backlog (throughput, start-up,
-//! CPU, memory, idle cost) and live latency at fixed offered rates.
+//! CPU, memory, idle cost; the outbox's buffer traffic when asked) and live
+//! latency at fixed offered rates. [`Bench::drain`] is the drain every
+//! scenario runs, set up by [`DrainSetup`].
 
 use std::path::Path;
 use std::time::{Duration, Instant};

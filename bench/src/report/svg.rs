@@ -100,7 +100,7 @@ pub(crate) fn steps_chart(
     ticks: &[String],
     lines: &[Line],
 ) -> String {
-    let (w, h, left, bottom, top, right) = (640.0, 360.0, 70.0, 40.0, 30.0, 160.0);
+    let (w, h, left, bottom, top, right) = (660.0, 360.0, 70.0, 40.0, 30.0, 180.0);
     let max = lines
         .iter()
         .flat_map(|l| l.values.iter().copied())
