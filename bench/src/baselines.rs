@@ -23,9 +23,20 @@ use crate::procstat::CpuSplit;
 impl Bench {
     /// Baseline: lapin publishing `n` messages with `window` confirms in flight.
     pub(crate) async fn bare_lapin(&self, n: usize, window: usize) -> anyhow::Result<Bare> {
+        self.bare_lapin_via(&self.amqp_url, n, window).await
+    }
+
+    /// [`Bench::bare_lapin`] publishing to the broker at `url` (a delay
+    /// proxy); the consumer stays on the bench's own connection.
+    pub(crate) async fn bare_lapin_via(
+        &self,
+        url: &str,
+        n: usize,
+        window: usize,
+    ) -> anyhow::Result<Bare> {
         self.reset().await?;
         let consumer = Consumer::start(&self.amqp_url, false).await?;
-        let (conn, ch) = confirm_channel(&self.amqp_url).await?;
+        let (conn, ch) = confirm_channel(url).await?;
         let cpu_before = CpuSplit::read(None);
         let started = Instant::now();
         let mut in_flight = FuturesUnordered::new();
@@ -112,7 +123,8 @@ impl Bench {
     /// Baseline: the seed's algorithm, one message per transaction and confirm.
     pub(crate) async fn seed_algorithm(&self, n: usize) -> anyhow::Result<f64> {
         self.reset().await?;
-        let ids = self.fill(n).await?;
+        self.fill(NAME, n, None).await?;
+        let ids = self.ids_in_order().await?;
         let consumer = Consumer::start(&self.amqp_url, false).await?;
         let mut pg = pg_connect(self.pg_port).await?;
         let lock = pg

@@ -1,6 +1,7 @@
 //! What every scenario and baseline shares: the bench's own outbox schema
-//! and queue (emptied before each run), the relay's config and process,
-//! and the connections and waits they are measured with.
+//! and queue (emptied before each run), the history's outbox (kept across
+//! drains), the ids rows get, the relay's config and process, and the
+//! connections and waits they are measured with.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,13 +14,81 @@ use serde_json::json;
 use tokio_postgres::{Client, NoTls};
 
 use pushoccurrence::config::Config;
-use pushoccurrence::db::migrate;
+use pushoccurrence::db::migrate::{self, UUIDV7_SQL};
+use pushoccurrence::db::outbox::{PARKED_PREDICATE, PENDING_PREDICATE};
 
 use crate::Args;
 
 /// The bench's schema, queue, NOTIFY channel, connection and application
 /// name: one fixed name, so a second run at once is noticed and refused.
 pub(crate) const NAME: &str = "po_bench";
+
+/// The schema of the history scenario's outbox, which keeps its transferred
+/// rows from one drain to the next (building millions of them takes minutes).
+pub(crate) const HISTORY_SCHEMA: &str = "po_bench_history";
+
+/// Which ids the bench's rows get (`--ids`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Ids {
+    /// Time-ordered (UUIDv7), made by the expression `push_occurrence()` uses.
+    V7,
+    /// Random (`gen_random_uuid()`, v4), as producers that make their own
+    /// ids often do.
+    V4,
+}
+
+impl Ids {
+    /// As `--ids` takes it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::V7 => "v7",
+            Self::V4 => "v4",
+        }
+    }
+
+    /// The SQL expression making one id.
+    pub(crate) fn sql(self) -> &'static str {
+        match self {
+            Self::V7 => UUIDV7_SQL,
+            Self::V4 => "gen_random_uuid()",
+        }
+    }
+}
+
+impl std::fmt::Display for Ids {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::V7 => "time-ordered UUIDv7s, as `push_occurrence()` makes them",
+            Self::V4 => "random UUIDv4s, from `gen_random_uuid()`",
+        })
+    }
+}
+
+/// Where the relay reaches PostgreSQL and RabbitMQ instead of the bench's
+/// own addresses: the distance scenario's delay proxies.
+pub(crate) struct Endpoints {
+    pub(crate) pg_port: u16,
+    pub(crate) amqp_url: String,
+}
+
+/// How the relay runs: its outbox's schema, another
+/// `(batch_size, buffer_size)` than the defaults, and other endpoints.
+#[derive(Clone, Copy)]
+pub(crate) struct RelaySetup<'a> {
+    pub(crate) schema: &'a str,
+    pub(crate) window: Option<(usize, usize)>,
+    pub(crate) via: Option<&'a Endpoints>,
+}
+
+impl Default for RelaySetup<'_> {
+    fn default() -> Self {
+        Self {
+            schema: NAME,
+            window: None,
+            via: None,
+        }
+    }
+}
 
 /// The bench's own PostgreSQL session, the relay's config (as parsed, and
 /// as the JSON each relay process is started with) and the message body.
@@ -28,6 +97,9 @@ pub(crate) struct Bench {
     pub(crate) amqp_url: String,
     pub(crate) pg_port: u16,
     pub(crate) body: Vec<u8>,
+    /// The ids of the rows the bench writes (the first of `--ids`; the
+    /// history scenario runs once per kind given).
+    pub(crate) ids: Ids,
     pub(crate) config: Config,
     config_json: serde_json::Value,
     /// The relay's `RUST_LOG` (`--relay-log`).
@@ -74,6 +146,7 @@ impl Bench {
             amqp_url: args.amqp_url.clone(),
             pg_port: args.pg_port,
             body,
+            ids: args.ids.first().copied().unwrap_or(Ids::V7),
             config,
             config_json,
             relay_log: args.relay_log.clone(),
@@ -83,10 +156,21 @@ impl Bench {
 
     /// A fresh, empty outbox and an empty queue.
     pub(crate) async fn reset(&self) -> anyhow::Result<()> {
+        self.reset_outbox(NAME).await?;
+        self.reset_queue().await
+    }
+
+    /// A fresh, empty outbox in `schema`.
+    pub(crate) async fn reset_outbox(&self, schema: &str) -> anyhow::Result<()> {
         self.pg
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {NAME} CASCADE"))
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
             .await?;
-        migrate::run(&self.pg, NAME, NAME).await?;
+        migrate::run(&self.pg, schema, NAME).await?;
+        Ok(())
+    }
+
+    /// The bench's queue, declared and empty.
+    pub(crate) async fn reset_queue(&self) -> anyhow::Result<()> {
         let conn = amqp_connect(&self.amqp_url).await?;
         let ch = conn.create_channel().await?;
         ch.queue_declare(
@@ -104,36 +188,56 @@ impl Bench {
         Ok(())
     }
 
-    /// Inserts `n` pending rows with bodies of the configured size.
-    pub(crate) async fn fill(&self, n: usize) -> anyhow::Result<Vec<String>> {
+    /// Inserts `n` pending rows with bodies of the configured size and
+    /// `ids` (the bench's when `None`) into `schema`'s outbox, and refreshes
+    /// its statistics as a relay's table would have them.
+    pub(crate) async fn fill(
+        &self,
+        schema: &str,
+        n: usize,
+        ids: Option<Ids>,
+    ) -> anyhow::Result<()> {
+        self.pg
+            .execute(
+                &format!(
+                    "WITH ids AS (INSERT INTO {schema}.message_queue_log (message_id)
+                                  SELECT {id} FROM generate_series(1, $1::int) RETURNING message_id)
+                     INSERT INTO {schema}.message_queue_log_data (message_id, message_body)
+                     SELECT message_id, $2::bytea FROM ids",
+                    id = ids.unwrap_or(self.ids).sql()
+                ),
+                &[&i32::try_from(n)?, &self.body],
+            )
+            .await?;
+        self.pg
+            .batch_execute(&format!("VACUUM ANALYZE {schema}.message_queue_log"))
+            .await?;
+        Ok(())
+    }
+
+    /// The ids of the bench outbox's rows, oldest first.
+    pub(crate) async fn ids_in_order(&self) -> anyhow::Result<Vec<String>> {
         let rows = self
             .pg
             .query(
                 &format!(
-                    "WITH ids AS (INSERT INTO {NAME}.message_queue_log (message_id)
-                                  SELECT gen_random_uuid() FROM generate_series(1, $1::int) RETURNING message_id),
-                          bodies AS (INSERT INTO {NAME}.message_queue_log_data (message_id, message_body)
-                                  SELECT message_id, $2::bytea FROM ids)
-                     SELECT message_id::text FROM ids"
+                    "SELECT message_id::text FROM {NAME}.message_queue_log
+                      ORDER BY relay_enqueued_at, message_id"
                 ),
-                &[&(n as i32), &self.body],
+                &[],
             )
-            .await?;
-        self.pg
-            .batch_execute(&format!("VACUUM ANALYZE {NAME}.message_queue_log"))
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    /// Whether no row is left to claim: cheap through the partial index,
-    /// for polling while the clock runs.
-    pub(crate) async fn none_claimable(&self) -> anyhow::Result<bool> {
+    /// Whether no row is left to claim in `schema`'s outbox: cheap through
+    /// the partial index, for polling while the clock runs.
+    pub(crate) async fn none_claimable(&self, schema: &str) -> anyhow::Result<bool> {
         Ok(self
             .pg
             .query_one(
                 &format!(
-                    "SELECT NOT EXISTS (SELECT 1 FROM {NAME}.message_queue_log
-                                         WHERE transferred IS NOT TRUE AND relay_parked_at IS NULL)"
+                    "SELECT NOT EXISTS (SELECT 1 FROM {schema}.message_queue_log WHERE {PENDING_PREDICATE})"
                 ),
                 &[],
             )
@@ -141,13 +245,16 @@ impl Bench {
             .get(0))
     }
 
-    /// Rows not marked transferred, parked or not: a scan of the table.
-    pub(crate) async fn pending(&self) -> anyhow::Result<i64> {
+    /// Rows not marked transferred, parked or not, counted through the
+    /// relay's partial indexes of claimable and of parked rows, so a
+    /// history does not make the count slow.
+    pub(crate) async fn pending(&self, schema: &str) -> anyhow::Result<i64> {
         Ok(self
             .pg
             .query_one(
                 &format!(
-                    "SELECT count(*) FROM {NAME}.message_queue_log WHERE transferred IS NOT TRUE"
+                    "SELECT (SELECT count(*) FROM {schema}.message_queue_log WHERE {PENDING_PREDICATE})
+                          + (SELECT count(*) FROM {schema}.message_queue_log WHERE {PARKED_PREDICATE})"
                 ),
                 &[],
             )
@@ -155,17 +262,21 @@ impl Bench {
             .get(0))
     }
 
-    /// Starts the relay with the bench's config, or with `window`'s
-    /// `(batch_size, buffer_size)` instead of the defaults.
+    /// Starts the relay with the bench's config, changed as `setup` says.
     pub(crate) fn spawn_relay(
         &self,
         bin: &Path,
-        window: Option<(usize, usize)>,
+        setup: RelaySetup<'_>,
     ) -> anyhow::Result<tokio::process::Child> {
         let mut config = self.config_json.clone();
-        if let Some((batch, buffer)) = window {
+        config["postgres"]["schema"] = json!(setup.schema);
+        if let Some((batch, buffer)) = setup.window {
             config["relay"] = json!({"batch_size": batch});
             config["rabbitmq"]["retry"] = json!({"buffer_size": buffer});
+        }
+        if let Some(via) = setup.via {
+            config["postgres"]["port"] = json!(via.pg_port);
+            config["rabbitmq"]["url"] = json!(via.amqp_url);
         }
         let path = self.dir.path().join("config.json");
         std::fs::write(&path, config.to_string())?;
@@ -182,7 +293,9 @@ impl Bench {
     pub(crate) async fn cleanup(&self) {
         let _ = self
             .pg
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {NAME} CASCADE"))
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {NAME} CASCADE; DROP SCHEMA IF EXISTS {HISTORY_SCHEMA} CASCADE"
+            ))
             .await;
         if let Ok(conn) = amqp_connect(&self.amqp_url).await {
             if let Ok(ch) = conn.create_channel().await {

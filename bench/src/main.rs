@@ -7,6 +7,18 @@
 //! 2. live latency: producers insert + NOTIFY at fixed rates while the relay
 //!    runs; latency from each producer's commit to the consumer's receipt.
 //!
+//! Scale scenarios ([`scale`]), each only when asked for, since the large
+//! sizes take minutes to hours:
+//! 3. history (`--history 1000000,3000000`): drains of `--rows` rows over a
+//!    history of transferred rows grown to each size in turn, against drains
+//!    over an empty history in alternating pairs; `--ids v7,v4` runs it per
+//!    kind of ids;
+//! 4. backlog (`--backlog 100000,1000000`): drains of each size, in rounds:
+//!    rate against the smallest, start-up, the relay's peak memory;
+//! 5. distance (`--rtt-ms 1,5`): the relay reaches PostgreSQL and RabbitMQ
+//!    through delay proxies ([`proxy`]), against lapin's bare publisher
+//!    through the same delay, in alternating pairs per round trip.
+//!
 //! Baselines ([`baselines`]): a bare publisher with lapin and with amqprs,
 //! each with the relay's in-flight window, and the seed's algorithm (per
 //! message: lock, read, publish, wait for the confirm, mark, commit).
@@ -25,9 +37,12 @@
 //! * [`harness`]: the bench's outbox, queue and relay process, shared by
 //!   every scenario and baseline; [`consumer`] the live consumer.
 //! * [`scenarios`]: the relay's backlog drain and live latency.
+//! * [`scale`]: the history, backlog and distance scenarios; [`proxy`] the
+//!   delay proxy.
 //! * [`baselines`]: bare lapin and amqprs publishers, the seed's algorithm.
 //! * [`procstat`]: CPU seconds and memory per process, from `/proc`.
-//! * [`report`]: the summary, `benchmarks.md`; [`report::svg`] the latency chart.
+//! * [`report`]: the summary, `benchmarks.md`; [`report::scale`] the scale
+//!   scenarios' sections; [`report::svg`] the charts.
 
 #![allow(clippy::let_underscore_must_use)] // clean-up between scenarios is best effort
 
@@ -35,7 +50,9 @@ mod baselines;
 mod consumer;
 mod harness;
 mod procstat;
+mod proxy;
 mod report;
+mod scale;
 mod scenarios;
 
 use std::path::{Path, PathBuf};
@@ -43,7 +60,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 
-use harness::Bench;
+use harness::{Bench, Ids};
 use report::{Report, machine_description};
 
 /// Benchmarks the relay and its baselines against the local services.
@@ -97,6 +114,22 @@ struct Args {
     /// Drains per sweep pair (0 skips the sweep).
     #[arg(long, default_value_t = 2)]
     sweep_runs: usize,
+    /// Sizes of history (transferred rows) to drain `--rows` rows over, as
+    /// the history grows in one run; none by default.
+    #[arg(long, value_delimiter = ',')]
+    history: Vec<u64>,
+    /// Ids of the rows the bench writes: v7 (time-ordered, as
+    /// `push_occurrence()` makes them) or v4 (random). The history scenario
+    /// runs once per kind given; every other scenario uses the first.
+    #[arg(long, value_delimiter = ',', default_value = "v7")]
+    ids: Vec<Ids>,
+    /// Backlog sizes to drain, in `--pairs` rounds; none by default.
+    #[arg(long, value_delimiter = ',')]
+    backlog: Vec<usize>,
+    /// Round trips (ms) the delay proxies add in front of PostgreSQL and
+    /// RabbitMQ, each measured after none; none by default.
+    #[arg(long, value_delimiter = ',')]
+    rtt_ms: Vec<f64>,
     /// `RUST_LOG` of the relay processes the bench starts.
     #[arg(long, env = "BENCH_RELAY_LOG", default_value = "warn")]
     relay_log: String,
@@ -174,6 +207,8 @@ async fn run() -> anyhow::Result<()> {
         report.sweep.push((batch, buffer, drains));
     }
 
+    run_scale(&bench, &relay_bin, &args, &mut report).await?;
+
     bench.cleanup().await;
     let machine = machine_description(&bench.pg).await;
     report.print(&bench, &machine);
@@ -188,6 +223,68 @@ async fn run() -> anyhow::Result<()> {
         println!(
             "wrote {}/benchmarks.md and {}/latency.svg",
             args.out, args.out
+        );
+        for (name, svg) in [
+            ("history.svg", report.history_svg()),
+            ("distance.svg", report.distance_svg()),
+        ] {
+            if let Some(svg) = svg {
+                std::fs::write(dir.join(name), svg)?;
+                println!("wrote {}/{name}", args.out);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The scale scenarios asked for: backlog, distance, then history, whose
+/// outbox of millions of rows is dropped when it ends.
+async fn run_scale(
+    bench: &Bench,
+    relay_bin: &Path,
+    args: &Args,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let rounds = args.pairs.max(1);
+    let mut backlog = args.backlog.clone();
+    backlog.sort_unstable();
+    backlog.dedup();
+    if !backlog.is_empty() {
+        println!("backlog drains of {backlog:?} rows, {rounds} rounds");
+        report.backlog = bench.backlogs(relay_bin, &backlog, rounds).await?;
+    }
+    let mut rtts: Vec<f64> = args.rtt_ms.iter().copied().filter(|&r| r > 0.0).collect();
+    rtts.sort_by(f64::total_cmp);
+    rtts.dedup();
+    if !rtts.is_empty() {
+        let window = bench.config.relay.buffer_size;
+        println!(
+            "distance: drains of {} rows and lapin's bare publisher through delay proxies adding 0 and {rtts:?} ms of round trip, {rounds} pairs each",
+            args.rows
+        );
+        report.distance = bench
+            .distance(relay_bin, &rtts, args.rows, window, rounds)
+            .await?;
+    }
+    let mut sizes: Vec<u64> = args.history.iter().copied().filter(|&h| h > 0).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut kinds: Vec<Ids> = Vec::new();
+    for &ids in &args.ids {
+        if !kinds.contains(&ids) {
+            kinds.push(ids);
+        }
+    }
+    for ids in kinds.into_iter().filter(|_| !sizes.is_empty()) {
+        println!(
+            "history: drains of {} rows over {sizes:?} transferred rows ({} ids), each after one over an empty history, {rounds} pairs each",
+            args.rows,
+            ids.name()
+        );
+        report.history.push(
+            bench
+                .history(relay_bin, ids, &sizes, args.rows, rounds)
+                .await?,
         );
     }
     Ok(())

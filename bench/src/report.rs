@@ -1,7 +1,9 @@
 //! The run's results: the summary printed at the end, `benchmarks.md`
 //! (throughput, where the CPU goes, the sweep of batch sizes, latency, the
-//! choice of AMQP client) and, in [`svg`], the latency chart.
+//! scale scenarios that ran, the choice of AMQP client) and, in [`svg`],
+//! the charts. [`scale`] writes the scale scenarios' parts.
 
+pub(crate) mod scale;
 pub(crate) mod svg;
 
 use tokio_postgres::Client;
@@ -9,6 +11,7 @@ use tokio_postgres::Client;
 use crate::Args;
 use crate::baselines::Bare;
 use crate::harness::Bench;
+use crate::scale::{BacklogSize, DistanceStep, HistoryRun};
 use crate::scenarios::{Drain, Latency};
 
 /// What one run measured, for the summary and the files.
@@ -24,6 +27,12 @@ pub(crate) struct Report {
     pub(crate) latency: Vec<Latency>,
     /// Drains per `(batch_size, buffer_size)` pair.
     pub(crate) sweep: Vec<(usize, usize, Vec<Drain>)>,
+    /// The history scenario, per kind of ids (`--history`).
+    pub(crate) history: Vec<HistoryRun>,
+    /// The backlog scenario, per size (`--backlog`).
+    pub(crate) backlog: Vec<BacklogSize>,
+    /// The distance scenario, per added round trip (`--rtt-ms`).
+    pub(crate) distance: Vec<DistanceStep>,
 }
 
 impl Report {
@@ -79,6 +88,7 @@ impl Report {
         for l in &self.latency {
             println!("latency: {l}");
         }
+        self.print_scale();
     }
 
     pub(crate) fn markdown(&self, bench: &Bench, machine: &str, args: &Args) -> String {
@@ -90,13 +100,14 @@ impl Report {
              (it rewrites this file and `latency.svg`). Every figure below comes from one run on one\n\
              machine, so only the ratios between them mean much: these machines are shared and noisy.\n\n\
              **Machine:** {machine}.\n\n\
-             **Message shape:** {body} B bodies (`bytea`), persistent, `mandatory`, with a `message_id`,\n\
-             into a durable classic queue with a live consumer (auto-ack), publisher confirms on.\n\n\
+             **Message shape:** {body} B bodies (`bytea`), persistent, `mandatory`, with a `message_id`\n\
+             ({ids}), into a durable classic queue with a live consumer (auto-ack), publisher confirms on.\n\n\
              **Relay settings:** the defaults ({settings}).\n\n\
              ## Throughput\n\n\
              | scenario | messages/s | notes |\n| --- | ---: | --- |\n",
             date = today(),
             body = args.body,
+            ids = bench.ids,
             settings = settings(bench),
         );
         if let Some(d) = d {
@@ -127,7 +138,7 @@ impl Report {
                  {:.2} % of one core when idle afterwards (sweeps every {} ms, no notifications).\n\n",
                 d.peak_rss_mib,
                 d.cpu.relay,
-                d.idle_cpu_percent,
+                d.idle_cpu_percent.unwrap_or(f64::NAN),
                 bench.config.relay.idle_sleep.as_millis()
             );
         }
@@ -223,9 +234,10 @@ impl Report {
         }
         md += "\n![latency against offered rate](latency.svg)\n\n\
                \"Kept up\" means the producers reached 95 % of the offered rate and the last event arrived\n\
-               within one second of the last commit.\n";
+               within one second of the last commit.\n\n";
+        md += &self.scale_markdown(args, bench.config.relay.buffer_size);
         md += &format!(
-            "\n## Choosing the AMQP client\n\n\
+            "## Choosing the AMQP client\n\n\
              In this run amqprs published {:.1}x as fast as lapin with the same window. The relay still uses\n\
              lapin: amqprs 2.1 hard-codes its client capabilities without `connection.blocked`, so RabbitMQ never\n\
              tells it about a memory or disk alarm; publishing would look like a stall, confirms would time out\n\

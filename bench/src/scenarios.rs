@@ -1,5 +1,7 @@
 //! The relay's own scenarios: draining a backlog (throughput, start-up,
-//! CPU, memory, idle cost) and live latency at fixed offered rates.
+//! CPU, memory, idle cost; the outbox's buffer traffic when asked) and live
+//! latency at fixed offered rates. [`Bench::drain`] is the drain every
+//! scenario runs, set up by [`DrainSetup`].
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -7,13 +9,42 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use crate::consumer::Consumer;
-use crate::harness::{Bench, NAME, pg_connect, stop, wait_until};
+use crate::harness::{Bench, Ids, NAME, RelaySetup, pg_connect, stop, wait_until};
 use crate::procstat::{CpuSplit, process_usage};
+
+/// What a drain is run with, apart from its size.
+#[derive(Clone, Copy)]
+pub(crate) struct DrainSetup<'a> {
+    pub(crate) relay: RelaySetup<'a>,
+    /// Whether the outbox (`relay.schema`) is emptied first: the bench's
+    /// own is, the history's keeps its rows and only gets the pending ones.
+    pub(crate) fresh_outbox: bool,
+    /// Whether to watch the idle relay for 5 s afterwards (its CPU).
+    pub(crate) idle: bool,
+    /// Whether to count the outbox's buffer traffic (PostgreSQL's block
+    /// statistics of its tables) during the drain.
+    pub(crate) blocks: bool,
+    /// The pending rows' ids, when not the bench's.
+    pub(crate) ids: Option<Ids>,
+}
+
+impl Default for DrainSetup<'_> {
+    /// The backlog drain as the default run measures it.
+    fn default() -> Self {
+        Self {
+            relay: RelaySetup::default(),
+            fresh_outbox: true,
+            idle: true,
+            blocks: false,
+            ids: None,
+        }
+    }
+}
 
 impl Bench {
     /// Scenario 1: the relay drains a backlog of `n` rows.
     pub(crate) async fn relay_drain(&self, bin: &Path, n: usize) -> anyhow::Result<Drain> {
-        self.relay_drain_with(bin, n, None).await
+        self.drain(bin, n, DrainSetup::default()).await
     }
 
     /// [`Bench::relay_drain`] with another `(batch_size, buffer_size)`.
@@ -23,40 +54,72 @@ impl Bench {
         n: usize,
         window: Option<(usize, usize)>,
     ) -> anyhow::Result<Drain> {
-        self.reset().await?;
-        self.fill(n).await?;
+        let mut setup = DrainSetup::default();
+        setup.relay.window = window;
+        self.drain(bin, n, setup).await
+    }
+
+    /// The relay drains `n` new rows, set up as `setup` says.
+    pub(crate) async fn drain(
+        &self,
+        bin: &Path,
+        n: usize,
+        setup: DrainSetup<'_>,
+    ) -> anyhow::Result<Drain> {
+        let schema = setup.relay.schema;
+        if setup.fresh_outbox {
+            self.reset_outbox(schema).await?;
+        }
+        self.reset_queue().await?;
+        self.fill(schema, n, setup.ids).await?;
+        let blocks_before = match setup.blocks {
+            true => Some(Blocks::read(self, schema).await?),
+            false => None,
+        };
         let consumer = Consumer::start(&self.amqp_url, false).await?;
         let cpu_before = CpuSplit::read(None);
         let started = Instant::now();
-        let mut relay = self.spawn_relay(bin, window)?;
+        let mut relay = self.spawn_relay(bin, setup.relay)?;
         let pid = relay.id().context("relay pid")?;
-        wait_until(Duration::from_secs(600), || async { consumer.count() >= n }).await?;
+        // A second per 500 rows at the least: big backlogs on slow days.
+        let limit = Duration::from_secs(600.max(n as u64 / 500));
+        wait_until(limit, || async { consumer.count() >= n }).await?;
         wait_until(Duration::from_secs(60), || async {
-            self.none_claimable().await.unwrap_or(false)
+            self.none_claimable(schema).await.unwrap_or(false)
         })
         .await?;
         let done = Instant::now();
         // Like the bare publishers' clocks, which start once connected, the
         // drain's starts at the first message: start-up is shown apart.
         let first = consumer.first_at().context("no message arrived")?;
-        let pending = self.pending().await?;
+        let pending = self.pending(schema).await?;
         if pending != 0 {
             bail!("{pending} rows are still not marked transferred after the drain");
         }
         let (cpu, peak_rss) = process_usage(pid)?;
         let cpu_split = CpuSplit::read(Some(pid)).per_10k_since(&cpu_before, n);
-        // Idle: no notifications, only the sweep timer.
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let (cpu_after, _) = process_usage(pid)?;
+        let idle_cpu_percent = if setup.idle {
+            // Idle: no notifications, only the sweep timer.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let (cpu_after, _) = process_usage(pid)?;
+            Some((cpu_after - cpu) / 5.0 * 100.0)
+        } else {
+            None
+        };
         stop(&mut relay).await;
         let received = consumer.count();
         consumer.close().await;
+        let blocks = match blocks_before {
+            Some(before) => Some(Blocks::read(self, schema).await? - before),
+            None => None,
+        };
         Ok(Drain {
             rate: n as f64 / (done - first).as_secs_f64(),
             startup_ms: (first - started).as_secs_f64() * 1e3,
             cpu: cpu_split,
             peak_rss_mib: peak_rss as f64 / 1024.0,
-            idle_cpu_percent: (cpu_after - cpu) / 5.0 * 100.0,
+            idle_cpu_percent,
+            blocks,
             received,
         })
     }
@@ -70,7 +133,7 @@ impl Bench {
     ) -> anyhow::Result<Latency> {
         self.reset().await?;
         let consumer = Consumer::start(&self.amqp_url, true).await?;
-        let mut relay = self.spawn_relay(bin, None)?;
+        let mut relay = self.spawn_relay(bin, RelaySetup::default())?;
         // Ready when a probe event makes the round trip.
         let probe: String = self
             .pg
@@ -164,7 +227,10 @@ pub(crate) struct Drain {
     pub(crate) startup_ms: f64,
     pub(crate) cpu: CpuSplit,
     pub(crate) peak_rss_mib: f64,
-    pub(crate) idle_cpu_percent: f64,
+    /// The idle relay's CPU after the drain, when watched.
+    pub(crate) idle_cpu_percent: Option<f64>,
+    /// The outbox's buffer traffic during the drain, when counted.
+    pub(crate) blocks: Option<Blocks>,
     received: usize,
 }
 
@@ -172,13 +238,80 @@ impl std::fmt::Display for Drain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:.0} msg/s (first message {:.0} ms after start), peak RSS {:.1} MiB, idle CPU {:.2} %, received {}; {}",
-            self.rate,
-            self.startup_ms,
-            self.peak_rss_mib,
-            self.idle_cpu_percent,
-            self.received,
-            self.cpu
+            "{:.0} msg/s (first message {:.0} ms after start), peak RSS {:.1} MiB, ",
+            self.rate, self.startup_ms, self.peak_rss_mib,
+        )?;
+        if let Some(idle) = self.idle_cpu_percent {
+            write!(f, "idle CPU {idle:.2} %, ")?;
+        }
+        write!(f, "received {}; {}", self.received, self.cpu)?;
+        if let Some(blocks) = &self.blocks {
+            write!(f, "; {blocks}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Blocks of an outbox's two tables (heap and indexes) that PostgreSQL read
+/// from outside its shared buffers (the operating system's cache or the
+/// disk) and found in them, from `pg_statio_user_tables`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Blocks {
+    pub(crate) heap_read: i64,
+    pub(crate) heap_hit: i64,
+    pub(crate) index_read: i64,
+    pub(crate) index_hit: i64,
+}
+
+impl Blocks {
+    /// The counters so far. The bench's own session flushes its pending
+    /// statistics first (PostgreSQL 15 keeps them up to a second, then
+    /// sends them while a drain runs); the relay's sessions flush theirs as
+    /// they end, which [`stop`] waits for only as far as the process, so
+    /// a reading after a drain waits a moment longer.
+    async fn read(bench: &Bench, schema: &str) -> anyhow::Result<Self> {
+        bench
+            .pg
+            .batch_execute("SELECT pg_stat_force_next_flush()")
+            .await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let row = bench
+            .pg
+            .query_one(
+                "SELECT coalesce(sum(heap_blks_read), 0)::int8, coalesce(sum(heap_blks_hit), 0)::int8,
+                        coalesce(sum(idx_blks_read), 0)::int8, coalesce(sum(idx_blks_hit), 0)::int8
+                   FROM pg_statio_user_tables WHERE schemaname = $1",
+                &[&schema],
+            )
+            .await?;
+        Ok(Self {
+            heap_read: row.get(0),
+            heap_hit: row.get(1),
+            index_read: row.get(2),
+            index_hit: row.get(3),
+        })
+    }
+}
+
+impl std::ops::Sub for Blocks {
+    type Output = Self;
+
+    fn sub(self, before: Self) -> Self {
+        Self {
+            heap_read: self.heap_read - before.heap_read,
+            heap_hit: self.heap_hit - before.heap_hit,
+            index_read: self.index_read - before.index_read,
+            index_hit: self.index_hit - before.index_hit,
+        }
+    }
+}
+
+impl std::fmt::Display for Blocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "blocks read from outside shared buffers: heap {}, index {} (found in them: heap {}, index {})",
+            self.heap_read, self.index_read, self.heap_hit, self.index_hit
         )
     }
 }

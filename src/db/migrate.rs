@@ -655,7 +655,7 @@ fn producer_function_sql(outbox: &Outbox, default_channel: &str) -> String {
 /// event) on the newest index pages; random v4 ids put them anywhere in an
 /// index as large as the history, so the cost of every event grew with the
 /// history (see docs/benchmarks.md).
-const UUIDV7_SQL: &str = "encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) \
+pub const UUIDV7_SQL: &str = "encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) \
      placing substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::int8) FROM 3) \
      FROM 1 FOR 6), 52, 1), 53, 1), 'hex')::uuid";
 

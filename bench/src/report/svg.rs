@@ -1,5 +1,6 @@
-//! The latency chart (`latency.svg`): p50, p99 and p99.9 against the
-//! offered rate, drawn as plain SVG.
+//! The charts, drawn as plain SVG: latency (`latency.svg`: p50, p99 and
+//! p99.9 against the offered rate) and the scale scenarios' drain rates as
+//! the work grows (`history.svg`, `distance.svg`).
 
 use crate::scenarios::Latency;
 
@@ -77,6 +78,116 @@ pub(crate) fn latency_chart(latency: &[Latency]) -> String {
             w - right + 35.0,
             w - right + 40.0,
             ly + 4.0
+        );
+    }
+    svg + "</svg>\n"
+}
+
+/// A chart line: its name, colour, whether dashed, and a value per tick.
+pub(crate) struct Line {
+    pub(crate) name: String,
+    pub(crate) color: &'static str,
+    pub(crate) dashed: bool,
+    pub(crate) values: Vec<f64>,
+}
+
+/// A line chart of `lines` over evenly spaced categories (`ticks`), the
+/// y axis from zero: how a figure moves as the work grows.
+pub(crate) fn steps_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    ticks: &[String],
+    lines: &[Line],
+) -> String {
+    let (w, h, left, bottom, top, right) = (660.0, 360.0, 70.0, 40.0, 30.0, 180.0);
+    let max = lines
+        .iter()
+        .flat_map(|l| l.values.iter().copied())
+        .filter(|v| v.is_finite())
+        .fold(1.0, f64::max);
+    // A round top: 1, 2 or 5 times a power of ten, above the largest value.
+    let magnitude = 10f64.powf(max.log10().floor());
+    let y_max = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * magnitude)
+        .find(|&top| top >= max)
+        .unwrap_or(max);
+    let step = (w - left - right) / ticks.len().max(1) as f64;
+    let x = |i: usize| left + step * (i as f64 + 0.5);
+    let y = |v: f64| h - bottom - v / y_max * (h - bottom - top);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">{title}</text>\n\
+         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{x_label}</text>\n\
+         <text x=\"15\" y=\"{}\" transform=\"rotate(-90 15 {})\" text-anchor=\"middle\">{y_label}</text>\n",
+        (w - right + left) / 2.0,
+        h - bottom,
+        w - right,
+        h - bottom,
+        h - bottom,
+        (w - right + left) / 2.0,
+        h - 8.0,
+        (h - bottom + top) / 2.0,
+        (h - bottom + top) / 2.0,
+    );
+    for i in 0..=4 {
+        let v = y_max * f64::from(i) / 4.0;
+        svg += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.0}</text><line x1=\"{left}\" y1=\"{y0}\" x2=\"{}\" y2=\"{y0}\" stroke=\"#ddd\"/>\n",
+            left - 5.0,
+            y(v) + 4.0,
+            w - right,
+            y0 = y(v)
+        );
+    }
+    for (i, tick) in ticks.iter().enumerate() {
+        svg += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{tick}</text>\n",
+            x(i),
+            h - bottom + 15.0,
+        );
+    }
+    for (i, line) in lines.iter().enumerate() {
+        let dash = if line.dashed {
+            " stroke-dasharray=\"6 4\""
+        } else {
+            ""
+        };
+        let points: Vec<(f64, f64)> = line
+            .values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(i, &v)| (x(i), y(v)))
+            .collect();
+        let path: Vec<String> = points
+            .iter()
+            .map(|(px, py)| format!("{px:.1},{py:.1}"))
+            .collect();
+        svg += &format!(
+            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\"{dash} points=\"{}\"/>\n",
+            line.color,
+            path.join(" ")
+        );
+        for (px, py) in &points {
+            svg += &format!(
+                "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"3\" fill=\"{}\"/>\n",
+                line.color
+            );
+        }
+        let ly = top + 20.0 * i as f64 + 10.0;
+        svg += &format!(
+            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{}\" stroke-width=\"2\"{dash}/><text x=\"{}\" y=\"{}\">{}</text>\n",
+            w - right + 15.0,
+            w - right + 35.0,
+            line.color,
+            w - right + 40.0,
+            ly + 4.0,
+            line.name
         );
     }
     svg + "</svg>\n"
