@@ -92,16 +92,23 @@ impl PgBouncer {
 }
 
 impl PgBouncer {
-    /// Runs `command` on the admin console.
-    pub async fn admin(&self, command: &str) {
+    /// A session through the pooler to `database` (`test`, or
+    /// `pgbouncer` for its admin console).
+    pub async fn session(&self, database: &str) -> tokio_postgres::Client {
         let conn = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer",
+            "host=127.0.0.1 port={} user=postgres dbname={database}",
             self.port
         );
         let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
             .await
             .unwrap();
         tokio::spawn(connection);
+        client
+    }
+
+    /// Runs `command` on the admin console.
+    pub async fn admin(&self, command: &str) {
+        let client = self.session("pgbouncer").await;
         client.simple_query(command).await.unwrap();
     }
 }
@@ -109,14 +116,7 @@ impl PgBouncer {
 impl PgBouncer {
     /// How many server sessions the pool of the test database has open.
     pub async fn server_sessions(&self) -> usize {
-        let conn = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer",
-            self.port
-        );
-        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let client = self.session("pgbouncer").await;
         client
             .simple_query("SHOW SERVERS")
             .await
@@ -329,14 +329,7 @@ async fn a_pooler_switched_to_transaction_mode_under_the_relay_is_detected_and_l
 
 /// The statements a pooled server session carries, by name.
 async fn statements_on(bouncer: &PgBouncer) -> Vec<String> {
-    let conn = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=test",
-        bouncer.port
-    );
-    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = bouncer.session("test").await;
     let mut names: Vec<String> = client
         .simple_query("SELECT name FROM pg_prepared_statements")
         .await
@@ -364,14 +357,7 @@ async fn through_a_transaction_pooler_nothing_meets_or_leaves_a_named_statement(
     env.migrate().await;
     let planted: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
     {
-        let conn = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=test",
-            bouncer.port
-        );
-        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let client = bouncer.session("test").await;
         let sql: String = planted
             .iter()
             .map(|name| format!("PREPARE {name} AS SELECT 1;"))
@@ -453,19 +439,6 @@ async fn through_a_transaction_pooler_nothing_meets_or_leaves_a_named_statement(
     drop(bouncer);
 }
 
-/// A session through `bouncer` to the test database.
-async fn through(bouncer: &PgBouncer) -> tokio_postgres::Client {
-    let conn = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=test",
-        bouncer.port
-    );
-    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
-}
-
 /// Through a transaction pooler the config does not name, the relay's named
 /// statements live on one server session and another client's statements
 /// under the same names (here: another outbox's relay, whose client also
@@ -496,7 +469,7 @@ async fn an_unnamed_transaction_pooler_never_runs_another_clients_statements_as_
 
     // `first` holds one of the two server sessions, so the relay prepares
     // its statements on the other.
-    let first = through(&bouncer).await;
+    let first = bouncer.session("test").await;
     first.batch_execute("BEGIN; SELECT 1").await.unwrap();
     mine.config["postgres"]["port"] = bouncer.port.into();
     mine.config["postgres"]["auto_migrate"] = false.into();
@@ -517,7 +490,7 @@ async fn an_unnamed_transaction_pooler_never_runs_another_clients_statements_as_
             .await
             .unwrap();
     }
-    let second = through(&bouncer).await;
+    let second = bouncer.session("test").await;
     let pinned = tokio::spawn(async move {
         second.batch_execute("BEGIN; SELECT 1").await.unwrap();
         second
@@ -594,7 +567,7 @@ async fn a_session_pooler_handing_on_prepared_statements_costs_no_batch_and_blam
     let clients: Vec<tokio_postgres::Client> = {
         let mut clients = Vec::new();
         for _ in 0..8 {
-            clients.push(through(&bouncer).await);
+            clients.push(bouncer.session("test").await);
         }
         clients
     };
@@ -684,7 +657,7 @@ async fn a_start_up_migration_through_an_undeclared_transaction_pooler_leaves_no
         // Open every server session: one transaction each at once.
         let mut clients = Vec::new();
         for _ in 0..pool_size {
-            let client = through(&bouncer).await;
+            let client = bouncer.session("test").await;
             client.batch_execute("BEGIN; SELECT 1").await.unwrap();
             clients.push(client);
         }

@@ -7,6 +7,68 @@ use crate::scenarios::Latency;
 /// A chart line: its name, colour and which percentile it plots.
 type Series = (&'static str, &'static str, fn(&Latency) -> f64);
 
+/// A chart's size and margins, in pixels.
+struct Frame {
+    w: f64,
+    h: f64,
+    left: f64,
+    bottom: f64,
+    top: f64,
+    right: f64,
+}
+
+impl Frame {
+    /// The opening of the SVG: the title, both axes with their labels, and
+    /// five grid lines from 0 to `y_max`, labelled with `decimals` places.
+    fn header(
+        &self,
+        title: &str,
+        x_label: &str,
+        y_label: &str,
+        y_max: f64,
+        decimals: usize,
+    ) -> String {
+        let Self {
+            w,
+            h,
+            left,
+            bottom,
+            top,
+            right,
+        } = *self;
+        let y = |v: f64| h - bottom - v / y_max * (h - bottom - top);
+        let mut svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+             <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+             <text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">{title}</text>\n\
+             <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+             <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n\
+             <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{x_label}</text>\n\
+             <text x=\"15\" y=\"{}\" transform=\"rotate(-90 15 {})\" text-anchor=\"middle\">{y_label}</text>\n",
+            (w - right + left) / 2.0,
+            h - bottom,
+            w - right,
+            h - bottom,
+            h - bottom,
+            (w - right + left) / 2.0,
+            h - 8.0,
+            (h - bottom + top) / 2.0,
+            (h - bottom + top) / 2.0,
+        );
+        for i in 0..=4 {
+            let v = y_max * f64::from(i) / 4.0;
+            svg += &format!(
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.decimals$}</text><line x1=\"{left}\" y1=\"{y0}\" x2=\"{}\" y2=\"{y0}\" stroke=\"#ddd\"/>\n",
+                left - 5.0,
+                y(v) + 4.0,
+                w - right,
+                y0 = y(v)
+            );
+        }
+        svg
+    }
+}
+
 /// A line chart of p50 / p99 / p99.9 latency against the offered rate.
 pub(crate) fn latency_chart(latency: &[Latency]) -> String {
     let (w, h, left, bottom, top, right) = (640.0, 360.0, 60.0, 40.0, 30.0, 130.0);
@@ -17,34 +79,21 @@ pub(crate) fn latency_chart(latency: &[Latency]) -> String {
     let max_ms = latency.iter().map(|l| l.p999).fold(1.0, f64::max).ceil();
     let x = |r: f64| left + r / max_rate * (w - left - right);
     let y = |ms: f64| h - bottom - ms / max_ms * (h - bottom - top);
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">Relay latency, producer commit to consumer receipt</text>\n\
-         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">offered rate (events/s)</text>\n\
-         <text x=\"15\" y=\"{}\" transform=\"rotate(-90 15 {})\" text-anchor=\"middle\">latency (ms)</text>\n",
-        (w - right + left) / 2.0,
-        h - bottom,
-        w - right,
-        h - bottom,
-        h - bottom,
-        (w - right + left) / 2.0,
-        h - 8.0,
-        (h - bottom + top) / 2.0,
-        (h - bottom + top) / 2.0,
+    let frame = Frame {
+        w,
+        h,
+        left,
+        bottom,
+        top,
+        right,
+    };
+    let mut svg = frame.header(
+        "Relay latency, producer commit to consumer receipt",
+        "offered rate (events/s)",
+        "latency (ms)",
+        max_ms,
+        1,
     );
-    for i in 0..=4 {
-        let ms = max_ms * f64::from(i) / 4.0;
-        svg += &format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{ms:.1}</text><line x1=\"{left}\" y1=\"{y0}\" x2=\"{}\" y2=\"{y0}\" stroke=\"#ddd\"/>\n",
-            left - 5.0,
-            y(ms) + 4.0,
-            w - right,
-            y0 = y(ms)
-        );
-    }
     for l in latency {
         svg += &format!(
             "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
@@ -116,34 +165,15 @@ pub(crate) fn steps_chart(
     let step = (w - left - right) / ticks.len().max(1) as f64;
     let x = |i: usize| left + step * (i as f64 + 0.5);
     let y = |v: f64| h - bottom - v / y_max * (h - bottom - top);
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">{title}</text>\n\
-         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{x_label}</text>\n\
-         <text x=\"15\" y=\"{}\" transform=\"rotate(-90 15 {})\" text-anchor=\"middle\">{y_label}</text>\n",
-        (w - right + left) / 2.0,
-        h - bottom,
-        w - right,
-        h - bottom,
-        h - bottom,
-        (w - right + left) / 2.0,
-        h - 8.0,
-        (h - bottom + top) / 2.0,
-        (h - bottom + top) / 2.0,
-    );
-    for i in 0..=4 {
-        let v = y_max * f64::from(i) / 4.0;
-        svg += &format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.0}</text><line x1=\"{left}\" y1=\"{y0}\" x2=\"{}\" y2=\"{y0}\" stroke=\"#ddd\"/>\n",
-            left - 5.0,
-            y(v) + 4.0,
-            w - right,
-            y0 = y(v)
-        );
-    }
+    let frame = Frame {
+        w,
+        h,
+        left,
+        bottom,
+        top,
+        right,
+    };
+    let mut svg = frame.header(title, x_label, y_label, y_max, 0);
     for (i, tick) in ticks.iter().enumerate() {
         svg += &format!(
             "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{tick}</text>\n",
