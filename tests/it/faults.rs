@@ -412,7 +412,9 @@ async fn a_blocked_broker_pauses_the_relay_without_republishing() {
     let broker = PrivateBroker::start().await;
     let mut env = TestEnv::new("blocked").await;
     env.config["rabbitmq"]["url"] = broker.url().into();
-    env.config["relay"]["confirm_timeout_ms"] = 500.into();
+    // Short, so several pass while blocked; not so short that confirms
+    // after the alarm, on a loaded machine, outlast it and are sent again.
+    env.config["relay"]["confirm_timeout_ms"] = 1000.into();
     let consumer = Consumer::start(&broker.url(), &env.name).await;
     let relay = env.relay().await;
     let before = env.insert_many(50, 50).await;
@@ -427,7 +429,7 @@ async fn a_blocked_broker_pauses_the_relay_without_republishing() {
     .await;
     // Several confirm timeouts pass while blocked; proving that nothing is
     // given up and republished needs the time to pass.
-    tokio::time::sleep(std::time::Duration::from_millis(2000)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(3000)).await;
     assert_eq!(relay.failed_batches().await, 0.0, "{}", relay.log_text());
     assert!(
         consumer.count() < 150,
