@@ -33,6 +33,11 @@ use crate::mq::publisher::{BatchReport, ChannelFailure, Delivery, Message, Publi
 use crate::planner::{Assembled, Hold, Plan, assemble, plan, take_bodies};
 use crate::routing::Router;
 
+/// The target of the batch's log lines: the worker's (`pushoccurrence::worker`,
+/// what its lines were logged under before the batch had a file of its own),
+/// since operators filter and alert on it (JSON logs carry it as `target`).
+const LOG_TARGET: &str = "pushoccurrence::worker";
+
 /// How long rows naming an exchange the broker refused fail without being
 /// published; after it, one more try shows whether the refusal still holds.
 const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
@@ -584,7 +589,7 @@ impl BatchOutcome {
         for (id, row) in &self.rows {
             match row {
                 RowOutcome::Unsettled { reason } => {
-                    debug!(message_id = %id, %reason, "confirm unknown; the row stays pending");
+                    debug!(target: LOG_TARGET, message_id = %id, %reason, "confirm unknown; the row stays pending");
                 }
                 RowOutcome::FailedInMemory {
                     reason,
@@ -592,6 +597,7 @@ impl BatchOutcome {
                     attempt,
                     held: true,
                 } => error!(
+                    target: LOG_TARGET,
                     message_id = %id, %reason, recording_refused = %refused, attempt,
                     "row held in memory after repeated failures: the database refuses any update of it, \
                      so it stays pending in the table; fix the trigger or constraint, then restart the relay"
@@ -602,6 +608,7 @@ impl BatchOutcome {
                     attempt,
                     held: false,
                 } => warn!(
+                    target: LOG_TARGET,
                     message_id = %id, %reason, recording_refused = %refused, attempt,
                     "row failed and the database refuses to record that on the row; \
                      this relay counts its attempts in memory and retries it after a delay"
@@ -611,6 +618,7 @@ impl BatchOutcome {
                     attempt,
                     parked: true,
                 } => error!(
+                    target: LOG_TARGET,
                     message_id = %id, %reason, attempt,
                     "row parked after repeated failures; fix it and run `pushoccurrence requeue`"
                 ),
@@ -619,11 +627,12 @@ impl BatchOutcome {
                     attempt,
                     parked: false,
                 } => {
-                    warn!(message_id = %id, %reason, attempt, "row failed; it will be retried after a delay")
+                    warn!(target: LOG_TARGET, message_id = %id, %reason, attempt, "row failed; it will be retried after a delay")
                 }
             }
         }
         debug!(
+            target: LOG_TARGET,
             worker,
             claimed = self.claimed,
             marked = self.marked,

@@ -317,3 +317,32 @@ async fn a_deleted_queue_is_declared_again_and_its_rows_wait_uncharged() {
     assert!(relay.terminate().await.success());
     env.cleanup().await;
 }
+
+/// The row-level log lines keep the `target` operators filter and alert on
+/// (`pushoccurrence::worker`: a text line's prefix, JSON's `target` field), wherever in
+/// the worker the line is written.
+#[tokio::test]
+async fn a_failed_and_a_parked_row_are_logged_under_the_worker_s_target() {
+    let (env, _consumer, relay) = setup("logtarget", |_| {}).await;
+    let id = uuid(1);
+    env.insert_event(&id, "NULL", true).await;
+    wait_parked(&env, &id).await;
+    let lines: Vec<String> = relay
+        .log_text()
+        .lines()
+        .filter(|line| line.contains(&id))
+        .map(str::to_owned)
+        .collect();
+    for message in [
+        "pushoccurrence::worker: row failed; it will be retried after a delay",
+        "pushoccurrence::worker: row parked after repeated failures",
+    ] {
+        assert!(
+            lines.iter().any(|line| line.contains(message)),
+            "no line '{message}' in:\n{}",
+            lines.join("\n")
+        );
+    }
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
