@@ -171,13 +171,7 @@ static TRANSACTION_POOLER_SEEN: AtomicBool = AtomicBool::new(false);
 /// by `SET LOCAL`, unnamed statements): `postgres.pooler = "transaction"`
 /// says so, or a transaction pooler was detected.
 pub fn behind_transaction_pooler(pg: &PostgresConfig) -> bool {
-    if pg.pooler == Pooler::Transaction {
-        // Named by the config: a later sign of it is no news, and must not
-        // warn that the setting is missing.
-        TRANSACTION_POOLER_SEEN.store(true, Ordering::Relaxed);
-        return true;
-    }
-    TRANSACTION_POOLER_SEEN.load(Ordering::Relaxed)
+    pg.pooler == Pooler::Transaction || TRANSACTION_POOLER_SEEN.load(Ordering::Relaxed)
 }
 
 /// Whether `error` shows a transaction pooler the config does not name: a

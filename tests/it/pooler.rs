@@ -417,6 +417,8 @@ async fn through_a_transaction_pooler_nothing_meets_or_leaves_a_named_statement(
     let log = relay.log_text();
     assert_eq!(relay.failed_batches().await, 0.0, "{log}");
     assert!(relay.terminate().await.success());
+    // The config names the pooler: nothing tells the operator to name it.
+    assert!(!log.contains("Set postgres.pooler"), "{log}");
     // The only errors: the row without data, parked.
     let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
     assert!(
