@@ -61,28 +61,10 @@ async fn notification_payloads_that_are_not_ids_are_ignored() {
 async fn a_log_row_without_data_is_retried_then_parked_and_late_data_is_delivered() {
     let (env, consumer, relay) = setup("nodata", |_| {}).await;
     let orphan = uuid(1);
-    env.pg
-        .execute(
-            &format!(
-                "INSERT INTO \"{}\".message_queue_log (message_id) VALUES ('{orphan}')",
-                env.name
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
+    env.insert_status_row(&orphan).await;
     // A producer that commits the data row apart, after the relay saw the log row.
     let late = uuid(2);
-    env.pg
-        .execute(
-            &format!(
-                "INSERT INTO \"{}\".message_queue_log (message_id) VALUES ('{late}')",
-                env.name
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
+    env.insert_status_row(&late).await;
     wait_until("the relay tried the late row", || async {
         env.row_state(&late).await.0 >= 1
     })

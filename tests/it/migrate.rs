@@ -541,22 +541,6 @@ async fn a_schema_named_with_the_helpers_dollar_quote_tag_migrates_and_relays() 
     env.cleanup().await;
 }
 
-/// Runs `pushoccurrence <args>`: its exit code and everything it printed.
-async fn command(env: &TestEnv, args: &[&str]) -> (Option<i32>, String) {
-    let out = pushoccurrence(&env.write_config(), args)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// `(index, comment)` of every index in the test's schema, by name.
 async fn index_comments(env: &TestEnv) -> Vec<(String, Option<String>)> {
     env.pg
@@ -591,7 +575,7 @@ async fn indexes_are_checked_by_definition_and_a_users_own_index_is_never_droppe
         ))
         .await
         .unwrap();
-    let (code, out) = command(&env, &["migrate"]).await;
+    let (code, out) = env.command(&["migrate"]).await;
     assert_eq!(code, Some(78), "{out}");
     assert!(
         out.contains(&format!(
@@ -618,7 +602,7 @@ async fn indexes_are_checked_by_definition_and_a_users_own_index_is_never_droppe
         ]
     );
     // `check` does not take the user's index for the relay's.
-    let (code, out) = command(&env, &["check"]).await;
+    let (code, out) = env.command(&["check"]).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("no pending-rows index: claims will scan; its name message_queue_log_pending_enqueued_idx is taken by an index that is not the relay's"),
@@ -687,7 +671,7 @@ async fn indexes_are_checked_by_definition_and_a_users_own_index_is_never_droppe
         "{:?}",
         index_comments(&env).await
     );
-    let (code, out) = command(&env, &["check"]).await;
+    let (code, out) = env.command(&["check"]).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(!out.contains("no pending-rows index"), "{out}");
     env.cleanup().await;
@@ -730,7 +714,7 @@ async fn column_types_the_relay_cannot_use_are_refused_naming_the_column() {
             .unwrap();
         let expected = format!("{}.message_queue_log.{column} is {found}", env.name);
         for args in [&["check"][..], &["status"], &["migrate"]] {
-            let (code, out) = command(&env, args).await;
+            let (code, out) = env.command(args).await;
             assert_eq!(code, Some(78), "{args:?}: {out}");
             assert!(
                 out.contains(&expected) && out.contains(supported),
@@ -751,7 +735,7 @@ async fn ids_the_helper_cannot_make_are_refused_and_a_bigint_id_takes_its_defaul
     env.migrate().await;
     let consumer = env.consumer().await;
     let relay = env.relay().await;
-    let (code, out) = command(&env, &["send", "hello"]).await;
+    let (code, out) = env.command(&["send", "hello"]).await;
     assert_eq!(code, Some(0), "{out}");
     let id = out.lines().next().unwrap().trim().to_owned();
     assert!(id.parse::<i64>().is_ok(), "{out}");
@@ -814,7 +798,7 @@ async fn ids_the_helper_cannot_make_are_refused_and_a_bigint_id_takes_its_defaul
     let env = TestEnv::new("shortbody").await;
     env.create_seed_tables("text", "varchar(8)").await;
     env.migrate().await;
-    let (code, out) = command(&env, &["send", "0123456789"]).await;
+    let (code, out) = env.command(&["send", "0123456789"]).await;
     assert_ne!(code, Some(0), "{out}");
     assert!(out.contains("SQLSTATE 22001"), "{out}");
     assert_eq!(env.pending().await, 0);
@@ -854,7 +838,7 @@ async fn a_body_table_alone_gets_a_status_table_of_its_id_type_and_a_failure_cre
         ))
         .await
         .unwrap();
-    let (code, out) = command(&env, &["migrate"]).await;
+    let (code, out) = env.command(&["migrate"]).await;
     assert_eq!(code, Some(78), "{out}");
     assert!(
         out.contains(&format!(
@@ -1136,7 +1120,7 @@ async fn status_reads_parked_and_recent_rows_through_indexes_not_the_history() {
         let plan = env.texts(&format!("EXPLAIN {sql}"), &[]).await.join("\n");
         assert!(!plan.contains("Seq Scan"), "{sql}\n{plan}");
     }
-    let (code, out) = command(&env, &["status"]).await;
+    let (code, out) = env.command(&["status"]).await;
     assert_eq!(code, Some(0), "{out}");
     for line in [
         "pending                   5",
@@ -1164,7 +1148,7 @@ async fn migrate_on_a_status_table_without_its_body_table_says_how_to_make_one()
         ))
         .await
         .unwrap();
-    let (code, out) = command(&env, &["migrate"]).await;
+    let (code, out) = env.command(&["migrate"]).await;
     assert_eq!(code, Some(78), "{out}");
     assert!(
         out.contains(&format!(

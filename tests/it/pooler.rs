@@ -235,16 +235,8 @@ async fn relays_through_pgbouncer(pool_mode: &str, direct_listener: bool) {
     assert!(relay.terminate().await.success());
 
     // `status` says whether a relay with this config hears or polls.
-    let out = pushoccurrence(&env.write_config(), &["status"])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, stdout) = env.command(&["status"]).await;
+    assert_eq!(code, Some(0), "{stdout}");
     let line = stdout
         .lines()
         .find(|l| l.starts_with("notifications"))
@@ -375,17 +367,11 @@ async fn through_a_transaction_pooler_nothing_meets_or_leaves_a_named_statement(
     // Retention runs (and deletes nothing: every row is younger).
     env.config["retention"] =
         serde_json::json!({"transferred_after_sec": 3600, "interval_sec": 0.2});
-    let config = env.write_config();
     let run = |args: &'static [&'static str]| {
-        let config = config.clone();
+        let env = &env;
         async move {
-            let out = pushoccurrence(&config, args).output().await.unwrap();
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert!(out.status.success(), "{args:?}: {text}");
+            let (code, text) = env.command(args).await;
+            assert_eq!(code, Some(0), "{args:?}: {text}");
             text
         }
     };
@@ -396,16 +382,7 @@ async fn through_a_transaction_pooler_nothing_meets_or_leaves_a_named_statement(
 
     let consumer = env.consumer().await;
     let orphan = uuid(1);
-    env.pg
-        .execute(
-            &format!(
-                "INSERT INTO \"{}\".message_queue_log (message_id) VALUES ('{orphan}')",
-                env.name
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
+    env.insert_status_row(&orphan).await;
     let relay = env.relay().await;
     let ids = env.insert_many(300, 100).await;
     consumer.wait_for_all(&ids).await;
@@ -741,16 +718,8 @@ async fn a_listener_given_several_hosts_past_a_transaction_pooler_goes_to_the_on
     let log = relay.log_text();
     assert!(!log.contains(DEAF), "{log}");
     assert!(relay.terminate().await.success());
-    let out = pushoccurrence(&env.write_config(), &["status"])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, stdout) = env.command(&["status"]).await;
+    assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.contains("heard by a session at"), "{stdout}");
     assert!(!stdout.contains("NOT heard"), "{stdout}");
     env.cleanup().await;

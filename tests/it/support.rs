@@ -153,6 +153,38 @@ impl TestEnv {
             .unwrap();
     }
 
+    /// Inserts a status row without its data row (no NOTIFY): an event
+    /// whose body is missing, or not committed yet.
+    pub async fn insert_status_row(&self, id: &str) {
+        self.pg
+            .execute(
+                &format!(
+                    "INSERT INTO \"{}\".message_queue_log (message_id) VALUES ('{id}')",
+                    self.name
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Runs `pushoccurrence` with this env's config and `args`: its exit
+    /// code and its stdout followed by its stderr.
+    pub async fn command(&self, args: &[&str]) -> (Option<i32>, String) {
+        let out = pushoccurrence(&self.write_config(), args)
+            .output()
+            .await
+            .unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
     /// Inserts one event the seed's way, in one transaction: both rows, then
     /// `NOTIFY channel 'id'` when `notify` is set. `body` is a SQL expression.
     pub async fn insert_event(&self, id: &str, body_sql: &str, notify: bool) {
