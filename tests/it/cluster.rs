@@ -234,12 +234,11 @@ async fn cluster_chaos() {
     let consumer = Consumer::attach_to(&cluster.nodes[0].url(), &env.name).await;
     consumer.wait_for_all(&ids).await;
     let t = tally(&consumer, &ids);
-    println!("cluster chaos: {seconds} s, 3 nodes, 3 relays, faults {faults:?}");
-    println!(
-        "cluster chaos: sent {} / received {} distinct / duplicates {} / lost {} / unexpected {}",
-        t.sent, t.received, t.duplicates, t.lost, t.unexpected
+    report_chaos(
+        "cluster chaos",
+        &format!("{seconds} s, 3 nodes, 3 relays, faults {faults:?}"),
+        &t,
     );
-    assert_eq!((t.lost, t.unexpected), (0, 0), "{t:?}");
     for relay in relays {
         assert_eq!(relay.terminate().await.code(), Some(0));
     }

@@ -642,6 +642,17 @@ pub fn tally(consumer: &Consumer, ids: &[String]) -> Tally {
     }
 }
 
+/// A chaos run's end: prints `{run}: {setup}` and the tally (the lines
+/// docs/chaos.md quotes), then asserts nothing was lost or invented.
+pub fn report_chaos(run: &str, setup: &str, t: &Tally) {
+    println!("{run}: {setup}");
+    println!(
+        "{run}: sent {} / received {} distinct / duplicates {} / lost {} / unexpected {}",
+        t.sent, t.received, t.duplicates, t.lost, t.unexpected
+    );
+    assert_eq!((t.lost, t.unexpected), (0, 0), "{t:?}");
+}
+
 /// Asserts nothing was lost or invented, and at most `max_duplicates` repeats.
 pub fn assert_no_loss(consumer: &Consumer, ids: &[String], max_duplicates: usize) -> Tally {
     let t = tally(consumer, ids);
