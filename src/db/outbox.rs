@@ -1187,7 +1187,9 @@ impl Outbox {
         &self,
         tx: &(impl GenericClient + Sync),
     ) -> Result<Statements, SchemaError> {
-        let [claim_first, claim_after, bodies, mark, fail] = self.prepare_free_names(tx).await?;
+        let sql = self.statements_sql();
+        let [claim_first, claim_after, bodies, mark, fail] =
+            self.prepare_free_names(tx, &sql).await?;
         let server = tx.query_typed_one(SERVER_SESSION_SQL, &[]).await?.get(0);
         Ok(Statements {
             claim_first: Query::Named(claim_first),
@@ -1213,19 +1215,13 @@ impl Outbox {
         &self,
         tx: &(impl GenericClient + Sync),
     ) -> Result<Statements, SchemaError> {
-        let sql = [
-            self.claim_sql(false),
-            self.claim_sql(true),
-            self.bodies_sql(),
-            self.mark_sql(),
-            self.fail_sql(),
-        ];
-        let prepared = self.prepare_free_names(tx).await?;
-        let [claim_first, claim_after, bodies, mark, fail] =
-            std::array::from_fn(|i| Query::Unnamed {
-                sql: sql[i].clone(),
-                types: prepared[i].params().to_vec(),
-            });
+        let sql = self.statements_sql();
+        let prepared = self.prepare_free_names(tx, &sql).await?;
+        let mut types = prepared.iter().map(|statement| statement.params().to_vec());
+        let [claim_first, claim_after, bodies, mark, fail] = sql.map(|sql| Query::Unnamed {
+            sql,
+            types: types.next().expect("one prepared statement per text"),
+        });
         Ok(Statements {
             claim_first,
             claim_after,
@@ -1248,11 +1244,12 @@ impl Outbox {
     async fn prepare_free_names(
         &self,
         tx: &(impl GenericClient + Sync),
+        sql: &[String; 5],
     ) -> Result<[Statement; 5], SchemaError> {
         let mut attempts = 0;
         let prepared = loop {
             tx.batch_execute(PREPARE_SAVEPOINT).await?;
-            match self.prepare_checked(tx).await {
+            match self.prepare_checked(tx, sql).await {
                 Err(SchemaError::Query(e))
                     if e.code() == Some(&SqlState::DUPLICATE_PSTATEMENT)
                         && attempts < PREPARE_NAME_ATTEMPTS =>
@@ -1272,18 +1269,32 @@ impl Outbox {
         Ok(prepared)
     }
 
-    /// Prepares the five statements (claim from the start, claim after a
-    /// cursor, bodies, mark, fail) and checks their body type.
+    /// The texts of a claim session's five statements, in the order
+    /// [`Statements`] keeps them: claim from the start, claim after a
+    /// cursor, bodies, mark, fail.
+    fn statements_sql(&self) -> [String; 5] {
+        [
+            self.claim_sql(false),
+            self.claim_sql(true),
+            self.bodies_sql(),
+            self.mark_sql(),
+            self.fail_sql(),
+        ]
+    }
+
+    /// Prepares the five statements of `sql` ([`Outbox::statements_sql`])
+    /// and checks their body type.
     async fn prepare_checked(
         &self,
         client: &(impl GenericClient + Sync),
+        sql: &[String; 5],
     ) -> Result<[Statement; 5], SchemaError> {
         let statements = [
-            client.prepare(&self.claim_sql(false)).await?,
-            client.prepare(&self.claim_sql(true)).await?,
-            client.prepare(&self.bodies_sql()).await?,
-            client.prepare(&self.mark_sql()).await?,
-            client.prepare(&self.fail_sql()).await?,
+            client.prepare(&sql[0]).await?,
+            client.prepare(&sql[1]).await?,
+            client.prepare(&sql[2]).await?,
+            client.prepare(&sql[3]).await?,
+            client.prepare(&sql[4]).await?,
         ];
         for statement in &statements[..3] {
             let found = statement.columns().last().map(|c| c.type_().name());
