@@ -36,7 +36,7 @@ impl Frame {
             top,
             right,
         } = *self;
-        let y = |v: f64| h - bottom - v / y_max * (h - bottom - top);
+        let y = |v: f64| self.y(v, y_max);
         let mut svg = format!(
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
              <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
@@ -67,6 +67,25 @@ impl Frame {
         }
         svg
     }
+
+    /// The height of `v` on a y axis from 0 to `y_max`.
+    fn y(&self, v: f64, y_max: f64) -> f64 {
+        self.h - self.bottom - v / y_max * (self.h - self.bottom - self.top)
+    }
+
+    /// The `i`th entry of the legend, right of the plot: a stroke of the
+    /// line's `color` (and `dash` attribute) and its `name`.
+    fn legend(&self, i: usize, color: &str, dash: &str, name: &str) -> String {
+        let edge = self.w - self.right;
+        let ly = self.top + 20.0 * i as f64 + 10.0;
+        format!(
+            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"{dash}/><text x=\"{}\" y=\"{}\">{name}</text>\n",
+            edge + 15.0,
+            edge + 35.0,
+            edge + 40.0,
+            ly + 4.0
+        )
+    }
 }
 
 /// A line chart of p50 / p99 / p99.9 latency against the offered rate.
@@ -78,7 +97,6 @@ pub(crate) fn latency_chart(latency: &[Latency]) -> String {
         .fold(1.0, f64::max);
     let max_ms = latency.iter().map(|l| l.p999).fold(1.0, f64::max).ceil();
     let x = |r: f64| left + r / max_rate * (w - left - right);
-    let y = |ms: f64| h - bottom - ms / max_ms * (h - bottom - top);
     let frame = Frame {
         w,
         h,
@@ -110,7 +128,13 @@ pub(crate) fn latency_chart(latency: &[Latency]) -> String {
     for (i, (name, color, pick)) in series.iter().enumerate() {
         let points: Vec<String> = latency
             .iter()
-            .map(|l| format!("{:.1},{:.1}", x(f64::from(l.offered)), y(pick(l))))
+            .map(|l| {
+                format!(
+                    "{:.1},{:.1}",
+                    x(f64::from(l.offered)),
+                    frame.y(pick(l), max_ms)
+                )
+            })
             .collect();
         svg += &format!(
             "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n",
@@ -120,14 +144,7 @@ pub(crate) fn latency_chart(latency: &[Latency]) -> String {
             let (px, py) = p.split_once(',').unwrap_or(("0", "0"));
             svg += &format!("<circle cx=\"{px}\" cy=\"{py}\" r=\"3\" fill=\"{color}\"/>\n");
         }
-        let ly = top + 20.0 * i as f64 + 10.0;
-        svg += &format!(
-            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{name}</text>\n",
-            w - right + 15.0,
-            w - right + 35.0,
-            w - right + 40.0,
-            ly + 4.0
-        );
+        svg += &frame.legend(i, color, "", name);
     }
     svg + "</svg>\n"
 }
@@ -164,7 +181,6 @@ pub(crate) fn steps_chart(
         .unwrap_or(max);
     let step = (w - left - right) / ticks.len().max(1) as f64;
     let x = |i: usize| left + step * (i as f64 + 0.5);
-    let y = |v: f64| h - bottom - v / y_max * (h - bottom - top);
     let frame = Frame {
         w,
         h,
@@ -192,7 +208,7 @@ pub(crate) fn steps_chart(
             .iter()
             .enumerate()
             .filter(|(_, v)| v.is_finite())
-            .map(|(i, &v)| (x(i), y(v)))
+            .map(|(i, &v)| (x(i), frame.y(v, y_max)))
             .collect();
         let path: Vec<String> = points
             .iter()
@@ -209,16 +225,7 @@ pub(crate) fn steps_chart(
                 line.color
             );
         }
-        let ly = top + 20.0 * i as f64 + 10.0;
-        svg += &format!(
-            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{}\" stroke-width=\"2\"{dash}/><text x=\"{}\" y=\"{}\">{}</text>\n",
-            w - right + 15.0,
-            w - right + 35.0,
-            line.color,
-            w - right + 40.0,
-            ly + 4.0,
-            line.name
-        );
+        svg += &frame.legend(i, line.color, dash, &line.name);
     }
     svg + "</svg>\n"
 }
