@@ -83,4 +83,18 @@ pub enum Command {
         #[arg(long, conflicts_with = "ids")]
         all: bool,
     },
+    /// Give up parked rows for good: each is marked transferred without
+    /// being sent (it keeps its parked time and its last error, prefixed
+    /// "discarded by an operator"), so the rows behind it in its ordering
+    /// key go on. Each id not discarded is reported with why; exits 1 when
+    /// none was discarded.
+    Discard {
+        /// The message ids to discard (a uuid in any spelling PostgreSQL
+        /// reads).
+        #[arg(required_unless_present = "all")]
+        ids: Vec<String>,
+        /// Discard every parked row.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
 }

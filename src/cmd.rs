@@ -9,7 +9,8 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::db::outbox::{
-    INDEXES, IndexState, Outbox, PENDING_INDEX, REPEATABLE_IDS_WARNING, SchemaError, index_state,
+    INDEXES, IndexState, Outbox, PENDING_INDEX, REPEATABLE_IDS_WARNING, SchemaError, Settle,
+    index_state,
 };
 use crate::db::{self, SessionKind, describe, migrate};
 use crate::{mq, service, shutdown};
@@ -325,12 +326,24 @@ pub async fn status(config: Config) -> anyhow::Result<()> {
         .await
         .context("count parked and transferred rows")?;
     let (pending, oldest): (i64, f64) = (backlog.get(0), backlog.get(1));
-    let (parked, last_minute, last_hour): (i64, i64, i64) =
-        (history.get(0), history.get(1), history.get(2));
+    let (parked, held_keys, last_minute, last_hour): (i64, i64, i64, i64) = (
+        history.get(0),
+        history.get(1),
+        history.get(2),
+        history.get(3),
+    );
     println!("outbox                    {}", outbox.schema);
     println!("pending                   {pending}");
     println!("oldest pending age        {oldest:.1} s");
     println!("parked                    {parked}");
+    println!(
+        "held ordering keys        {held_keys}{}",
+        if held_keys > 0 {
+            " (a parked row holds back the rest of its key; see `pushoccurrence parked`)"
+        } else {
+            ""
+        }
+    );
     println!("transferred, last minute  {last_minute}");
     println!("transferred, last hour    {last_hour}");
     let listen = config.postgres.for_listener();
@@ -408,8 +421,18 @@ pub async fn parked(config: Config, limit: i64) -> anyhow::Result<()> {
         let attempts: i32 = row.get(1);
         let parked_at: String = row.get(2);
         let reason: Option<String> = row.get(3);
+        let key: Option<String> = row.get(4);
+        let behind: Option<i64> = row.get(5);
+        let ordering = match key {
+            Some(key) => format!(
+                "\tordering_key={}\tholds_back={}",
+                one_line(&key),
+                behind.unwrap_or_default()
+            ),
+            None => String::new(),
+        };
         println!(
-            "{}\tattempts={attempts}\tparked_at={parked_at}\treason={}",
+            "{}\tattempts={attempts}\tparked_at={parked_at}{ordering}\treason={}",
             one_line(&id),
             one_line(&reason.unwrap_or_default())
         );
@@ -441,19 +464,30 @@ fn one_line(text: &str) -> String {
     out
 }
 
-/// Nothing was requeued of the ids given; exit code 1.
+/// None of the ids given named a parked row; exit code 1.
 #[derive(Debug, thiserror::Error)]
-#[error("nothing requeued: no id given names a parked row")]
-pub struct NothingRequeued;
+#[error("nothing {0}: no id given names a parked row")]
+pub struct NothingSettled(&'static str);
 
-/// `requeue`: un-parks rows and wakes running relays. Each id that is not
-/// requeued is reported with why: malformed, not found, still pending (not
-/// parked) or already transferred.
+/// `requeue` and `discard`: settles parked rows ([`Settle`]) and wakes
+/// running relays (a requeued row goes out again; a discarded one lets the
+/// rows behind it in its ordering key go). Each id that is not settled is
+/// reported with why: malformed, not found, still pending (not parked) or
+/// already transferred.
 ///
 /// # Errors
-/// Unreachable database or unusable schema; [`NothingRequeued`] when ids
+/// Unreachable database or unusable schema; [`NothingSettled`] when ids
 /// were given and none named a parked row.
-pub async fn requeue(config: Config, ids: &[String], all: bool) -> anyhow::Result<()> {
+pub async fn settle_parked(
+    config: Config,
+    ids: &[String],
+    all: bool,
+    settle: Settle,
+) -> anyhow::Result<()> {
+    let (done, doing) = match settle {
+        Settle::Requeue => ("requeued", "requeue"),
+        Settle::Discard => ("discarded", "discard"),
+    };
     let (mut client, outbox) = open_outbox(&config).await?;
     let mut malformed = Vec::new();
     // (as typed, canonical)
@@ -465,27 +499,32 @@ pub async fn requeue(config: Config, ids: &[String], all: bool) -> anyhow::Resul
         }
     }
     let canonical: Vec<&str> = wanted.iter().map(|(_, c)| c.as_str()).collect();
-    let tx = client.transaction().await.context("begin the requeue")?;
-    let requeued: Vec<String> = tx
+    let tx = client
+        .transaction()
+        .await
+        .with_context(|| format!("begin the {doing}"))?;
+    let settled: Vec<String> = tx
         .query_typed(
-            &outbox.requeue_sql(),
+            &outbox.settle_parked_sql(settle),
             &[(&canonical, Type::TEXT_ARRAY), (&all, Type::BOOL)],
         )
         .await
-        .context("requeue parked rows")?
+        .with_context(|| format!("{doing} parked rows"))?
         .iter()
         .map(|r| r.get(0))
         .collect();
     let states: Vec<(String, bool, bool)> = tx
         .query_typed(&outbox.id_states_sql(), &[(&canonical, Type::TEXT_ARRAY)])
         .await
-        .context("look up the ids not requeued")?
+        .with_context(|| format!("look up the ids not {done}"))?
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    tx.commit().await.context("commit the requeue")?;
+    tx.commit()
+        .await
+        .with_context(|| format!("commit the {doing}"))?;
     // Wake every relay listening on the first channel; the payload is only a hint.
-    if !requeued.is_empty() {
+    if !settled.is_empty() {
         client
             .execute_typed(
                 "SELECT pg_notify($1, '')",
@@ -494,10 +533,10 @@ pub async fn requeue(config: Config, ids: &[String], all: bool) -> anyhow::Resul
             .await
             .context("notify the relays")?;
     }
-    println!("requeued {} row(s)", requeued.len());
+    println!("{done} {} row(s)", settled.len());
     let (mut pending, mut transferred, mut missing) = (Vec::new(), Vec::new(), Vec::new());
     for (typed, canonical) in &wanted {
-        if requeued.contains(canonical) {
+        if settled.contains(canonical) {
             continue;
         }
         let shown = one_line(typed);
@@ -523,8 +562,8 @@ pub async fn requeue(config: Config, ids: &[String], all: bool) -> anyhow::Resul
             println!("{what}: {}", list.join(", "));
         }
     }
-    if !ids.is_empty() && requeued.is_empty() {
-        return Err(NothingRequeued.into());
+    if !ids.is_empty() && settled.is_empty() {
+        return Err(NothingSettled(done).into());
     }
     Ok(())
 }

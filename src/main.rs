@@ -12,7 +12,8 @@ use tracing_subscriber::prelude::*;
 use pushoccurrence::cli::{Cli, Command};
 use pushoccurrence::cmd::{self, Unavailable};
 use pushoccurrence::config::{Config, LogFormat};
-use pushoccurrence::db::{migrate::MigrateError, outbox::SchemaError};
+use pushoccurrence::db::migrate::MigrateError;
+use pushoccurrence::db::outbox::{SchemaError, Settle};
 use pushoccurrence::service::StartError;
 
 /// sysexits: a service is unavailable.
@@ -77,7 +78,12 @@ async fn dispatch(cli: &Cli, config: Config) -> anyhow::Result<()> {
             cmd::send(config, body, route).await
         }
         Command::Parked { limit } => cmd::parked(config, limit).await,
-        Command::Requeue { ref ids, all } => cmd::requeue(config, ids, all).await,
+        Command::Requeue { ref ids, all } => {
+            cmd::settle_parked(config, ids, all, Settle::Requeue).await
+        }
+        Command::Discard { ref ids, all } => {
+            cmd::settle_parked(config, ids, all, Settle::Discard).await
+        }
     }
 }
 

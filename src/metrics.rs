@@ -59,6 +59,9 @@ pub struct Metrics {
     pub failed: Counter,
     /// Rows parked.
     pub parked: Counter,
+    /// Later messages of an ordering key confirmed while an earlier one of
+    /// the same batch was not.
+    pub ordering_breaks: Counter,
     /// Batches committed.
     pub batches: Counter,
     /// Batch attempts that failed (rows stay pending), those that could not
@@ -152,6 +155,11 @@ impl Metrics {
             r,
             "rows_parked",
             "Rows parked after relay.max_attempts failed attempts",
+        );
+        let ordering_breaks = counter(
+            r,
+            "ordering_breaks",
+            "Messages of an ordering key the broker confirmed while it returned, nacked or refused an earlier one of the key in the same batch",
         );
         let batches = counter(r, "batches", "Batches committed");
         let batches_failed = counter(
@@ -273,6 +281,7 @@ impl Metrics {
             returned,
             failed,
             parked,
+            ordering_breaks,
             batches,
             batches_failed,
             last_batch_commit,

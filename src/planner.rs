@@ -42,6 +42,14 @@ pub enum Hold {
     /// The batch's byte budget was spent before this row; it goes in a later
     /// batch. Not a failure.
     Deferred,
+    /// An earlier row of the same ordering key in this batch is not
+    /// published; this one waits for it. Not a failure.
+    BehindKey {
+        /// The ordering key.
+        key: String,
+        /// The earlier row it waits for.
+        waits_for: String,
+    },
 }
 
 impl Hold {
@@ -63,12 +71,15 @@ impl Hold {
                 "the broker refused publishing to exchange '{exchange}' named by the row ({reason}); grant write permission or fix the row"
             ),
             Self::Deferred => "deferred to the next batch".into(),
+            Self::BehindKey { key, waits_for } => format!(
+                "waits for row {waits_for}, before it in ordering key '{key}', which this batch did not publish"
+            ),
         }
     }
 
     /// Whether this counts as a failed attempt of the row.
     pub fn is_failure(&self) -> bool {
-        *self != Self::Deferred
+        !matches!(self, Self::Deferred | Self::BehindKey { .. })
     }
 }
 
@@ -82,8 +93,12 @@ pub struct Plan {
     pub held: Vec<(String, Hold)>,
     /// How many distinct ids were claimed.
     pub claimed: usize,
+    /// The claimed ids that carry an ordering key, with it, in claim order
+    /// (which is each key's order).
+    pub keyed: Vec<(String, String)>,
     /// Where the next claim should start: the last row before the first one
-    /// deferred for the byte budget (deferred rows go in the next batch).
+    /// deferred for the byte budget (deferred rows go in the next batch),
+    /// not counting rows that followed their key's head in a run.
     /// `None` when that row has no `relay_enqueued_at`: such rows come first
     /// in a pass, so the claim that took it started from the beginning, and
     /// the next one does too.
@@ -130,8 +145,11 @@ pub fn plan(rows: &[ClaimedRow], max_message_bytes: u64, max_batch_bytes: u64) -
         } else {
             None
         };
-        if !deferring {
+        if !deferring && !group[0].in_run {
             last_taken = Some(&group[0]);
+        }
+        if let Some(key) = &group[0].ordering_key {
+            out.keyed.push((id.clone(), key.clone()));
         }
         match hold {
             Some(hold) => out.held.push((id.clone(), hold)),
@@ -159,6 +177,8 @@ pub struct Assembled {
     pub held: Vec<(String, Hold)>,
     /// How many distinct ids were claimed.
     pub claimed: usize,
+    /// The keyed ids claimed, with their keys, in claim order.
+    pub keyed: Vec<(String, String)>,
 }
 
 /// Takes the bodies a claim brought along (one per claimed row, `None` where
@@ -204,6 +224,11 @@ pub fn assemble(plan: Plan, fetched: Vec<Fetched>, router: &Router) -> Assembled
             .1
             .push(row.body);
     }
+    let keys: HashMap<&str, &str> = plan
+        .keyed
+        .iter()
+        .map(|(id, key)| (id.as_str(), key.as_str()))
+        .collect();
     let mut out = Assembled {
         held: plan.held,
         claimed: plan.claimed,
@@ -222,6 +247,7 @@ pub fn assemble(plan: Plan, fetched: Vec<Fetched>, router: &Router) -> Assembled
         }
         match router.resolve(&fields) {
             Ok(destination) => out.messages.push(Message {
+                ordering_key: keys.get(id.as_str()).map(|key| (*key).to_owned()),
                 id,
                 body: first,
                 destination,
@@ -229,7 +255,51 @@ pub fn assemble(plan: Plan, fetched: Vec<Fetched>, router: &Router) -> Assembled
             Err(reason) => out.held.push((id, Hold::BadField(reason))),
         }
     }
+    out.keyed = plan.keyed;
     out
+}
+
+/// Holds back every message that follows, in its ordering key, a claimed
+/// row this batch does not publish (held for bad input, deferred, waiting
+/// out a delay only this process knows of): a later row of a key never goes
+/// out before an earlier one. Run on the batch as it will be published.
+pub fn hold_behind_keys(batch: &mut Assembled) {
+    if batch.keyed.is_empty() {
+        return;
+    }
+    let publishing: HashSet<&str> = batch.messages.iter().map(|m| m.id.as_str()).collect();
+    // The first row of each key that is not published.
+    let mut stopped: HashMap<&str, &str> = HashMap::new();
+    let mut behind: HashMap<String, Hold> = HashMap::new();
+    for (id, key) in &batch.keyed {
+        match stopped.get(key.as_str()) {
+            Some(first) if publishing.contains(id.as_str()) => {
+                behind.insert(
+                    id.clone(),
+                    Hold::BehindKey {
+                        key: key.clone(),
+                        waits_for: (*first).to_owned(),
+                    },
+                );
+            }
+            Some(_) => {}
+            None if !publishing.contains(id.as_str()) => {
+                stopped.insert(key, id);
+            }
+            None => {}
+        }
+    }
+    if behind.is_empty() {
+        return;
+    }
+    let (held, published): (Vec<Message>, Vec<Message>) = std::mem::take(&mut batch.messages)
+        .into_iter()
+        .partition(|m| behind.contains_key(&m.id));
+    batch.messages = published;
+    for message in held {
+        let hold = behind.remove(&message.id).expect("partitioned by it");
+        batch.held.push((message.id, hold));
+    }
 }
 
 #[cfg(test)]
@@ -246,6 +316,8 @@ mod tests {
             enqueued_at: Some(EnqueuedAt(id.as_bytes().to_vec())),
             has_data,
             size,
+            ordering_key: None,
+            in_run: false,
         }
     }
 
@@ -310,6 +382,7 @@ mod tests {
             id: id.into(),
             body: b.as_bytes().to_vec(),
             destination: router().resolve(&MessageFields::default()).unwrap(),
+            ordering_key: None,
         }
     }
 
@@ -330,6 +403,65 @@ mod tests {
         let a = assemble(p, vec![body("b", "2"), body("a", "1")], &router());
         assert_eq!(a.messages, vec![message("a", "1"), message("b", "2")]);
         assert!(a.held.is_empty());
+    }
+
+    fn keyed(id: &str, key: &str, in_run: bool) -> ClaimedRow {
+        ClaimedRow {
+            ordering_key: Some(key.into()),
+            in_run,
+            ..row(id, Some(1), true)
+        }
+    }
+
+    #[test]
+    fn a_row_not_published_holds_back_the_later_rows_of_its_key_only() {
+        // k1 has no data row: k2 and k3 (its run) wait; j and the unkeyed u go.
+        let rows = [
+            ClaimedRow {
+                has_data: false,
+                size: None,
+                ..keyed("k1", "K", false)
+            },
+            keyed("j1", "J", false),
+            row("u", Some(1), true),
+            keyed("k2", "K", true),
+            keyed("j2", "J", true),
+            keyed("k3", "K", true),
+        ];
+        let p = plan(&rows, MAX, BUDGET);
+        assert_eq!(
+            cursor_id(&p),
+            Some("u"),
+            "rows of a run never move the cursor"
+        );
+        let fetched = ["j1", "u", "k2", "j2", "k3"]
+            .map(|id| body(id, id))
+            .to_vec();
+        let mut a = assemble(p, fetched, &router());
+        hold_behind_keys(&mut a);
+        let sent: Vec<(&str, Option<&str>)> = a
+            .messages
+            .iter()
+            .map(|m| (m.id.as_str(), m.ordering_key.as_deref()))
+            .collect();
+        assert_eq!(sent, [("j1", Some("J")), ("u", None), ("j2", Some("J"))]);
+        let behind = |id: &str| Hold::BehindKey {
+            key: "K".into(),
+            waits_for: id.into(),
+        };
+        assert_eq!(
+            a.held,
+            [
+                ("k1".into(), Hold::NoData),
+                ("k2".into(), behind("k1")),
+                ("k3".into(), behind("k1")),
+            ]
+        );
+        assert!(!behind("k1").is_failure());
+        assert_eq!(
+            behind("k1").reason(),
+            "waits for row k1, before it in ordering key 'K', which this batch did not publish"
+        );
     }
 
     #[test]

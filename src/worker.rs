@@ -84,7 +84,28 @@ pub struct Worker {
     refused: HashMap<String, (String, Instant)>,
     metrics: Arc<Metrics>,
     unwritable: Arc<Unwritable>,
+    /// The keys this worker's last batch published in a run, which its next
+    /// claim continues.
+    continued_keys: Vec<String>,
+    /// Claims in a row that took nothing but saw the backlog go on.
+    empty_windows: u32,
 }
+
+/// What a worker does after a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Wait for a wake-up: nothing more is known to be claimable.
+    Idle,
+    /// Claim again at once, and wake another worker: more is waiting.
+    More,
+    /// Claim again at once, alone: the last claim took nothing, but the
+    /// backlog goes on past what it looked at.
+    LookFurther,
+}
+
+/// How many claims in a row that take nothing a worker makes per wake-up
+/// while the backlog goes on past them.
+const MAX_EMPTY_WINDOWS: u32 = 16;
 
 /// What every worker of a relay is built with: the configuration and the
 /// outbox, and the state the workers share (the broker's state, the wake-up,
@@ -136,6 +157,8 @@ impl Worker {
             refused: HashMap::new(),
             metrics,
             unwritable,
+            continued_keys: Vec::new(),
+            empty_windows: 0,
         }
     }
 
@@ -153,18 +176,20 @@ impl Worker {
                     .await
                     .and_then(|outcome| self.after_commit(outcome))
                 {
-                    Ok(more) => {
+                    Ok(next) => {
                         self.metrics.batch_worked();
                         self.backoff.reset();
-                        if !more {
-                            break;
+                        match next {
+                            Next::Idle => break,
+                            // More is waiting: bring in another worker as well.
+                            Next::More => self.wake.notify_one(),
+                            Next::LookFurther => {}
                         }
-                        // More is waiting: bring in another worker as well.
-                        self.wake.notify_one();
                     }
                     Err(BatchError::Stopping) => return,
                     Err(error) => {
                         self.metrics.batch_failed();
+                        self.continued_keys.clear();
                         let delay = self.backoff.next_delay();
                         if matches!(error, BatchError::Topology(_)) {
                             // Reported once through the broker state.
@@ -185,9 +210,10 @@ impl Worker {
     }
 
     /// Reports what a batch did ([`BatchOutcome::report`]) and reacts to
-    /// it; `Ok(true)` when more rows are known to be waiting.
-    fn after_commit(&mut self, outcome: BatchOutcome) -> Result<bool, BatchError> {
+    /// it, saying what the worker does next.
+    fn after_commit(&mut self, outcome: BatchOutcome) -> Result<Next, BatchError> {
         outcome.report(self.index, &self.metrics);
+        self.continued_keys.clone_from(&outcome.run_keys);
         if let Some((exchange, reason)) = outcome.refused_exchange {
             warn!(%exchange, %reason, "the broker refused an exchange named by rows; those rows fail without being published for a while");
             self.refused.insert(exchange, (reason, Instant::now()));
@@ -206,9 +232,31 @@ impl Worker {
         if outcome.nacked > 0 {
             return Err(BrokerFault::Nacked(outcome.nacked).into());
         }
-        Ok(outcome.claimed >= self.config.relay.batch_size
-            || outcome.deferred > 0
-            || outcome.wrapped)
+        if outcome.claimed > 0 {
+            self.empty_windows = 0;
+        } else if outcome.advanced {
+            // Nothing claimable in what the claim looked at (a deep backlog
+            // of keys whose heads are in flight or parked): look further,
+            // but only so far per wake-up, so such a backlog is walked at a
+            // bounded pace instead of over and over.
+            self.empty_windows += 1;
+            if self.empty_windows >= MAX_EMPTY_WINDOWS {
+                self.empty_windows = 0;
+                return Ok(Next::Idle);
+            }
+            return Ok(Next::LookFurther);
+        }
+        Ok(
+            if outcome.claimed >= self.config.relay.batch_size
+                || outcome.deferred > 0
+                || outcome.wrapped
+                || outcome.advanced
+            {
+                Next::More
+            } else {
+                Next::Idle
+            },
+        )
     }
 
     /// Relays one batch ([`batch::Steps`]) on this worker's channel and
@@ -232,6 +280,7 @@ impl Worker {
             cursor: &self.cursor,
             refused: &self.refused,
             unwritable: &self.unwritable,
+            continued_keys: &self.continued_keys,
         };
         let result = steps.run(client, publisher).await;
         if result.is_err() {

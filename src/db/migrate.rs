@@ -49,9 +49,10 @@ use tracing::{debug, info, warn};
 
 use super::outbox::{
     Column, DATA_INDEX, DATA_TABLE, ENQUEUED_AT_DEFAULT, GENERATED_ID_CHARS, INDEX_COMMENT_MARK,
-    INDEXES, IdKind, IndexSpec, IndexState, LOG_TABLE, MESSAGE_COLUMNS, Outbox, PARKED_INDEX,
-    PENDING_INDEX, PRODUCER_FUNCTION, RELAY_COLUMNS, SUPERSEDED_INDEXES, SchemaError,
-    TRANSFERRED_INDEX, check_types, find, index_state, read_columns,
+    INDEXES, IdKind, IndexSpec, IndexState, LOG_TABLE, MESSAGE_COLUMNS, ORDERING_COLUMN,
+    ORDERING_INDEX, Outbox, PARKED_INDEX, PENDING_INDEX, PRODUCER_FUNCTION, RELAY_COLUMNS,
+    SUPERSEDED_INDEXES, SchemaError, TRANSFERRED_INDEX, check_types, find, index_state,
+    read_columns,
 };
 use super::{quote_ident, quote_literal};
 use crate::backoff::Backoff;
@@ -174,6 +175,7 @@ async fn migrate_locked(
     let columns: Vec<(&str, &str)> = RELAY_COLUMNS
         .into_iter()
         .chain(MESSAGE_COLUMNS.map(|(name, ty, _)| (name, ty)))
+        .chain([(ORDERING_COLUMN.0, ORDERING_COLUMN.1)])
         .collect();
     let add_columns = format!(
         "ALTER TABLE {log} {}",
@@ -221,6 +223,7 @@ async fn migrate_locked(
         }
         report.created_indexes.push(TRANSFERRED_INDEX);
         report.created_indexes.push(PARKED_INDEX);
+        report.created_indexes.push(ORDERING_INDEX);
     } else {
         // ALTER TABLE takes an exclusive lock, even with IF NOT EXISTS: only
         // when a column is really missing. A column with a constant default
@@ -361,6 +364,8 @@ async fn create_tables(
          {};
          {};
          {};
+         {};
+         {};
          {};",
         create_index_sql(schema, &INDEXES[0], false),
         comment_index_sql(schema, &INDEXES[0]),
@@ -368,6 +373,8 @@ async fn create_tables(
         comment_index_sql(schema, &INDEXES[2]),
         create_index_sql(schema, &INDEXES[3], false),
         comment_index_sql(schema, &INDEXES[3]),
+        create_index_sql(schema, &INDEXES[4], false),
+        comment_index_sql(schema, &INDEXES[4]),
     );
     if let Err(e) = client.batch_execute(&ddl).await {
         // An error inside BEGIN leaves the transaction open and aborted.
@@ -609,11 +616,13 @@ async fn drop_index(
 
 /// `schema.push_occurrence(body, id, channel, routing_key, exchange, headers,
 /// content_type, correlation_id, reply_to, message_type, expiration_ms,
-/// priority)`, every argument after the body optional: inserts both rows,
-/// records the channel on the row (routes follow it), sends the NOTIFY in
-/// the caller's transaction, and returns the id (a new UUID when none is
-/// given). The seed-era three-argument version is dropped in the same
-/// transaction, so calls never see two candidates or none.
+/// priority, ordering_key)`, every argument after the body optional: inserts
+/// both rows, records the channel on the row (routes follow it), sends the
+/// NOTIFY in the caller's transaction, and returns the id (a new UUID when
+/// none is given). The versions of earlier releases (the seed-era three
+/// arguments, then twelve) are dropped in the same transaction, so calls
+/// never see two candidates or none; calls that name their arguments work
+/// with every version.
 fn producer_function_sql(outbox: &Outbox, default_channel: &str) -> String {
     let id = &outbox.id_type;
     let body = &outbox.body_type_sql;
@@ -626,6 +635,7 @@ fn producer_function_sql(outbox: &Outbox, default_channel: &str) -> String {
         "BEGIN;
          SET LOCAL client_min_messages = warning; -- no notice when there is nothing to drop
          DROP FUNCTION IF EXISTS {s}.{f}({body}, {id}, text);
+         DROP FUNCTION IF EXISTS {s}.{f}({body}, {id}, text, text, text, jsonb, text, text, text, text, bigint, smallint);
          CREATE OR REPLACE FUNCTION {s}.{f}(
              p_message_body {body},
              p_message_id {id} DEFAULT NULL,
@@ -638,9 +648,10 @@ fn producer_function_sql(outbox: &Outbox, default_channel: &str) -> String {
              p_reply_to text DEFAULT NULL,
              p_message_type text DEFAULT NULL,
              p_expiration_ms bigint DEFAULT NULL,
-             p_priority smallint DEFAULT NULL)
+             p_priority smallint DEFAULT NULL,
+             p_ordering_key text DEFAULT NULL)
          RETURNS {id} LANGUAGE plpgsql AS {tag}{function_body}{tag};
-         COMMENT ON FUNCTION {s}.{f}({body}, {id}, text, text, text, jsonb, text, text, text, text, bigint, smallint) IS
+         COMMENT ON FUNCTION {s}.{f}({body}, {id}, text, text, text, jsonb, text, text, text, text, bigint, smallint, text) IS
              'Writes one outbox event (status row + body row) and notifies the relay; call it inside the business transaction. Arguments after the body are optional; name them, e.g. p_routing_key => ''order.created''.';
          COMMIT;"
     )
@@ -659,6 +670,10 @@ pub const UUIDV7_SQL: &str = "encode(set_bit(set_bit(overlay(uuid_send(gen_rando
      placing substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::int8) FROM 3) \
      FROM 1 FOR 6), 52, 1), 53, 1), 'hex')::uuid";
 
+/// The seed of the hash that names a key's producer lock (any constant:
+/// it keeps the locks apart from hashes of the same text elsewhere).
+const ORDERING_LOCK_SEED: i64 = 0x5075_7368_4f63;
+
 /// The producer helper's PL/pgSQL body, which names the tables (so the
 /// schema, a name chosen by the operator). An id the caller gives is used
 /// as it is (stored with the column's own checks: a value too long for a
@@ -670,9 +685,21 @@ fn producer_function_body(outbox: &Outbox) -> String {
     let data = outbox.table(DATA_TABLE);
     let status_table = format!("{}.{LOG_TABLE}", outbox.schema);
     let columns = "notify_channel, routing_key, exchange, headers, content_type, correlation_id, \
-                   reply_to, message_type, expiration_ms, priority";
+                   reply_to, message_type, expiration_ms, priority, ordering_key";
     let values = "p_channel, p_routing_key, p_exchange, p_headers, p_content_type, p_correlation_id, \
-                  p_reply_to, p_message_type, p_expiration_ms, p_priority";
+                  p_reply_to, p_message_type, p_expiration_ms, p_priority, p_ordering_key";
+    // Serialises the producers of one key from this call to their commit,
+    // so rows of a key commit in the order they were written: a
+    // transaction that wrote first can no longer commit last, after the
+    // relay published a later row. The lock is one 64-bit hash of the
+    // schema and the key: another key shares it only by a hash collision,
+    // which serialises the two keys' producers and orders nothing wrongly.
+    let key_lock = format!(
+        "IF p_ordering_key IS NOT NULL THEN
+                 PERFORM pg_advisory_xact_lock(hashtextextended({} || p_ordering_key, {ORDERING_LOCK_SEED}));
+             END IF;",
+        quote_literal(&format!("{}:", outbox.schema))
+    );
     let insert_with_id =
         format!("INSERT INTO {log} (message_id, {columns}) VALUES (v_id, {values});");
     // The fix goes into the message itself: many clients show no hint.
@@ -713,6 +740,7 @@ fn producer_function_body(outbox: &Outbox) -> String {
          DECLARE
              v_id {id};
          BEGIN
+             {key_lock}
              IF p_message_id IS NOT NULL THEN
                  v_id := p_message_id;
                  {insert_with_id}

@@ -65,7 +65,7 @@ pub const SUPERSEDED_INDEXES: [IndexSpec; 2] = [
     },
 ];
 /// The relay's indexes, as `migrate` makes them.
-pub const INDEXES: [IndexSpec; 4] = [
+pub const INDEXES: [IndexSpec; 5] = [
     IndexSpec {
         name: PENDING_INDEX,
         table: LOG_TABLE,
@@ -89,6 +89,12 @@ pub const INDEXES: [IndexSpec; 4] = [
         table: LOG_TABLE,
         keys: &["relay_parked_at"],
         predicate: Some(PARKED_PREDICATE),
+    },
+    IndexSpec {
+        name: ORDERING_INDEX,
+        table: LOG_TABLE,
+        keys: &["ordering_key", "relay_enqueued_at", "message_id"],
+        predicate: Some(KEYED_PREDICATE),
     },
 ];
 /// How the comment `migrate` puts on each index it makes starts: the mark
@@ -119,6 +125,26 @@ pub const TRANSFERRED_INDEX: &str = "message_queue_log_transfer_time_idx";
 /// and the `parked` listing count and read them without a scan of the
 /// history. No cost to the relay's marks: a transferred row is not in it.
 pub const PARKED_INDEX: &str = "message_queue_log_parked_idx";
+/// Partial index on the keyed rows not yet transferred (parked ones
+/// included: they hold their key), in each key's order: a claim asks it
+/// whether a keyed row is its key's head (no earlier row of the key is left),
+/// and finds the rows that follow a head.
+pub const ORDERING_INDEX: &str = "message_queue_log_ordering_key_idx";
+/// Keyed rows not yet transferred: the predicate of [`ORDERING_INDEX`].
+pub const KEYED_PREDICATE: &str = "ordering_key IS NOT NULL AND transferred IS NOT TRUE";
+/// The column a producer sets to have the rows of one key delivered in
+/// their insert order; NULL (the default) leaves a row unordered. With its
+/// SQL type and the type names accepted in an existing table.
+pub const ORDERING_COLUMN: (&str, &str, &[&str]) = ("ordering_key", "text", TEXT);
+/// How many rows past the cursor a claim looks at for every row it may
+/// take: the rows of a key behind its head are not claimable, so a claim
+/// looks further than its batch, but never through a whole backlog of one
+/// key (the heads it finds there are few, and each costs an index probe).
+pub const CLAIM_WINDOW_FACTOR: i64 = 2;
+/// The most keys a worker's next claim continues from its last batch:
+/// keys whose rows it published in a run, so a key with a deep backlog
+/// goes on at once instead of when a pass of the backlog comes back to it.
+pub const MAX_CONTINUED_KEYS: usize = 16;
 /// Parked rows: given up on, not transferred. The predicate of
 /// [`PARKED_INDEX`] and of the statements that read them.
 pub const PARKED_PREDICATE: &str = "relay_parked_at IS NOT NULL AND transferred IS NOT TRUE";
@@ -397,6 +423,16 @@ pub struct Outbox {
     pub body_type_base: String,
 }
 
+/// What an operator does with parked rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Back into the stream, attempts counted anew (after a fix).
+    Requeue,
+    /// Given up for good: marked transferred without being sent, so the
+    /// rows behind it in its ordering key go on.
+    Discard,
+}
+
 /// How `message_id` values are compared and made, from its type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdKind {
@@ -581,7 +617,7 @@ pub fn check_types(schema: &str, columns: &[Column]) -> Result<(), SchemaError> 
             )));
         }
     }
-    for (name, sql_type, accepted) in MESSAGE_COLUMNS {
+    for (name, sql_type, accepted) in MESSAGE_COLUMNS.into_iter().chain([ORDERING_COLUMN]) {
         if let Some(c) = find(columns, LOG_TABLE, name)
             && !accepted.contains(&c.type_name.as_str())
         {
@@ -641,6 +677,7 @@ impl Outbox {
             .into_iter()
             .chain(RELAY_COLUMNS.map(|(name, _)| name))
             .chain(MESSAGE_COLUMNS.map(|(name, _, _)| name))
+            .chain([ORDERING_COLUMN.0])
         {
             column(LOG_TABLE, name)?;
         }
@@ -816,9 +853,12 @@ impl Outbox {
     /// Locks up to `$1` claimable rows (skipping rows other sessions hold,
     /// parked rows and rows waiting out a retry delay) and returns one row
     /// per data row, in [`CLAIM_ORDER`], decoded by [`ClaimedRow::decode`]:
-    /// `(id text, relay_enqueued_at, has_data bool, size int4, body bytea, `
-    /// then the message columns as [`Outbox::bodies_sql`] returns them`)`. A
-    /// row without a data row comes back once with `has_data = false`.
+    /// `(rows scanned int8, last row scanned: enqueued at, id text; id text,
+    /// relay_enqueued_at, has_data bool, size int4, ordering_key text,
+    /// in_run bool, body bytea, ` then the message columns as
+    /// [`Outbox::bodies_sql`] returns them`, the id in its own type)`. A row
+    /// without a data row comes back once with `has_data = false`; a claim
+    /// that takes nothing returns one row of NULLs after the first three.
     ///
     /// The body comes along only while it fits: at most `$2` bytes, and
     /// within `$3` bytes counted from the first row (whose body always
@@ -829,52 +869,151 @@ impl Outbox {
     /// fetched apart (the planner's `take_bodies`, then
     /// [`Statements::bodies`]).
     ///
-    /// Rows are taken in [`CLAIM_ORDER`] through the partial index, which
-    /// lets the scan stop after `$1` rows; with `after_cursor` only rows
-    /// after the position (`$4` enqueued at, `$5` id) are taken, so claims
-    /// walk the backlog round-robin and no row waits longer than one pass,
-    /// however large the backlog, nor behind rows that commit late.
+    /// Which rows, in three steps:
+    /// * **The window.** The next `$1` × [`CLAIM_WINDOW_FACTOR`] pending
+    ///   rows in [`CLAIM_ORDER`], through the partial index; with
+    ///   `after_cursor` only rows after the position (`$5` enqueued at, `$6`
+    ///   id), so claims walk the backlog round-robin and no row waits longer
+    ///   than one pass, however large the backlog, nor behind rows that
+    ///   commit late. The heads of the keys in `$4` (the keys a worker's last
+    ///   batch published in a run) join the window. Its size and last row
+    ///   come back, and tell the worker where the next claim starts.
+    /// * **Heads.** Of those, up to `$1` rows that are due and unkeyed, or
+    ///   the head of their key: no earlier row of the key (in
+    ///   `(relay_enqueued_at NULLS FIRST, message_id)`) is left untransferred,
+    ///   parked or in another relay's batch alike, in the statement's
+    ///   snapshot. Locked `SKIP LOCKED`.
+    /// * **Runs.** The batch's room left is shared among its keyed heads:
+    ///   each takes the rows of its key that follow it, in order, as long as
+    ///   they are due and not parked, and up to the first one this
+    ///   statement cannot lock (`in_run`). A run is published after its head
+    ///   on the same channel.
     pub fn claim_sql(&self, after_cursor: bool) -> String {
         let cursor = if after_cursor {
             format!(
-                "AND (l.relay_enqueued_at, l.message_id) > ($4::timestamptz, $5::text::{})",
+                "AND (l.relay_enqueued_at, l.message_id) > ($5::timestamptz, $6::text::{})",
                 self.id_type
             )
         } else {
             String::new()
         };
         let order = |t: &str| CLAIM_ORDER.map(|c| format!("{t}.{c}")).join(", ");
+        let due = |t: &str| {
+            format!("({t}.relay_next_attempt_at IS NULL OR {t}.relay_next_attempt_at <= now())")
+        };
+        let claimable = |t: &str| {
+            format!(
+                "{t}.{pending} AND {due}",
+                pending = PENDING_PREDICATE.replace(" AND ", &format!(" AND {t}.")),
+                due = due(t)
+            )
+        };
+        let columns = |t: &str| {
+            ["message_id", "relay_enqueued_at", ORDERING_COLUMN.0]
+                .into_iter()
+                .chain(MESSAGE_COLUMNS.map(|(name, _, _)| name))
+                .map(|c| format!("{t}.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let log = self.table(LOG_TABLE);
+        // An earlier row of l's key, NULL times first: the row comparison
+        // is an index condition, and rows without a time are few.
+        let is_head = format!(
+            "(l.ordering_key IS NULL
+              OR NOT EXISTS (SELECT 1 FROM {log} e
+                              WHERE e.ordering_key = l.ordering_key AND e.transferred IS NOT TRUE
+                                AND (e.relay_enqueued_at, e.message_id) < (l.relay_enqueued_at, l.message_id))
+                 AND NOT EXISTS (SELECT 1 FROM {log} e
+                              WHERE e.ordering_key = l.ordering_key AND e.transferred IS NOT TRUE
+                                AND e.relay_enqueued_at IS NULL
+                                AND (l.relay_enqueued_at IS NOT NULL OR e.message_id < l.message_id)))"
+        );
         format!(
-            "WITH claimed AS MATERIALIZED (
-                 SELECT l.message_id, l.relay_enqueued_at, {message_columns} FROM {log} l
+            "WITH scan AS MATERIALIZED (
+                 SELECT l.ctid AS row_id, l.message_id, l.relay_enqueued_at FROM {log} l
                   WHERE l.{pending} {cursor}
-                    AND (l.relay_next_attempt_at IS NULL OR l.relay_next_attempt_at <= now())
                   ORDER BY {l_order}
+                  LIMIT $1::int8 * {CLAIM_WINDOW_FACTOR}),
+                  continued AS (
+                 SELECT h.row_id, h.message_id, h.relay_enqueued_at
+                   FROM unnest($4::text[]) k(key)
+                  CROSS JOIN LATERAL (
+                        SELECT e.ctid AS row_id, e.message_id, e.relay_enqueued_at FROM {log} e
+                         WHERE e.ordering_key = k.key AND e.transferred IS NOT TRUE
+                         ORDER BY e.relay_enqueued_at, e.message_id LIMIT 1) h),
+                  heads AS MATERIALIZED (
+                 SELECT {l_columns}
+                   FROM (SELECT * FROM scan UNION SELECT * FROM continued) w
+                   JOIN {log} l ON l.ctid = w.row_id
+                  WHERE {l_claimable} AND {is_head}
+                  ORDER BY {w_order}
                   LIMIT $1
-                    FOR UPDATE SKIP LOCKED),
+                    FOR UPDATE OF l SKIP LOCKED),
+                  room AS (
+                 SELECT $1 - count(*) AS rows, greatest(count(ordering_key), 1) AS keys FROM heads),
+                  followers AS MATERIALIZED (
+                 SELECT f.message_id, h.message_id AS head_id, f.ready,
+                        row_number() OVER (PARTITION BY h.message_id ORDER BY f.relay_enqueued_at, f.message_id) AS place
+                   FROM heads h CROSS JOIN room r
+                  CROSS JOIN LATERAL (
+                        SELECT e.message_id, e.relay_enqueued_at,
+                               e.relay_parked_at IS NULL AND {e_due} AS ready
+                          FROM {log} e
+                         WHERE e.ordering_key = h.ordering_key AND e.transferred IS NOT TRUE
+                           AND (e.relay_enqueued_at, e.message_id) > (h.relay_enqueued_at, h.message_id)
+                         ORDER BY e.relay_enqueued_at, e.message_id
+                         LIMIT r.rows / r.keys) f
+                  WHERE h.ordering_key IS NOT NULL AND r.rows > 0),
+                  ready AS (
+                 SELECT f.* FROM followers f
+                  WHERE NOT EXISTS (SELECT 1 FROM followers b
+                                     WHERE b.head_id = f.head_id AND b.place <= f.place AND NOT b.ready)),
+                  locked AS MATERIALIZED (
+                 SELECT {l_columns} FROM {log} l
+                  WHERE l.message_id = ANY (ARRAY(SELECT message_id FROM ready)) AND {l_claimable}
+                    FOR UPDATE OF l SKIP LOCKED),
+                  run AS (
+                 SELECT k.* FROM locked k JOIN ready r ON r.message_id = k.message_id
+                  WHERE NOT EXISTS (SELECT 1 FROM ready b
+                                     WHERE b.head_id = r.head_id AND b.place <= r.place
+                                       AND b.message_id <> ALL (ARRAY(SELECT message_id FROM locked)))),
+                  claimed AS (
+                 SELECT *, false AS in_run FROM heads UNION ALL SELECT *, true FROM run),
                   sized AS (
                  -- OFFSET 0 keeps the body expression evaluated once per row.
                  SELECT c.*, d.message_id IS NOT NULL AS has_data, {body} AS bytes,
                         {BODY_PROBE} AS body_probe
                    FROM claimed c LEFT JOIN {data} d ON d.message_id = c.message_id
-                 OFFSET 0)
-             SELECT s.message_id::text, s.relay_enqueued_at, s.has_data, octet_length(s.bytes),
-                    CASE WHEN octet_length(s.bytes) <= $2::int8
-                          AND (sum(octet_length(s.bytes)) FILTER (WHERE octet_length(s.bytes) <= $2::int8) OVER w <= $3::int8
-                               OR row_number() OVER w = 1)
-                         THEN s.bytes END,
-                    {fields},
-                    s.body_probe
-               FROM sized s
-             WINDOW w AS (ORDER BY {s_order} ROWS UNBOUNDED PRECEDING)
-              ORDER BY {s_order}",
+                 OFFSET 0),
+                  edge AS (
+                 SELECT relay_enqueued_at, message_id FROM scan
+                  ORDER BY relay_enqueued_at DESC NULLS LAST, message_id DESC LIMIT 1)
+             SELECT (SELECT count(*) FROM scan), e.relay_enqueued_at, e.message_id::text, f.*
+               FROM (SELECT) one
+               LEFT JOIN edge e ON true
+               LEFT JOIN (
+                 SELECT s.message_id::text, s.relay_enqueued_at AS claim_at, s.has_data, octet_length(s.bytes),
+                        s.ordering_key::text, s.in_run,
+                        CASE WHEN octet_length(s.bytes) <= $2::int8
+                              AND (sum(octet_length(s.bytes)) FILTER (WHERE octet_length(s.bytes) <= $2::int8) OVER w <= $3::int8
+                                   OR row_number() OVER w = 1)
+                             THEN s.bytes END,
+                        {fields},
+                        s.message_id AS claim_id,
+                        s.body_probe
+                   FROM sized s
+                 WINDOW w AS (ORDER BY {s_order} ROWS UNBOUNDED PRECEDING)) f ON true
+              ORDER BY f.claim_at NULLS FIRST, f.claim_id",
             l_order = order("l"),
+            w_order = order("w"),
             s_order = order("s"),
-            log = self.table(LOG_TABLE),
+            l_columns = columns("l"),
+            l_claimable = claimable("l"),
+            e_due = due("e"),
             data = self.table(DATA_TABLE),
             body = self.body_type.bytes_expr(),
             pending = PENDING_PREDICATE.replace(" AND ", " AND l."),
-            message_columns = MESSAGE_COLUMNS.map(|(name, _, _)| name).join(", "),
             fields = fields_sql("s"),
         )
     }
@@ -953,8 +1092,9 @@ impl Outbox {
         )
     }
 
-    /// For `status`: `(parked rows, transferred in the last minute, in the
-    /// last hour)`, all int8, read through [`PARKED_INDEX`] and
+    /// For `status`: `(parked rows, ordering keys held by a parked row,
+    /// transferred in the last minute, in the last hour)`, all int8, read
+    /// through [`PARKED_INDEX`] and
     /// [`TRANSFERRED_INDEX`]: the cost follows the parked and the recent
     /// rows, never the history.
     ///
@@ -967,6 +1107,7 @@ impl Outbox {
     pub fn history_sql(&self) -> String {
         format!(
             "SELECT (SELECT count(*) FROM {log} WHERE {PARKED_PREDICATE}),
+                    (SELECT count(DISTINCT ordering_key) FROM {log} WHERE {PARKED_PREDICATE}),
                     count(*) FILTER (WHERE {TRANSFER_INSTANT} > now() - interval '1 minute'),
                     count(*) FILTER (WHERE {TRANSFER_INSTANT} > now() - interval '1 hour')
                FROM {log}
@@ -1044,23 +1185,44 @@ impl Outbox {
         )
     }
 
-    /// Lists up to `$1` parked rows: `(id, attempts, parked_at text, reason)`.
+    /// Lists up to `$1` parked rows: `(id, attempts, parked_at text, reason,
+    /// ordering_key, rows of the key behind it int8)`. The rows behind are
+    /// counted through [`ORDERING_INDEX`].
     pub fn parked_sql(&self) -> String {
         format!(
-            "SELECT message_id::text, relay_attempts, relay_parked_at::text, relay_last_error
-               FROM {log} WHERE {PARKED_PREDICATE}
-              ORDER BY relay_parked_at LIMIT $1",
+            "SELECT l.message_id::text, l.relay_attempts, l.relay_parked_at::text, l.relay_last_error,
+                    l.ordering_key::text,
+                    CASE WHEN l.ordering_key IS NOT NULL THEN
+                      (SELECT count(*) FROM {log} e
+                        WHERE e.ordering_key = l.ordering_key AND e.transferred IS NOT TRUE
+                          AND (e.relay_enqueued_at, e.message_id) > (l.relay_enqueued_at, l.message_id))
+                    END
+               FROM {log} l WHERE l.{parked}
+              ORDER BY l.relay_parked_at LIMIT $1",
             log = self.table(LOG_TABLE),
+            parked = PARKED_PREDICATE.replace(" AND ", " AND l."),
         )
     }
 
-    /// Un-parks the parked rows whose ids are in `$1` (every parked row when
-    /// `$2` is true) and returns their ids. The last error stays as history.
-    /// The ids must have gone through [`Outbox::canonical_id`].
-    pub fn requeue_sql(&self) -> String {
+    /// Settles the parked rows whose ids are in `$1` (every parked row when
+    /// `$2` is true) as `settle` says, and returns their ids. The ids must
+    /// have gone through [`Outbox::canonical_id`].
+    pub fn settle_parked_sql(&self, settle: Settle) -> String {
+        let change = match settle {
+            // The last error stays as history.
+            Settle::Requeue => {
+                "relay_parked_at = NULL, relay_attempts = 0, relay_next_attempt_at = NULL"
+            }
+            // Transferred without being sent; relay_parked_at stays set, which
+            // tells a discarded row from a sent one.
+            Settle::Discard => {
+                "transferred = true, transfer_time = now(),
+                 relay_last_error = 'discarded by an operator; ' || coalesce(relay_last_error, '')"
+            }
+        };
         format!(
-            "UPDATE {log} SET relay_parked_at = NULL, relay_attempts = 0, relay_next_attempt_at = NULL
-              WHERE relay_parked_at IS NOT NULL AND transferred IS NOT TRUE
+            "UPDATE {log} SET {change}
+              WHERE {PARKED_PREDICATE}
                 AND ($2 OR {matches})
           RETURNING message_id::text",
             log = self.table(LOG_TABLE),
@@ -1091,7 +1253,7 @@ impl Outbox {
         }
     }
 
-    /// An id as an operator typed it, in the form [`Outbox::requeue_sql`]
+    /// An id as an operator typed it, in the form [`Outbox::settle_parked_sql`]
     /// compares, or why it cannot be an id of this outbox. For a uuid
     /// column, upper case, braces and missing hyphens are the same uuid
     /// (as PostgreSQL reads them), and the result is the canonical form.
@@ -1435,6 +1597,7 @@ impl Statements {
         tx: &Transaction<'_>,
         limits: &ClaimLimits,
         after: Option<&ClaimPosition>,
+        continued_keys: &[String],
     ) -> Result<Claim, tokio_postgres::Error> {
         let rows = i64::try_from(limits.rows).unwrap_or(i64::MAX);
         let max_message = i64::try_from(limits.max_message_bytes).unwrap_or(i64::MAX);
@@ -1442,33 +1605,24 @@ impl Statements {
         let returned = match after {
             None => {
                 self.claim_first
-                    .run(tx, &[&rows, &max_message, &max_batch])
+                    .run(tx, &[&rows, &max_message, &max_batch, &continued_keys])
                     .await?
             }
             Some(after) => {
-                let params: [&(dyn ToSql + Sync); 5] = [
+                let params: [&(dyn ToSql + Sync); 6] = [
                     &rows,
                     &max_message,
                     &max_batch,
+                    &continued_keys,
                     &after.enqueued_at,
                     &after.id,
                 ];
                 self.claim_after.run(tx, &params).await?
             }
         };
-        let (rows, bodies) = returned
-            .iter()
-            .map(ClaimedRow::decode)
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .unzip();
-        Ok(Claim { rows, bodies })
+        Claim::decode(&returned, rows.saturating_mul(CLAIM_WINDOW_FACTOR))
     }
 
-    /// The bodies of `ids`, one per data row (see [`Outbox::bodies_sql`]).
-    ///
-    /// # Errors
-    /// The server's or the connection's error, or a row that does not decode.
     pub async fn bodies(
         &self,
         tx: &Transaction<'_>,
@@ -1572,10 +1726,16 @@ pub struct RecordedFailure {
 /// What one claim returned: one entry per data row, in claim order.
 #[derive(Debug, Default)]
 pub struct Claim {
-    /// The claimed rows, with sizes but no bodies, for the planner.
+    /// The claimed rows, one per data row, in claim order.
     pub rows: Vec<ClaimedRow>,
-    /// The body of each row where the claim brought it along.
+    /// The body each row brought along, where it did.
     pub bodies: Vec<Option<Fetched>>,
+    /// The claim looked at a whole window of pending rows: the backlog
+    /// goes on past it. A claim whose window was not full reached the
+    /// backlog's end.
+    pub window_full: bool,
+    /// The last pending row the claim looked at.
+    pub window_end: Option<ClaimPosition>,
 }
 
 /// One row of the claim query: a claimed id and one of its data rows.
@@ -1589,31 +1749,70 @@ pub struct ClaimedRow {
     pub has_data: bool,
     /// The body's size in bytes; `None` for a NULL body or no data row.
     pub size: Option<i32>,
+    /// The row's `ordering_key`; `None` for an unordered row.
+    pub ordering_key: Option<String>,
+    /// The row follows its key's head in the same claim (not a head itself).
+    pub in_run: bool,
+}
+
+impl Claim {
+    /// Decodes the claim query's rows ([`Outbox::claim_sql`]), whose window
+    /// held at most `window` rows.
+    ///
+    /// # Errors
+    /// A type mismatch, which would mean the claim query changed.
+    pub fn decode(returned: &[Row], window: i64) -> Result<Self, tokio_postgres::Error> {
+        let mut claim = Self::default();
+        if let Some(first) = returned.first() {
+            let scanned: i64 = first.try_get(0)?;
+            claim.window_full = scanned >= window;
+            let end: Option<EnqueuedAt> = first.try_get(1)?;
+            let end_id: Option<String> = first.try_get(2)?;
+            claim.window_end = end
+                .zip(end_id)
+                .map(|(enqueued_at, id)| ClaimPosition { enqueued_at, id });
+        }
+        for row in returned {
+            if let Some((claimed, body)) = ClaimedRow::decode(row)? {
+                claim.rows.push(claimed);
+                claim.bodies.push(body);
+            }
+        }
+        Ok(claim)
+    }
 }
 
 impl ClaimedRow {
     /// Decodes one row of the claim query: the claimed row, and its body
-    /// with the message columns when the claim brought the body along.
+    /// with the message columns when the claim brought the body along;
+    /// `None` for the one row of a claim that took nothing.
     ///
     /// # Errors
     /// A type mismatch, which would mean the claim query changed.
-    pub fn decode(row: &Row) -> Result<(Self, Option<Fetched>), tokio_postgres::Error> {
-        let claimed = Self {
-            id: row.try_get(0)?,
-            enqueued_at: row.try_get(1)?,
-            has_data: row.try_get(2)?,
-            size: row.try_get(3)?,
+    pub fn decode(row: &Row) -> Result<Option<(Self, Option<Fetched>)>, tokio_postgres::Error> {
+        // After the window's size and last row.
+        const FIRST: usize = 3;
+        let Some(id) = row.try_get::<_, Option<String>>(FIRST)? else {
+            return Ok(None);
         };
-        let body: Option<Vec<u8>> = row.try_get(4)?;
+        let claimed = Self {
+            id,
+            enqueued_at: row.try_get(FIRST + 1)?,
+            has_data: row.try_get(FIRST + 2)?,
+            size: row.try_get(FIRST + 3)?,
+            ordering_key: row.try_get(FIRST + 4)?,
+            in_run: row.try_get(FIRST + 5)?,
+        };
+        let body: Option<Vec<u8>> = row.try_get(FIRST + 6)?;
         let fetched = match body {
             Some(body) => Some(Fetched {
                 id: claimed.id.clone(),
                 body,
-                fields: decode_fields(row, 5)?,
+                fields: decode_fields(row, FIRST + 7)?,
             }),
             None => None,
         };
-        Ok((claimed, fetched))
+        Ok(Some((claimed, fetched)))
     }
 }
 
@@ -1638,11 +1837,33 @@ pub struct ClaimPosition {
     pub id: String,
 }
 
+impl ClaimPosition {
+    /// Whether this position comes after `other` in claim order. Ids of
+    /// the same instant compare as text, which for integer ids is not
+    /// their order: the cursor only decides where claims look first, never
+    /// what they may take, so such a rare misjudgement costs a look, not
+    /// correctness.
+    pub fn is_after(&self, other: &Self) -> bool {
+        (self.enqueued_at.micros(), &self.id) > (other.enqueued_at.micros(), &other.id)
+    }
+}
+
 /// A `relay_enqueued_at` value exactly as PostgreSQL sent it, to be sent
 /// back as a claim's cursor: no clock type or text format in between that
 /// could round it, shift its time zone or fail on `infinity`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnqueuedAt(pub(crate) Vec<u8>);
+
+impl EnqueuedAt {
+    /// Microseconds since 2000-01-01 (PostgreSQL's binary `timestamptz`:
+    /// eight big-endian bytes).
+    fn micros(&self) -> i64 {
+        self.0
+            .as_slice()
+            .try_into()
+            .map_or(i64::MIN, i64::from_be_bytes)
+    }
+}
 
 impl<'a> FromSql<'a> for EnqueuedAt {
     fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
@@ -1785,7 +2006,7 @@ mod tests {
         let claim = o.claim_sql(true);
         assert!(
             claim.contains(
-                "(l.relay_enqueued_at, l.message_id) > ($4::timestamptz, $5::text::uuid)"
+                "(l.relay_enqueued_at, l.message_id) > ($5::timestamptz, $6::text::uuid)"
             ),
             "{claim}"
         );
@@ -1793,7 +2014,7 @@ mod tests {
             claim.contains("ORDER BY l.relay_enqueued_at NULLS FIRST, l.message_id"),
             "{claim}"
         );
-        assert!(!o.claim_sql(false).contains("$4"));
+        assert!(!o.claim_sql(false).contains("$5"));
         assert!(
             claim.contains("\"Data\".\"message_queue_log\" l"),
             "{claim}"
@@ -1806,7 +2027,7 @@ mod tests {
             claim.contains("l.transferred IS NOT TRUE AND l.relay_parked_at IS NULL"),
             "{claim}"
         );
-        assert!(claim.contains("FOR UPDATE SKIP LOCKED"), "{claim}");
+        assert!(claim.contains("FOR UPDATE OF l SKIP LOCKED"), "{claim}");
         assert!(o.mark_sql().contains("ANY($1::text[]::uuid[])"));
         assert!(
             o.fail_sql()

@@ -40,6 +40,10 @@ pub struct Message {
     pub body: Vec<u8>,
     /// Exchange, routing key and the row's properties.
     pub destination: Destination,
+    /// The row's ordering key: messages of one key go out in the order
+    /// given, and none goes out again ahead of an earlier one that was not
+    /// confirmed ([`Publisher::isolate`]).
+    pub ordering_key: Option<String>,
 }
 
 /// What became of one published message.
@@ -362,6 +366,10 @@ impl Publisher {
     /// again is the at-least-once duplicate the contract allows for a
     /// channel closed by another message's error.
     ///
+    /// A message whose ordering key has an earlier message in the batch
+    /// that was not confirmed is not published again: it stays unknown
+    /// (pending, uncharged), so it never overtakes that one.
+    ///
     /// Stops, leaving the rest unknown, when the connection fails or a
     /// confirm does not come in time; `report.channel_failure` then says so.
     /// Clears it when every message was settled.
@@ -376,8 +384,23 @@ impl Publisher {
         if !matches!(report.channel_failure, Some(ChannelFailure::Closed(_))) {
             return;
         }
+        // Keys with a message not confirmed: their later messages stay
+        // unpublished, so none overtakes it.
+        let mut stopped_keys: HashSet<&str> = HashSet::new();
         for (i, message) in messages.iter().enumerate() {
+            let key = message.ordering_key.as_deref();
             if !matches!(report.deliveries[i], Delivery::Unknown(_)) {
+                if report.deliveries[i] != Delivery::Confirmed {
+                    stopped_keys.extend(key);
+                }
+                continue;
+            }
+            if let Some(key) = key
+                && stopped_keys.contains(key)
+            {
+                report.deliveries[i] = Delivery::Unknown(format!(
+                    "not published again: an earlier message of ordering key '{key}' was not confirmed"
+                ));
                 continue;
             }
             if !self.is_open()
@@ -413,6 +436,9 @@ impl Publisher {
                     (Some(delivery), _) => delivery,
                     (None, _) => unreachable!("one message in, one delivery out"),
                 };
+            if report.deliveries[i] != Delivery::Confirmed {
+                stopped_keys.extend(key);
+            }
         }
         report.channel_failure = None;
     }

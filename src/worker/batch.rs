@@ -23,14 +23,14 @@ use super::unwritable::Unwritable;
 use crate::amqp::soft_kind;
 use crate::config::RelayConfig;
 use crate::db::outbox::{
-    self, AttemptRule, Claim, ClaimLimits, ClaimPosition, Fetched, RecordedFailure,
-    SERVER_SESSION_SQL, Statements,
+    self, AttemptRule, Claim, ClaimLimits, ClaimPosition, ClaimedRow, Fetched, MAX_CONTINUED_KEYS,
+    RecordedFailure, SERVER_SESSION_SQL, Statements,
 };
 use crate::db::{self, describe};
 use crate::metrics::Metrics;
 use crate::mq::BrokerState;
 use crate::mq::publisher::{BatchReport, ChannelFailure, Delivery, Message, Publisher};
-use crate::planner::{Assembled, Hold, Plan, assemble, plan, take_bodies};
+use crate::planner::{Assembled, Hold, Plan, assemble, hold_behind_keys, plan, take_bodies};
 use crate::routing::Router;
 
 /// The target of the batch's log lines: the worker's (`pushoccurrence::worker`,
@@ -70,6 +70,9 @@ pub(super) struct Steps<'w> {
     pub refused: &'w HashMap<String, (String, Instant)>,
     /// Rows whose failures only this process can count.
     pub unwritable: &'w Unwritable,
+    /// Keys this worker's last batch published in a run: the claim takes
+    /// their heads first (see [`Outbox::claim_sql`](crate::db::outbox::Outbox::claim_sql)).
+    pub continued_keys: &'w [String],
 }
 
 /// What one batch did: counted and logged by [`BatchOutcome::report`], and
@@ -81,8 +84,20 @@ pub(super) struct BatchOutcome {
     /// The claim reached the end of the backlog: the next one starts a new
     /// pass.
     pub wrapped: bool,
+    /// The claim was short but the backlog goes on past what it looked at
+    /// (rows behind their keys' heads, rows others hold): the next claim
+    /// looks further.
+    pub advanced: bool,
+    /// The keys whose rows followed their head in this batch: the next
+    /// claim continues them.
+    pub run_keys: Vec<String>,
     /// Rows held back for the batch's byte budget (not a failure).
     pub deferred: usize,
+    /// Rows held back behind an earlier row of their ordering key that the
+    /// batch did not publish (not a failure).
+    pub behind_key: usize,
+    /// Later messages of a key confirmed while an earlier one was not.
+    pub ordering_breaks: Vec<OrderingBreak>,
     /// Messages handed to the broker.
     pub published: usize,
     /// Messages the broker confirmed.
@@ -159,11 +174,64 @@ pub(super) struct Timings {
     pub committed: Duration,
 }
 
+/// Where a batch's claim went in the backlog, for its outcome.
+struct Pass {
+    claimed: usize,
+    wrapped: bool,
+    advanced: bool,
+    run_keys: Vec<String>,
+}
+
+/// The keys whose rows a claim took in a run behind their head, at most
+/// [`MAX_CONTINUED_KEYS`].
+fn run_keys(rows: &[ClaimedRow]) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::new();
+    for row in rows.iter().filter(|r| r.in_run) {
+        if let Some(key) = &row.ordering_key
+            && !keys.contains(key)
+            && keys.len() < MAX_CONTINUED_KEYS
+        {
+            keys.push(key.clone());
+        }
+    }
+    keys
+}
+
 /// A claim, planned.
 struct Claimed {
     plan: Plan,
     claim: Claim,
     wrapped: bool,
+    advanced: bool,
+}
+
+/// A later message of an ordering key confirmed while an earlier one of
+/// the batch was not: the consumer may see them out of order. Runs of a key
+/// go out together on one channel, so a broker answer that fails one
+/// message and takes the next (a return as unroutable, a nack) can break
+/// the order; it is counted and logged, never hidden.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct OrderingBreak {
+    /// The ordering key.
+    pub key: String,
+    /// The earlier message, not confirmed.
+    pub earlier: String,
+    /// What became of it, in words.
+    pub fate: String,
+    /// The later message, confirmed.
+    pub later: String,
+}
+
+/// A delivery's fate in words, for logs.
+fn describe_delivery(delivery: &Delivery) -> String {
+    match delivery {
+        Delivery::Confirmed => "confirmed".to_owned(),
+        Delivery::Returned { code, text } => format!("returned as unroutable ({code} {text})"),
+        Delivery::Nacked => "nacked by the broker".to_owned(),
+        Delivery::Unknown(reason) => format!("unconfirmed ({reason})"),
+        Delivery::IdTooLong => "not published (id too long)".to_owned(),
+        Delivery::Refused(error) => format!("refused by the broker ({})", error.get_message()),
+    }
 }
 
 /// What the planner's holds and the broker's answers mean for the rows of
@@ -177,6 +245,9 @@ struct Classified {
     /// Messages whose confirm is unknown, with why.
     unsettled: Vec<(String, String)>,
     deferred: usize,
+    /// Rows held behind an earlier row of their key.
+    behind_key: usize,
+    ordering_breaks: Vec<OrderingBreak>,
     published: usize,
     returned: usize,
     nacked: usize,
@@ -221,18 +292,22 @@ impl Steps<'_> {
             plan,
             claim,
             wrapped,
+            advanced,
         } = self.claim(&tx).await?;
         let claimed = plan.claimed;
         if claimed == 0 {
             return Ok(BatchOutcome {
                 wrapped,
+                advanced,
                 ..BatchOutcome::default()
             });
         }
+        let run_keys = run_keys(&claim.rows);
         let fetched = self.read_bodies(&tx, &plan, claim).await?;
         let claimed_at = started.elapsed();
         let mut batch = assemble(plan, fetched, self.router);
         self.screen(publisher, &mut batch).await?;
+        hold_behind_keys(&mut batch);
         let report = self.publish(&tx, publisher, &batch.messages).await;
         let confirmed_at = started.elapsed();
         let mut classified = classify(&batch, &report);
@@ -256,7 +331,12 @@ impl Steps<'_> {
             committed: committed_at,
         };
         Ok(BatchOutcome::committed(
-            (claimed, wrapped),
+            Pass {
+                claimed,
+                wrapped,
+                advanced,
+                run_keys,
+            },
             classified,
             unmarked.len(),
             &recorded,
@@ -277,7 +357,9 @@ impl Steps<'_> {
             max_batch_bytes: relay.max_batch_bytes,
         };
         let mut position = self.cursor.0.lock().await;
-        let claim = self.statements.claim(tx, &limits, position.as_ref());
+        let claim = self
+            .statements
+            .claim(tx, &limits, position.as_ref(), self.continued_keys);
         let claim = match self.transaction_settings {
             // Behind a transaction pooler the session's settings last one
             // transaction: set them with the claim, in the same round trip
@@ -318,18 +400,33 @@ impl Steps<'_> {
             },
         };
         let plan = plan(&claim.rows, relay.max_message_bytes, relay.max_batch_bytes);
-        // A short claim after a cursor reached the end of the backlog: the
-        // next claim starts a new pass from the oldest.
-        let wrapped = position.is_some() && plan.claimed < relay.batch_size;
+        let full = plan.claimed >= relay.batch_size;
+        // A short claim whose window did not fill reached the end of the
+        // backlog: the next claim starts a new pass from the oldest.
+        let wrapped = position.is_some() && !full && !claim.window_full;
+        // A short claim whose window filled looked at rows it could not
+        // take (the rows behind their keys' heads, rows other sessions
+        // hold): the next claim looks past them.
+        let advanced = !full && claim.window_full;
         if wrapped {
             *position = None;
-        } else if plan.cursor.is_some() {
-            position.clone_from(&plan.cursor);
+        } else if full {
+            // Only forward: the heads of continued keys sort before the
+            // cursor, and a claim of those alone must not send the next
+            // claims back over rows already looked at.
+            if let Some(next) = &plan.cursor
+                && position.as_ref().is_none_or(|at| next.is_after(at))
+            {
+                *position = Some(next.clone());
+            }
+        } else if advanced {
+            position.clone_from(&claim.window_end);
         }
         Ok(Claimed {
             plan,
             claim,
             wrapped,
+            advanced,
         })
     }
 
@@ -530,11 +627,16 @@ impl Steps<'_> {
 }
 
 impl BatchOutcome {
-    /// What a committed batch of `claimed` ids (`wrapped` past the end of
-    /// the backlog) did, from its rows as classified, the number of
-    /// confirmed rows left `unmarked`, and the failures as `recorded`.
+    /// What a committed batch did, from where its claim went (`pass`), its
+    /// rows as classified, the number of confirmed rows left `unmarked`, and
+    /// the failures as `recorded`.
     fn committed(
-        (claimed, wrapped): (usize, bool),
+        Pass {
+            claimed,
+            wrapped,
+            advanced,
+            run_keys,
+        }: Pass,
         classified: Classified,
         unmarked: usize,
         recorded: &Recorded,
@@ -546,7 +648,11 @@ impl BatchOutcome {
         Self {
             claimed,
             wrapped,
+            advanced,
+            run_keys,
             deferred: classified.deferred,
+            behind_key: classified.behind_key,
+            ordering_breaks: classified.ordering_breaks,
             published: classified.published,
             confirmed: classified.confirmed.len(),
             marked: classified.confirmed.len() - unmarked,
@@ -585,6 +691,23 @@ impl BatchOutcome {
         metrics.returned.inc_by(self.returned as u64);
         metrics.failed.inc_by(self.failed as u64);
         metrics.parked.inc_by(self.parked as u64);
+        metrics
+            .ordering_breaks
+            .inc_by(self.ordering_breaks.len() as u64);
+        for OrderingBreak {
+            key,
+            earlier,
+            fate,
+            later,
+        } in &self.ordering_breaks
+        {
+            error!(
+                target: LOG_TARGET,
+                ordering_key = %key, message_id = %later, earlier_message_id = %earlier, earlier_fate = %fate,
+                "a message of an ordering key was confirmed while an earlier one of the key was not: \
+                 consumers may see the earlier one after it"
+            );
+        }
 
         for (id, row) in &self.rows {
             match row {
@@ -637,6 +760,7 @@ impl BatchOutcome {
             claimed = self.claimed,
             marked = self.marked,
             failed = self.failed,
+            behind_key = self.behind_key,
             claim_ms = timings.claimed.as_secs_f64() * 1e3,
             publish_confirm_ms = (timings.confirmed - timings.claimed).as_secs_f64() * 1e3,
             mark_ms = (timings.marked - timings.confirmed).as_secs_f64() * 1e3,
@@ -665,12 +789,31 @@ fn classify(batch: &Assembled, report: &BatchReport) -> Classified {
     for (id, hold) in &batch.held {
         match hold {
             Hold::Deferred => out.deferred += 1,
+            Hold::BehindKey { .. } => out.behind_key += 1,
             _ => out.failed.push((id.clone(), hold.reason())),
         }
     }
+    // Per ordering key, the first message not confirmed and what became of it.
+    let mut not_confirmed: HashMap<&str, (&str, &Delivery)> = HashMap::new();
     for (message, delivery) in batch.messages.iter().zip(&report.deliveries) {
         let d = &message.destination;
         let id = || message.id.clone();
+        if let Some(key) = message.ordering_key.as_deref() {
+            match not_confirmed.get(key) {
+                Some((earlier, fate)) if *delivery == Delivery::Confirmed => {
+                    out.ordering_breaks.push(OrderingBreak {
+                        key: key.to_owned(),
+                        earlier: (*earlier).to_owned(),
+                        fate: describe_delivery(fate),
+                        later: message.id.clone(),
+                    });
+                }
+                None if *delivery != Delivery::Confirmed => {
+                    not_confirmed.insert(key, (&message.id, delivery));
+                }
+                _ => {}
+            }
+        }
         if *delivery != Delivery::IdTooLong {
             out.published += 1;
         }
@@ -865,11 +1008,58 @@ mod tests {
             id: id.into(),
             body: b"x".to_vec(),
             destination: router.resolve(&fields).unwrap(),
+            ordering_key: None,
         }
     }
 
     fn refused(kind: AMQPSoftError, words: &str) -> Delivery {
         Delivery::Refused(AMQPError::new(AMQPErrorKind::Soft(kind), words.into()))
+    }
+
+    #[test]
+    fn a_later_message_of_a_key_confirmed_after_an_earlier_one_failed_is_a_counted_break() {
+        let keyed = |id: &str, key: &str, exchange: Option<&str>| Message {
+            ordering_key: Some(key.into()),
+            ..message(id, exchange)
+        };
+        let batch = Assembled {
+            messages: vec![
+                keyed("k1", "K", Some("x")),
+                keyed("j1", "J", None),
+                keyed("k2", "K", None),
+                keyed("j2", "J", None),
+                message("u", None),
+                keyed("k3", "K", None),
+            ],
+            claimed: 6,
+            ..Assembled::default()
+        };
+        let report = BatchReport {
+            deliveries: vec![
+                Delivery::Returned {
+                    code: 312,
+                    text: "NO_ROUTE".into(),
+                },
+                Delivery::Nacked,
+                Delivery::Confirmed,
+                Delivery::Unknown("no confirm within 1s".into()),
+                Delivery::Confirmed,
+                Delivery::Confirmed,
+            ],
+            channel_failure: None,
+        };
+        let c = classify(&batch, &report);
+        let breaks: Vec<(&str, &str, &str)> = c
+            .ordering_breaks
+            .iter()
+            .map(|b| (b.key.as_str(), b.earlier.as_str(), b.later.as_str()))
+            .collect();
+        // J's later message was not confirmed either: no break.
+        assert_eq!(breaks, [("K", "k1", "k2"), ("K", "k1", "k3")]);
+        assert_eq!(
+            c.ordering_breaks[0].fate,
+            "returned as unroutable (312 NO_ROUTE)"
+        );
     }
 
     #[test]
@@ -893,6 +1083,7 @@ mod tests {
                 ("empty".into(), Hold::NullBody),
             ],
             claimed: 9,
+            keyed: Vec::new(),
         };
         let report = BatchReport {
             deliveries: vec![

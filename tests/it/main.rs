@@ -12,6 +12,7 @@ mod failover; // a private primary and its streaming standby: the primary dies, 
 mod faults; // broker, database and process faults injected for real; nothing lost
 mod migrate; // schema creation on fresh and existing seed databases
 mod ops; // the admin endpoint: metrics against what was sent, health, readiness
+mod ordering; // per-key order of first deliveries: relays, producers, held keys, counted breaks
 mod pooler; // PgBouncer in session and transaction mode, a listener that proves it hears
 mod proxy; // in-test TCP proxy: cut, stall or refuse the relay's connections
 mod relay; // delivery: exactly once, bodies byte-exact, sweeps, two relays, SIGTERM

@@ -16,12 +16,12 @@ async fn migrate_creates_the_seed_schema_and_is_idempotent() {
     let env = TestEnv::new("migrate").await;
     let first = env.migrate().await;
     assert!(
-        first.contains("tables created, indexes created: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx, message_queue_log_transfer_time_idx, message_queue_log_parked_idx, message_id uuid"),
+        first.contains("tables created, indexes created: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx, message_queue_log_transfer_time_idx, message_queue_log_parked_idx, message_queue_log_ordering_key_idx, message_id uuid"),
         "{first}"
     );
     let again = env.migrate().await;
     assert!(
-        again.contains("tables already present, indexes created: none, already present: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx, message_queue_log_transfer_time_idx, message_queue_log_parked_idx, message_id uuid"),
+        again.contains("tables already present, indexes created: none, already present: message_queue_log_pending_enqueued_idx, message_queue_log_data_message_id_idx, message_queue_log_transfer_time_idx, message_queue_log_parked_idx, message_queue_log_ordering_key_idx, message_id uuid"),
         "{again}"
     );
     // The indexes are marked as the relay's in the creating transaction.
@@ -35,11 +35,12 @@ async fn migrate_creates_the_seed_schema_and_is_idempotent() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(comments, 4);
+    assert_eq!(comments, 5);
     assert_eq!(
         index_names(&env).await,
         [
             "message_queue_log_data_message_id_idx",
+            "message_queue_log_ordering_key_idx",
             "message_queue_log_parked_idx",
             "message_queue_log_pending_enqueued_idx",
             "message_queue_log_pkey",
@@ -125,14 +126,14 @@ async fn the_claim_query_uses_the_partial_index_not_a_scan_of_history() {
     // settings make the sessions run.
     env.pg
         .batch_execute(&format!(
-            "PREPARE claim(int8, int8, int8, timestamptz, text) AS {}",
+            "PREPARE claim(int8, int8, int8, text[], timestamptz, text) AS {}",
             outbox.claim_sql(true)
         ))
         .await
         .unwrap();
     let plan = env
         .texts(
-            "EXPLAIN EXECUTE claim(100, 1000000, 16000000, '-infinity', '00000000-0000-0000-0000-000000000000')",
+            "EXPLAIN EXECUTE claim(100, 1000000, 16000000, '{}', '-infinity', '00000000-0000-0000-0000-000000000000')",
             &[],
         )
         .await
@@ -216,13 +217,14 @@ async fn claims_take_the_oldest_rows_first_and_an_earlier_pending_index_is_repla
     as_the_release_before_claim_order_left_it(&env).await;
     let stdout = env.migrate().await;
     assert!(
-        stdout.contains("indexes created: message_queue_log_pending_enqueued_idx, already present: message_queue_log_data_message_id_idx, message_queue_log_transfer_time_idx, message_queue_log_parked_idx, dropped (superseded): message_queue_log_pending_idx"),
+        stdout.contains("indexes created: message_queue_log_pending_enqueued_idx, already present: message_queue_log_data_message_id_idx, message_queue_log_transfer_time_idx, message_queue_log_parked_idx, message_queue_log_ordering_key_idx, dropped (superseded): message_queue_log_pending_idx"),
         "{stdout}"
     );
     assert_eq!(
         index_names(&env).await,
         [
             "message_queue_log_data_message_id_idx",
+            "message_queue_log_ordering_key_idx",
             "message_queue_log_parked_idx",
             "message_queue_log_pending_enqueued_idx",
             "message_queue_log_pkey",
@@ -253,12 +255,18 @@ async fn claims_take_the_oldest_rows_first_and_an_earlier_pending_index_is_repla
     let first = env.pg.prepare(&outbox.claim_sql(false)).await.unwrap();
     let after = env.pg.prepare(&outbox.claim_sql(true)).await.unwrap();
     let (limit, max) = (2_i64, 1_000_000_i64);
+    let no_keys: Vec<String> = Vec::new();
     let claimed = |rows: Vec<tokio_postgres::Row>| -> Vec<ClaimedRow> {
         rows.iter()
-            .map(|r| ClaimedRow::decode(r).unwrap().0)
+            .filter_map(|r| ClaimedRow::decode(r).unwrap().map(|(row, _)| row))
             .collect()
     };
-    let batch = claimed(env.pg.query(&first, &[&limit, &max, &max]).await.unwrap());
+    let batch = claimed(
+        env.pg
+            .query(&first, &[&limit, &max, &max, &no_keys])
+            .await
+            .unwrap(),
+    );
     let taken: Vec<&str> = batch.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(taken, ids[..2]);
     // The cursor resumes after the last row taken.
@@ -266,7 +274,7 @@ async fn claims_take_the_oldest_rows_first_and_an_earlier_pending_index_is_repla
     let cursor = last.enqueued_at.as_ref().unwrap();
     let batch = claimed(
         env.pg
-            .query(&after, &[&limit, &max, &max, cursor, &last.id])
+            .query(&after, &[&limit, &max, &max, &no_keys, cursor, &last.id])
             .await
             .unwrap(),
     );
@@ -281,7 +289,12 @@ async fn claims_take_the_oldest_rows_first_and_an_earlier_pending_index_is_repla
         ))
         .await
         .unwrap();
-    let batch = claimed(env.pg.query(&first, &[&limit, &max, &max]).await.unwrap());
+    let batch = claimed(
+        env.pg
+            .query(&first, &[&limit, &max, &max, &no_keys])
+            .await
+            .unwrap(),
+    );
     assert_eq!(
         (batch[0].id.as_str(), batch[0].enqueued_at.is_none()),
         (unstamped, true)
@@ -469,6 +482,7 @@ async fn three_migrate_commands_at_once_all_succeed() {
             index_names(&env).await,
             [
                 "message_queue_log_data_message_id_idx",
+                "message_queue_log_ordering_key_idx",
                 "message_queue_log_parked_idx",
                 "message_queue_log_pending_enqueued_idx",
                 "message_queue_log_pkey",
@@ -594,6 +608,7 @@ async fn indexes_are_checked_by_definition_and_a_users_own_index_is_never_droppe
     assert_eq!(
         index_names(&env).await,
         [
+            "message_queue_log_ordering_key_idx",
             "message_queue_log_parked_idx",
             "message_queue_log_pending_enqueued_idx",
             "message_queue_log_pending_idx",
@@ -639,6 +654,7 @@ async fn indexes_are_checked_by_definition_and_a_users_own_index_is_never_droppe
         index_names(&env).await,
         [
             "message_queue_log_data_message_id_idx",
+            "message_queue_log_ordering_key_idx",
             "message_queue_log_parked_idx",
             "message_queue_log_pending_enqueued_idx",
             "message_queue_log_pending_idx",
@@ -707,6 +723,7 @@ async fn column_types_the_relay_cannot_use_are_refused_naming_the_column() {
                 "DROP INDEX \"{s}\".message_queue_log_pending_enqueued_idx;
                  DROP INDEX \"{s}\".message_queue_log_transfer_time_idx;
                  DROP INDEX \"{s}\".message_queue_log_parked_idx;
+                 DROP INDEX \"{s}\".message_queue_log_ordering_key_idx;
                  ALTER TABLE \"{s}\".message_queue_log {alter}",
                 s = env.name
             ))
@@ -948,6 +965,7 @@ async fn migrate_behind_an_open_transaction(env: &TestEnv) {
         index_names(env).await,
         [
             "message_queue_log_data_message_id_idx",
+            "message_queue_log_ordering_key_idx",
             "message_queue_log_parked_idx",
             "message_queue_log_pending_enqueued_idx",
             "message_queue_log_pkey",
@@ -1012,6 +1030,7 @@ async fn an_index_build_names_the_transactions_it_waits_for() {
         index_names(&env).await,
         [
             "message_queue_log_data_message_id_idx",
+            "message_queue_log_ordering_key_idx",
             "message_queue_log_parked_idx",
             "message_queue_log_pending_enqueued_idx",
             "message_queue_log_pkey",

@@ -355,6 +355,45 @@ impl TestEnv {
             .get(0)
     }
 
+    /// Each ordering key's rows in the order the relay promises to deliver
+    /// them: `(relay_enqueued_at NULLS FIRST, message_id)`.
+    pub async fn key_orders(&self) -> HashMap<String, Vec<String>> {
+        let rows = self
+            .pg
+            .query(
+                &format!(
+                    "SELECT ordering_key, message_id::text FROM \"{}\".message_queue_log
+                      WHERE ordering_key IS NOT NULL
+                      ORDER BY ordering_key, relay_enqueued_at NULLS FIRST, message_id",
+                    self.name
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        let mut orders: HashMap<String, Vec<String>> = HashMap::new();
+        for row in rows {
+            orders.entry(row.get(0)).or_default().push(row.get(1));
+        }
+        orders
+    }
+
+    /// Writes one event of `key` through the producer helper, with body
+    /// `body`, on the client given (inside its transaction, if any).
+    pub async fn push_keyed(&self, client: &Client, key: Option<&str>, body: &str) -> String {
+        client
+            .query_one(
+                &format!(
+                    "SELECT \"{}\".push_occurrence(convert_to($1::text, 'UTF8'), p_ordering_key => $2::text)::text",
+                    self.name
+                ),
+                &[&body, &key],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     /// Declares the test queue as the relay will and starts a consumer on it.
     pub async fn consumer(&self) -> Consumer {
         Consumer::start(&amqp_url(), &self.name).await
@@ -651,6 +690,86 @@ pub fn report_chaos(run: &str, setup: &str, t: &Tally) {
         t.sent, t.received, t.duplicates, t.lost, t.unexpected
     );
     assert_eq!((t.lost, t.unexpected), (0, 0), "{t:?}");
+}
+
+/// What a per-key order check found, in the manner of Jepsen's queue
+/// checker: for each ordering key, the first deliveries must follow the
+/// rows' order; repeats are allowed (at-least-once) and counted.
+#[derive(Debug, Default)]
+pub struct OrderTally {
+    pub keys: usize,
+    pub keyed_rows: usize,
+    pub first_deliveries: usize,
+    pub duplicates: usize,
+    pub lost: usize,
+    /// Each first delivery of a row that came after a later row of its key.
+    pub out_of_order: Vec<String>,
+}
+
+/// Checks the consumer's deliveries, in arrival order, against each key's
+/// row order (`orders`, from [`TestEnv::key_orders`]).
+pub fn check_key_order(consumer: &Consumer, orders: &HashMap<String, Vec<String>>) -> OrderTally {
+    let place: HashMap<&str, (&str, usize)> = orders
+        .iter()
+        .flat_map(|(key, ids)| {
+            ids.iter()
+                .enumerate()
+                .map(move |(i, id)| (id.as_str(), (key.as_str(), i)))
+        })
+        .collect();
+    let mut tally = OrderTally {
+        keys: orders.len(),
+        keyed_rows: place.len(),
+        ..OrderTally::default()
+    };
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut latest: HashMap<&str, usize> = HashMap::new();
+    for r in consumer.received.lock().unwrap().iter() {
+        let Some(&(key, i)) = place.get(r.id.as_str()) else {
+            continue;
+        };
+        if !seen.insert(r.id.clone()) {
+            tally.duplicates += 1;
+            continue;
+        }
+        tally.first_deliveries += 1;
+        match latest.get(key) {
+            Some(&later) if later > i => tally.out_of_order.push(format!(
+                "key {key}: row #{i} ({}) first arrived after row #{later} ({})",
+                r.id, orders[key][later]
+            )),
+            _ => {
+                latest.insert(key, i);
+            }
+        }
+    }
+    tally.lost = place.keys().filter(|id| !seen.contains(**id)).count();
+    tally
+}
+
+/// Asserts every keyed row arrived and every key's first deliveries were
+/// in order; returns the tally.
+pub fn assert_keys_in_order(
+    consumer: &Consumer,
+    orders: &HashMap<String, Vec<String>>,
+) -> OrderTally {
+    let t = check_key_order(consumer, orders);
+    eprintln!(
+        "keys {} / keyed rows {} / first deliveries {} / duplicates {} / lost {} / out of order {}",
+        t.keys,
+        t.keyed_rows,
+        t.first_deliveries,
+        t.duplicates,
+        t.lost,
+        t.out_of_order.len()
+    );
+    assert!(
+        t.lost == 0 && t.out_of_order.is_empty(),
+        "lost {}, out of order: {:?}",
+        t.lost,
+        &t.out_of_order[..t.out_of_order.len().min(10)]
+    );
+    t
 }
 
 /// Asserts nothing was lost or invented, and at most `max_duplicates` repeats.

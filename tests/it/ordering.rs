@@ -1,0 +1,284 @@
+//! Per-key ordering: rows with an `ordering_key` reach the consumer in
+//! their insert order (first deliveries), with several relays and
+//! concurrent producers; a row that cannot go holds back its key only, until
+//! an operator requeues or discards it; what the broker can still break
+//! (an earlier row returned after a later one was confirmed) is counted.
+
+use std::time::Duration;
+
+use crate::support::{TestEnv, assert_keys_in_order, pg, wait_until};
+
+/// Producers write rows of a few keys per transaction (in key order, as
+/// the README asks of writers of several keys), one hot key among them,
+/// while three relays with small batches share the work.
+#[tokio::test]
+async fn three_relays_and_concurrent_producers_keep_every_key_in_order() {
+    let mut env = TestEnv::new("order3").await;
+    env.config["relay"]["batch_size"] = 20.into();
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let relays = env.relays_at_once(3).await;
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let schema = env.name.clone();
+            tokio::spawn(async move {
+                let mut client = pg().await;
+                let mut ids = Vec::new();
+                for t in 0..40 {
+                    // The hot key, one of 30 others, and an unkeyed row,
+                    // locked in key order.
+                    let mut keys = vec![
+                        Some("hot".to_owned()),
+                        Some(format!("k{:02}", fastrand::u32(0..30))),
+                        None,
+                    ];
+                    keys.sort();
+                    let tx = client.transaction().await.unwrap();
+                    for key in &keys {
+                        for i in 0..3 {
+                            let id: String = tx
+                                .query_one(
+                                    &format!(
+                                        "SELECT \"{schema}\".push_occurrence(convert_to($1::text, 'UTF8'), p_ordering_key => $2::text)::text"
+                                    ),
+                                    &[&format!("p{p} t{t} {key:?} {i}"), key],
+                                )
+                                .await
+                                .unwrap()
+                                .get(0);
+                            ids.push(id);
+                        }
+                    }
+                    tx.commit().await.unwrap();
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for producer in producers {
+        ids.extend(producer.await.unwrap());
+    }
+    consumer.wait_for_all(&ids).await;
+    env.wait_all_transferred().await;
+    let orders = env.key_orders().await;
+    assert_eq!(orders["hot"].len(), 4 * 40 * 3);
+    let tally = assert_keys_in_order(&consumer, &orders);
+    assert_eq!(tally.keyed_rows, 4 * 40 * 3 * 2);
+    for relay in relays {
+        assert_eq!(relay.failed_batches().await, 0.0);
+        relay.terminate().await;
+    }
+    env.cleanup().await;
+}
+
+/// Transactions on one key that stay open a while after writing: without
+/// the producer helper's key lock, one that wrote first could commit last,
+/// after the relay sent a later row of the key.
+#[tokio::test]
+async fn producers_holding_their_transactions_open_on_one_key_still_deliver_in_order() {
+    let env = TestEnv::new("orderopen").await;
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let producers: Vec<_> = (0..6)
+        .map(|p| {
+            let schema = env.name.clone();
+            tokio::spawn(async move {
+                let mut client = pg().await;
+                let mut ids = Vec::new();
+                for t in 0..15 {
+                    let tx = client.transaction().await.unwrap();
+                    let id: String = tx
+                        .query_one(
+                            &format!(
+                                "SELECT \"{schema}\".push_occurrence(convert_to($1::text, 'UTF8'), p_ordering_key => 'one')::text"
+                            ),
+                            &[&format!("p{p} t{t}")],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(0..15))).await;
+                    tx.commit().await.unwrap();
+                    ids.push(id);
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for producer in producers {
+        ids.extend(producer.await.unwrap());
+    }
+    consumer.wait_for_all(&ids).await;
+    let orders = env.key_orders().await;
+    assert_eq!(orders["one"].len(), 6 * 15);
+    assert_keys_in_order(&consumer, &orders);
+    relay.terminate().await;
+    env.cleanup().await;
+}
+
+/// Inserts a status row of `key` without a data row: bad input the relay
+/// retries, then parks.
+async fn insert_bodiless(env: &TestEnv, id: &str, key: &str) {
+    env.pg
+        .execute(
+            &format!(
+                "INSERT INTO \"{}\".message_queue_log (message_id, ordering_key) VALUES ('{id}', $1)",
+                env.name
+            ),
+            &[&key],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_parked_row_holds_back_its_key_and_only_its_key_until_it_is_requeued() {
+    let mut env = TestEnv::new("orderheld").await;
+    env.config["relay"]["max_attempts"] = 2.into();
+    env.config["relay"]["attempt_delay_ms"] = 50.into();
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let a1 = crate::support::uuid(1);
+    insert_bodiless(&env, &a1, "A").await;
+    let b1 = env.push_keyed(&env.pg, Some("B"), "b1").await;
+    let a2 = env.push_keyed(&env.pg, Some("A"), "a2").await;
+    let u1 = env.push_keyed(&env.pg, None, "u1").await;
+    let b2 = env.push_keyed(&env.pg, Some("B"), "b2").await;
+    let a3 = env.push_keyed(&env.pg, Some("A"), "a3").await;
+    let relay = env.relay().await;
+    consumer
+        .wait_for_all(&[b1.clone(), b2.clone(), u1.clone()])
+        .await;
+    wait_until("a1 is parked", || async { env.row_state(&a1).await.2 }).await;
+    // A row written after the parking goes: the relay claimed again, and
+    // a2 and a3 are still held.
+    let u2 = env.push_keyed(&env.pg, None, "u2").await;
+    consumer.wait_for_all(std::slice::from_ref(&u2)).await;
+    let received = consumer.ids();
+    assert!(
+        !received.contains(&a2) && !received.contains(&a3),
+        "{received:?}"
+    );
+    assert_eq!(env.pending().await, 3, "a1, a2 and a3");
+
+    let (code, status) = env.command(&["status"]).await;
+    assert_eq!(code, Some(0), "{status}");
+    assert!(
+        status.contains("held ordering keys        1 (a parked row holds back the rest of its key"),
+        "{status}"
+    );
+    let (code, parked) = env.command(&["parked"]).await;
+    assert_eq!(code, Some(0), "{parked}");
+    assert!(
+        parked.contains(&format!("{a1}\tattempts=2\tparked_at=")),
+        "{parked}"
+    );
+    assert!(
+        parked.contains("\tordering_key=A\tholds_back=2\treason=no data row"),
+        "{parked}"
+    );
+
+    // Fixed and requeued: the key goes on, in order.
+    env.pg
+        .execute(
+            &format!(
+                "INSERT INTO \"{}\".message_queue_log_data VALUES ('{a1}', 'a1')",
+                env.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (code, out) = env.command(&["requeue", &a1]).await;
+    assert_eq!(code, Some(0), "{out}");
+    consumer
+        .wait_for_all(&[a1.clone(), a2.clone(), a3.clone()])
+        .await;
+    assert_keys_in_order(&consumer, &env.key_orders().await);
+    let (_, status) = env.command(&["status"]).await;
+    assert!(status.contains("held ordering keys        0\n"), "{status}");
+    relay.terminate().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_discarded_row_lets_its_key_go_on_and_stays_marked_as_never_sent() {
+    let mut env = TestEnv::new("orderdiscard").await;
+    env.config["relay"]["max_attempts"] = 1.into();
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let c1 = crate::support::uuid(1);
+    insert_bodiless(&env, &c1, "C").await;
+    let c2 = env.push_keyed(&env.pg, Some("C"), "c2").await;
+    let relay = env.relay().await;
+    wait_until("c1 is parked", || async { env.row_state(&c1).await.2 }).await;
+    let (code, out) = env.command(&["discard", &c2]).await;
+    assert_eq!(code, Some(1), "a pending row is not discarded: {out}");
+    assert!(
+        out.contains("not parked (still pending; the relay sends it), left alone"),
+        "{out}"
+    );
+    let (code, out) = env.command(&["discard", &c1]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("discarded 1 row(s)"), "{out}");
+    consumer.wait_for_all(std::slice::from_ref(&c2)).await;
+    assert!(!consumer.ids().contains(&c1));
+    let (_, error, parked_at_kept, transferred) = env.row_state(&c1).await;
+    assert!(transferred && parked_at_kept, "transferred, never sent");
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("discarded by an operator; no data row")),
+        "{error:?}"
+    );
+    let (_, parked) = env.command(&["parked"]).await;
+    assert!(parked.contains("no parked rows"), "{parked}");
+    relay.terminate().await;
+    env.cleanup().await;
+}
+
+/// Rows of a key go out together; when the broker returns an earlier one as
+/// unroutable and confirms a later one, the consumer sees the later one
+/// first. That cannot be undone, so it is counted and logged.
+#[tokio::test]
+async fn a_later_row_confirmed_after_an_earlier_one_came_back_unroutable_is_counted() {
+    let env = TestEnv::new("orderbreak").await;
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let s = &env.name;
+    let first: String = env
+        .pg
+        .query_one(
+            &format!(
+                "SELECT \"{s}\".push_occurrence('\\x01', p_exchange => 'amq.direct',
+                        p_routing_key => 'nowhere-{s}', p_ordering_key => 'K')::text"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let second = env.push_keyed(&env.pg, Some("K"), "second").await;
+    let relay = env.relay().await;
+    consumer.wait_for_all(std::slice::from_ref(&second)).await;
+    wait_until("the break is counted", || async {
+        relay
+            .metric("pushoccurrence_ordering_breaks_total")
+            .await
+            .unwrap_or(0.0)
+            == 1.0
+    })
+    .await;
+    let log = relay.log_text();
+    assert!(
+        log.contains("consumers may see the earlier one after it")
+            && log.contains(&first)
+            && log.contains("returned as unroutable"),
+        "{log}"
+    );
+    relay.terminate().await;
+    env.cleanup().await;
+}
