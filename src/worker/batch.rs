@@ -1,6 +1,7 @@
 //! One batch as named steps, in one claim transaction: [`Steps::claim`]
 //! (and plan, and move the shared cursor), [`Steps::read_bodies`], assemble
-//! (the planner), [`Steps::screen`], [`Steps::publish`], [`classify`],
+//! (the planner), [`Steps::screen`], hold the rest of a key behind a row not
+//! published (the planner), [`Steps::publish`], [`classify`],
 //! [`Steps::mark`], [`Steps::record_failures`], commit. What the batch did
 //! comes out as a [`BatchOutcome`], which is counted and logged in one
 //! place ([`BatchOutcome::report`]) and tells the worker what to react to.
