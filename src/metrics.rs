@@ -225,7 +225,7 @@ impl Metrics {
         let claimable_rows = Gauge::<f64, AtomicU64>::default();
         r.register(
             "claimable_rows",
-            "Pending rows whose next attempt is due (sampled; NaN when unknown)",
+            "Pending rows a claim may take now: unkeyed rows whose next attempt is due, and one per ordering key whose next row is due (sampled; NaN when unknown)",
             claimable_rows.clone(),
         );
         let oldest_pending_seconds = Gauge::<f64, AtomicU64>::default();

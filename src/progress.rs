@@ -15,7 +15,8 @@
 //! NaN.
 //!
 //! An idle relay (nothing claimable) is not stalled, however long since its
-//! last commit; nor are rows waiting out a retry delay or parked. Since a
+//! last commit; nor are rows waiting out a retry delay, parked, or held
+//! behind a parked row of their ordering key. Since a
 //! batch that finds nothing to claim also counts as one that worked, a
 //! relay whose claims work stays ready until the sample shows rows it leaves
 //! waiting. The claimable count is sampled (every few seconds), so a stall

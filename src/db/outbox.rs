@@ -1081,14 +1081,25 @@ impl Outbox {
 
     /// The backlog: `(pending rows int8, age of the oldest in seconds float8,
     /// claimable rows int8)`, parked rows excluded, through the partial
-    /// index. Claimable rows are those a claim may take now: their next
-    /// attempt is due (the claim's own condition).
+    /// indexes. Claimable rows are those a claim may take now: unkeyed rows
+    /// whose next attempt is due (the claim's own condition), and one per
+    /// ordering key whose first untransferred row is due and not parked
+    /// (rows behind it wait for it, and a run may take them with it; read in
+    /// [`ORDERING_INDEX`]'s order, which puts a key's rows without a time
+    /// last, not first as claims do).
     pub fn backlog_sql(&self) -> String {
         format!(
             "SELECT count(*), coalesce(extract(epoch FROM now() - min(relay_enqueued_at)), 0)::float8,
-                    count(*) FILTER (WHERE relay_next_attempt_at IS NULL OR relay_next_attempt_at <= now())
+                    count(*) FILTER (WHERE ordering_key IS NULL AND {due})
+                    + (SELECT count(*) FROM (
+                         SELECT DISTINCT ON (ordering_key) relay_parked_at, relay_next_attempt_at
+                           FROM {log} WHERE {KEYED_PREDICATE}
+                          ORDER BY ordering_key, relay_enqueued_at, message_id) h
+                        WHERE h.relay_parked_at IS NULL AND {h_due})
                FROM {log} WHERE {PENDING_PREDICATE}",
             log = self.table(LOG_TABLE),
+            due = "(relay_next_attempt_at IS NULL OR relay_next_attempt_at <= now())",
+            h_due = "(h.relay_next_attempt_at IS NULL OR h.relay_next_attempt_at <= now())",
         )
     }
 

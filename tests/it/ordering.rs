@@ -282,3 +282,51 @@ async fn a_later_row_confirmed_after_an_earlier_one_came_back_unroutable_is_coun
     relay.terminate().await;
     env.cleanup().await;
 }
+
+/// Rows held behind a parked row of their key cannot be claimed: they are
+/// not claimable in the backlog sample, and a relay left with only them is
+/// idle, not stalled.
+#[tokio::test]
+async fn rows_held_behind_a_parked_row_of_their_key_leave_the_relay_ready() {
+    let mut env = TestEnv::new("orderready").await;
+    env.config["admin"]["stall_after_sec"] = 1.into();
+    env.config["relay"]["max_attempts"] = 1.into();
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let admin = relay.admin().await;
+    let head = crate::support::uuid(1);
+    insert_bodiless(&env, &head, "H").await;
+    let behind = [
+        env.push_keyed(&env.pg, Some("H"), "h2").await,
+        env.push_keyed(&env.pg, Some("H"), "h3").await,
+    ];
+    let other = env.push_keyed(&env.pg, Some("O"), "o1").await;
+    consumer.wait_for_all(std::slice::from_ref(&other)).await;
+    wait_until("the head is parked", || async {
+        env.row_state(&head).await.2
+    })
+    .await;
+    let answers = std::cell::RefCell::new(Vec::new());
+    // The oldest held row's age, as the relay samples it, is the clock:
+    // three stall times after the parking.
+    wait_until("the held rows have waited three stall times", || async {
+        let answer = crate::support::http_get(&admin, "/readyz").await;
+        answers.borrow_mut().push(answer);
+        let text = crate::support::http_get(&admin, "/metrics").await.1;
+        let metric = |name| crate::support::metric(&text, name);
+        metric("pushoccurrence_pending_rows") == Some(2.0)
+            && metric("pushoccurrence_claimable_rows") == Some(0.0)
+            && metric("pushoccurrence_oldest_pending_age_seconds").is_some_and(|age| age >= 3.0)
+    })
+    .await;
+    let mut answers = answers.into_inner();
+    answers.push(crate::support::http_get(&admin, "/readyz").await);
+    assert!(
+        answers.iter().all(|a| *a == (200, "ready\n".to_owned())),
+        "{answers:?}"
+    );
+    assert!(behind.iter().all(|id| !consumer.ids().contains(id)));
+    relay.terminate().await;
+    env.cleanup().await;
+}
