@@ -852,13 +852,14 @@ impl Outbox {
 
     /// Locks up to `$1` claimable rows (skipping rows other sessions hold,
     /// parked rows and rows waiting out a retry delay) and returns one row
-    /// per data row, in [`CLAIM_ORDER`], decoded by [`ClaimedRow::decode`]:
-    /// `(rows scanned int8, last row scanned: enqueued at, id text; id text,
+    /// per data row, in [`CLAIM_ORDER`], decoded by [`Claim::decode`]:
+    /// `(the window's last row: enqueued at, id text; id text,
     /// relay_enqueued_at, has_data bool, size int4, ordering_key text,
     /// in_run bool, body bytea, ` then the message columns as
-    /// [`Outbox::bodies_sql`] returns them`, the id in its own type)`. A row
-    /// without a data row comes back once with `has_data = false`; a claim
-    /// that takes nothing returns one row of NULLs after the first three.
+    /// [`Outbox::bodies_sql`] returns them`, the id in its own type, the
+    /// body probe)`. A row without a data row comes back once with
+    /// `has_data = false`; a claim that takes nothing returns one row of
+    /// NULLs after the first two.
     ///
     /// The body comes along only while it fits: at most `$2` bytes, and
     /// within `$3` bytes counted from the first row (whose body always
@@ -870,14 +871,16 @@ impl Outbox {
     /// [`Statements::bodies`]).
     ///
     /// Which rows, in three steps:
-    /// * **The window.** The next `$1` × [`CLAIM_WINDOW_FACTOR`] pending
-    ///   rows in [`CLAIM_ORDER`], through the partial index; with
-    ///   `after_cursor` only rows after the position (`$5` enqueued at, `$6`
-    ///   id), so claims walk the backlog round-robin and no row waits longer
-    ///   than one pass, however large the backlog, nor behind rows that
-    ///   commit late. The heads of the keys in `$4` (the keys a worker's last
-    ///   batch published in a run) join the window. Its size and last row
-    ///   come back, and tell the worker where the next claim starts.
+    /// * **The window.** At most the next `$1` × [`CLAIM_WINDOW_FACTOR`]
+    ///   pending rows in [`CLAIM_ORDER`], through the partial index, read
+    ///   only until the claim has its rows; with `after_cursor` only rows
+    ///   after the position (`$5` enqueued at, `$6` id), so claims walk the
+    ///   backlog round-robin and no row waits longer than one pass, however
+    ///   large the backlog, nor behind rows that commit late. The heads of
+    ///   the keys in `$4` (the keys a worker's last batch published in a
+    ///   run) come first. A claim short of `$1` rows also returns the
+    ///   window's last row, if the backlog reaches that far: the next claim
+    ///   starts past it.
     /// * **Heads.** Of those, up to `$1` rows that are due and unkeyed, or
     ///   the head of their key: no earlier row of the key (in
     ///   `(relay_enqueued_at NULLS FIRST, message_id)`) is left untransferred,
@@ -930,26 +933,30 @@ impl Outbox {
                                 AND (l.relay_enqueued_at IS NOT NULL OR e.message_id < l.message_id)))"
         );
         format!(
-            "WITH scan AS MATERIALIZED (
-                 SELECT l.ctid AS row_id, l.message_id, l.relay_enqueued_at FROM {log} l
-                  WHERE l.{pending} {cursor}
-                  ORDER BY {l_order}
-                  LIMIT $1::int8 * {CLAIM_WINDOW_FACTOR}),
-                  continued AS (
-                 SELECT h.row_id, h.message_id, h.relay_enqueued_at
+            "WITH continued AS MATERIALIZED (
+                 SELECT l.ctid AS row_id, {l_columns}
                    FROM unnest($4::text[]) k(key)
                   CROSS JOIN LATERAL (
-                        SELECT e.ctid AS row_id, e.message_id, e.relay_enqueued_at FROM {log} e
+                        SELECT e.ctid AS row_id FROM {log} e
                          WHERE e.ordering_key = k.key AND e.transferred IS NOT TRUE
-                         ORDER BY e.relay_enqueued_at, e.message_id LIMIT 1) h),
-                  heads AS MATERIALIZED (
+                         ORDER BY e.relay_enqueued_at, e.message_id LIMIT 1) h
+                   JOIN {log} l ON l.ctid = h.row_id
+                  WHERE {l_claimable} AND {is_head}
+                    FOR UPDATE OF l SKIP LOCKED),
+                  looked_at AS MATERIALIZED (
                  SELECT {l_columns}
-                   FROM (SELECT * FROM scan UNION SELECT * FROM continued) w
+                   FROM (SELECT l.ctid AS row_id, l.message_id, l.relay_enqueued_at FROM {log} l
+                          WHERE l.{pending} {cursor}
+                          ORDER BY {l_order}
+                          LIMIT $1::int8 * {CLAIM_WINDOW_FACTOR}) w
                    JOIN {log} l ON l.ctid = w.row_id
                   WHERE {l_claimable} AND {is_head}
+                    AND w.row_id <> ALL (ARRAY(SELECT row_id FROM continued))
                   ORDER BY {w_order}
-                  LIMIT $1
+                  LIMIT greatest($1 - (SELECT count(*) FROM continued), 0)
                     FOR UPDATE OF l SKIP LOCKED),
+                  heads AS (
+                 SELECT {names} FROM continued UNION ALL SELECT * FROM looked_at),
                   room AS (
                  SELECT $1 - count(*) AS rows, greatest(count(ordering_key), 1) AS keys FROM heads),
                   followers AS MATERIALIZED (
@@ -978,7 +985,7 @@ impl Outbox {
                   WHERE NOT EXISTS (SELECT 1 FROM ready b
                                      WHERE b.head_id = r.head_id AND b.place <= r.place
                                        AND b.message_id <> ALL (ARRAY(SELECT message_id FROM locked)))),
-                  claimed AS (
+                  claimed AS MATERIALIZED (
                  SELECT *, false AS in_run FROM heads UNION ALL SELECT *, true FROM run),
                   sized AS (
                  -- OFFSET 0 keeps the body expression evaluated once per row.
@@ -987,9 +994,12 @@ impl Outbox {
                    FROM claimed c LEFT JOIN {data} d ON d.message_id = c.message_id
                  OFFSET 0),
                   edge AS (
-                 SELECT relay_enqueued_at, message_id FROM scan
-                  ORDER BY relay_enqueued_at DESC NULLS LAST, message_id DESC LIMIT 1)
-             SELECT (SELECT count(*) FROM scan), e.relay_enqueued_at, e.message_id::text, f.*
+                 -- The window's last row, looked up only for a short claim.
+                 SELECT l.relay_enqueued_at, l.message_id FROM {log} l
+                  WHERE (SELECT count(*) FROM claimed) < $1 AND l.{pending} {cursor}
+                  ORDER BY {l_order}
+                 OFFSET $1::int8 * {CLAIM_WINDOW_FACTOR} - 1 LIMIT 1)
+             SELECT e.relay_enqueued_at, e.message_id::text, f.*
                FROM (SELECT) one
                LEFT JOIN edge e ON true
                LEFT JOIN (
@@ -1005,6 +1015,7 @@ impl Outbox {
                    FROM sized s
                  WINDOW w AS (ORDER BY {s_order} ROWS UNBOUNDED PRECEDING)) f ON true
               ORDER BY f.claim_at NULLS FIRST, f.claim_id",
+            names = columns("").replace('.', ""),
             l_order = order("l"),
             w_order = order("w"),
             s_order = order("s"),
@@ -1631,7 +1642,7 @@ impl Statements {
                 self.claim_after.run(tx, &params).await?
             }
         };
-        Claim::decode(&returned, rows.saturating_mul(CLAIM_WINDOW_FACTOR))
+        Claim::decode(&returned)
     }
 
     pub async fn bodies(
@@ -1741,11 +1752,11 @@ pub struct Claim {
     pub rows: Vec<ClaimedRow>,
     /// The body each row brought along, where it did.
     pub bodies: Vec<Option<Fetched>>,
-    /// The claim looked at a whole window of pending rows: the backlog
-    /// goes on past it. A claim whose window was not full reached the
-    /// backlog's end.
+    /// A short claim's window was full: the backlog goes on past it. (A
+    /// short claim whose window was not full reached the backlog's end; a
+    /// full claim does not look.)
     pub window_full: bool,
-    /// The last pending row the claim looked at.
+    /// The window's last row, for a short claim whose window was full.
     pub window_end: Option<ClaimPosition>,
 }
 
@@ -1767,21 +1778,19 @@ pub struct ClaimedRow {
 }
 
 impl Claim {
-    /// Decodes the claim query's rows ([`Outbox::claim_sql`]), whose window
-    /// held at most `window` rows.
+    /// Decodes the claim query's rows ([`Outbox::claim_sql`]).
     ///
     /// # Errors
     /// A type mismatch, which would mean the claim query changed.
-    pub fn decode(returned: &[Row], window: i64) -> Result<Self, tokio_postgres::Error> {
+    pub fn decode(returned: &[Row]) -> Result<Self, tokio_postgres::Error> {
         let mut claim = Self::default();
         if let Some(first) = returned.first() {
-            let scanned: i64 = first.try_get(0)?;
-            claim.window_full = scanned >= window;
-            let end: Option<EnqueuedAt> = first.try_get(1)?;
-            let end_id: Option<String> = first.try_get(2)?;
+            let end: Option<EnqueuedAt> = first.try_get(0)?;
+            let end_id: Option<String> = first.try_get(1)?;
             claim.window_end = end
                 .zip(end_id)
                 .map(|(enqueued_at, id)| ClaimPosition { enqueued_at, id });
+            claim.window_full = claim.window_end.is_some();
         }
         for row in returned {
             if let Some((claimed, body)) = ClaimedRow::decode(row)? {
@@ -1801,8 +1810,8 @@ impl ClaimedRow {
     /// # Errors
     /// A type mismatch, which would mean the claim query changed.
     pub fn decode(row: &Row) -> Result<Option<(Self, Option<Fetched>)>, tokio_postgres::Error> {
-        // After the window's size and last row.
-        const FIRST: usize = 3;
+        // After the window's last row.
+        const FIRST: usize = 2;
         let Some(id) = row.try_get::<_, Option<String>>(FIRST)? else {
             return Ok(None);
         };
