@@ -1955,6 +1955,19 @@ mod tests {
     }
 
     #[test]
+    fn a_cursor_position_compares_by_time_first_then_id() {
+        let at = |micros: i64, id: &str| ClaimPosition {
+            enqueued_at: EnqueuedAt(micros.to_be_bytes().to_vec()),
+            id: id.into(),
+        };
+        assert!(at(2, "a").is_after(&at(1, "b")));
+        assert!(at(1, "b").is_after(&at(1, "a")));
+        assert!(!at(1, "a").is_after(&at(1, "a")));
+        // Before 2000-01-01 the microseconds are negative.
+        assert!(at(1, "a").is_after(&at(-5, "z")));
+    }
+
+    #[test]
     fn a_uuid_id_is_read_in_every_spelling_postgresql_reads() {
         let o = outbox(BodyType::Bytea);
         let canonical = "5f0c6e1e-2a4b-4c7d-9e8f-0123456789ab";
