@@ -878,7 +878,8 @@ impl Outbox {
     ///   backlog round-robin and no row waits longer than one pass, however
     ///   large the backlog, nor behind rows that commit late. The heads of
     ///   the keys in `$4` (the keys a worker's last batch published in a
-    ///   run) come first. A claim short of `$1` rows also returns the
+    ///   run) come first, and the window passes over the other rows of
+    ///   those keys without probing them. A claim short of `$1` rows also returns the
     ///   window's last row, if the backlog reaches that far: the next claim
     ///   starts past it.
     /// * **Heads.** Of those, up to `$1` rows that are due and unkeyed, or
@@ -950,8 +951,11 @@ impl Outbox {
                           ORDER BY {l_order}
                           LIMIT $1::int8 * {CLAIM_WINDOW_FACTOR}) w
                    JOIN {log} l ON l.ctid = w.row_id
-                  WHERE {l_claimable} AND {is_head}
-                    AND w.row_id <> ALL (ARRAY(SELECT row_id FROM continued))
+                  WHERE {l_claimable}
+                    -- A continued key's head is taken above; its other rows
+                    -- follow that head, so they are no heads (no probe needed).
+                    AND (l.ordering_key IS NULL OR l.ordering_key <> ALL ($4::text[]))
+                    AND {is_head}
                   ORDER BY {w_order}
                   LIMIT greatest($1 - (SELECT count(*) FROM continued), 0)
                     FOR UPDATE OF l SKIP LOCKED),
@@ -959,7 +963,7 @@ impl Outbox {
                  SELECT {names} FROM continued UNION ALL SELECT * FROM looked_at),
                   room AS (
                  SELECT $1 - count(*) AS rows, greatest(count(ordering_key), 1) AS keys FROM heads),
-                  followers AS MATERIALIZED (
+                  followers AS (
                  SELECT f.message_id, h.message_id AS head_id, f.ready,
                         row_number() OVER (PARTITION BY h.message_id ORDER BY f.relay_enqueued_at, f.message_id) AS place
                    FROM heads h CROSS JOIN room r
@@ -973,18 +977,23 @@ impl Outbox {
                          LIMIT r.rows / r.keys) f
                   WHERE h.ordering_key IS NOT NULL AND r.rows > 0),
                   ready AS (
-                 SELECT f.* FROM followers f
-                  WHERE NOT EXISTS (SELECT 1 FROM followers b
-                                     WHERE b.head_id = f.head_id AND b.place <= f.place AND NOT b.ready)),
+                 -- Each head's followers up to the first that is parked or not due.
+                 SELECT * FROM (
+                        SELECT f.*, min(f.place) FILTER (WHERE NOT f.ready) OVER (PARTITION BY f.head_id) AS stop
+                          FROM followers f) f
+                  WHERE f.stop IS NULL OR f.place < f.stop),
                   locked AS MATERIALIZED (
-                 SELECT {l_columns} FROM {log} l
-                  WHERE l.message_id = ANY (ARRAY(SELECT message_id FROM ready)) AND {l_claimable}
+                 SELECT {l_columns}, r.head_id, r.place
+                   FROM ready r JOIN {log} l ON l.message_id = r.message_id
+                  WHERE {l_claimable}
                     FOR UPDATE OF l SKIP LOCKED),
                   run AS (
-                 SELECT k.* FROM locked k JOIN ready r ON r.message_id = k.message_id
-                  WHERE NOT EXISTS (SELECT 1 FROM ready b
-                                     WHERE b.head_id = r.head_id AND b.place <= r.place
-                                       AND b.message_id <> ALL (ARRAY(SELECT message_id FROM locked)))),
+                 -- Up to the first follower another session holds: the places
+                 -- locked are 1, 2, 3... until one is missing.
+                 SELECT {names} FROM (
+                        SELECT k.*, row_number() OVER (PARTITION BY k.head_id ORDER BY k.place) AS nth
+                          FROM locked k) k
+                  WHERE k.nth = k.place),
                   claimed AS MATERIALIZED (
                  SELECT *, false AS in_run FROM heads UNION ALL SELECT *, true FROM run),
                   sized AS (
