@@ -4,8 +4,9 @@
 //! proportion to that wait, up to `relay.max_workers`, and drops back when
 //! the wait shrinks. The round trip is measured, never configured: it is
 //! the batches' own BEGIN, a round trip in which the server does next to
-//! nothing. Workers numbered at or past the depth wait (without a session
-//! until they first run) instead of claiming.
+//! nothing, as it typically goes (the median of the last batches). Workers
+//! numbered at or past the depth wait (without a session until they first
+//! run) instead of claiming.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -70,12 +71,17 @@ impl Depth {
             if samples.len() < DECISION_BATCHES {
                 return None;
             }
-            let mut batches: Vec<Duration> = samples.iter().map(|s| s.0).collect();
-            batches.sort_unstable();
-            // The median batch, and the quickest BEGIN: a round trip with
-            // the least time spent queued behind other work.
-            let batch = batches[batches.len() / 2];
-            let round_trip = samples.iter().map(|s| s.1).min().unwrap_or_default();
+            // The median batch and the median BEGIN: what a round trip
+            // typically costs a batch, the time its bytes spend queued on
+            // the way included (the quickest BEGIN saw a network far
+            // quicker than the batch's other round trips did).
+            let median = |pick: fn(&(Duration, Duration)) -> Duration| {
+                let mut all: Vec<Duration> = samples.iter().map(pick).collect();
+                all.sort_unstable();
+                all[all.len() / 2]
+            };
+            let batch = median(|s| s.0);
+            let round_trip = median(|s| s.1);
             samples.clear();
             depth_for(self.base, self.most, batch, round_trip)
         };
@@ -138,11 +144,10 @@ mod tests {
         for _ in 1..DECISION_BATCHES {
             assert_eq!(depth.record(ms(33.0), ms(5.0)), None);
         }
-        // The window's quickest BEGIN is the round trip (4 ms, not 5: 8 in
-        // flight) and its median batch the batch (33 ms, not the mean 43:
-        // 4 in flight).
-        assert_eq!(depth.record(ms(200.0), ms(4.0)), Some(5));
-        assert!(depth.wants(4) && !depth.wants(5));
+        // The median batch (33 ms, not the mean 43: 4 in flight) and the
+        // median BEGIN (5 ms, not the quickest 1: 2 in flight).
+        assert_eq!(depth.record(ms(200.0), ms(1.0)), Some(8));
+        assert!(depth.wants(7) && !depth.wants(8));
         for _ in 0..DECISION_BATCHES {
             depth.record(ms(8.0), ms(0.1));
         }
