@@ -94,6 +94,9 @@ pub struct Metrics {
     /// 1 while the listener's session does not hear notifications (its probe
     /// did not come back: a transaction pooler?), so the relay is polling.
     pub listener_deaf: Gauge,
+    /// Batches the relay keeps in flight (`relay.workers`, more while the
+    /// measured round trip calls for it; `worker::Depth`).
+    pub batches_in_flight: Gauge,
     /// Claim sessions replaced after an error.
     pub session_reconnects: Counter,
     /// Claim-session connects that failed.
@@ -259,6 +262,12 @@ impl Metrics {
             "1 while part of the configured topology (a queue, an exchange) is missing or refused; rows wait, uncharged",
             topology_broken.clone(),
         );
+        let batches_in_flight = Gauge::default();
+        r.register(
+            "batches_in_flight",
+            "Batches the relay keeps in flight, each on a claim session: relay.workers, up to relay.max_workers while the measured round trip calls for more",
+            batches_in_flight.clone(),
+        );
         let listener_deaf = Gauge::default();
         r.register(
             "listener_deaf",
@@ -297,6 +306,7 @@ impl Metrics {
             reconnects,
             topology_broken,
             listener_deaf,
+            batches_in_flight,
             session_reconnects,
             session_connect_failures,
             progress: Progress::new(stall_after),

@@ -25,7 +25,7 @@ use crate::db::outbox::{Outbox, PENDING_INDEX, REPEATABLE_IDS_WARNING};
 use crate::db::{self, SessionKind, describe, migrate};
 use crate::metrics::Metrics;
 use crate::mq::{BrokerLink, BrokerState};
-use crate::worker::{ClaimCursor, Worker, WorkerContext};
+use crate::worker::{ClaimCursor, Depth, Worker, WorkerContext};
 
 /// The async runtime the relay runs on: one worker thread unless the
 /// `TOKIO_WORKER_THREADS` environment variable says otherwise (read by the
@@ -121,6 +121,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         id_type = %outbox.id_type,
         body_type = %outbox.body_type_sql,
         workers = config.relay.workers,
+        max_workers = config.relay.max_workers,
         batch_size = config.relay.batch_size,
         "relay starting"
     );
@@ -180,8 +181,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         cursor: Arc::new(ClaimCursor::default()),
         metrics: metrics.clone(),
         unwritable: Arc::default(),
+        depth: Arc::new(Depth::new(config.relay.workers, config.relay.max_workers)),
     };
-    for index in 0..config.relay.workers {
+    metrics
+        .batches_in_flight
+        .set(i64::try_from(config.relay.workers).unwrap_or(i64::MAX));
+    // Workers past `relay.workers` wait, without a session, until the
+    // measured round trip wants them.
+    for index in 0..config.relay.max_workers {
         let worker = Worker::new(index, context.clone(), backoff());
         let token = stop.clone();
         workers.spawn(async move {

@@ -32,6 +32,7 @@
 //! back-off, and its reactions to a batch's outcome.
 
 mod batch;
+mod depth;
 mod error;
 mod unwritable;
 
@@ -54,6 +55,7 @@ use crate::mq::{self, BrokerState};
 use crate::routing::Router;
 pub use batch::ClaimCursor;
 use batch::{BatchOutcome, Steps};
+pub use depth::Depth;
 use error::{BatchError, BrokerFault, within, within_schema};
 pub use unwritable::Unwritable;
 
@@ -89,6 +91,8 @@ pub struct Worker {
     continued_keys: Vec<String>,
     /// Claims in a row that took nothing but saw the backlog go on.
     empty_windows: u32,
+    /// How many of the relay's workers claim.
+    depth: Arc<Depth>,
 }
 
 /// What a worker does after a batch.
@@ -126,6 +130,8 @@ pub struct WorkerContext {
     pub metrics: Arc<Metrics>,
     /// Rows whose failures the database refuses to record on the row.
     pub unwritable: Arc<Unwritable>,
+    /// How many workers claim: the window's, more when far away.
+    pub depth: Arc<Depth>,
 }
 
 impl Worker {
@@ -139,6 +145,7 @@ impl Worker {
             cursor,
             metrics,
             unwritable,
+            depth,
         } = context;
         let router = Router::new(&config.rabbitmq, outbox.body_type.content_type());
         Self {
@@ -159,13 +166,20 @@ impl Worker {
             unwritable,
             continued_keys: Vec::new(),
             empty_windows: 0,
+            depth,
         }
     }
 
-    /// Relays batches whenever woken, until `token` is cancelled. A batch in
-    /// flight is always finished (confirmed and committed, or rolled back).
+    /// Relays batches whenever woken and wanted ([`Depth`]), until `token`
+    /// is cancelled. A batch in flight is always finished (confirmed and
+    /// committed, or rolled back).
     pub async fn run(mut self, token: CancellationToken) {
         loop {
+            // An unwanted worker takes no wake-up, so none is lost on it.
+            tokio::select! {
+                () = token.cancelled() => return,
+                () = self.depth.until_wanted(self.index) => {}
+            }
             tokio::select! {
                 () = token.cancelled() => return,
                 () = self.wake.notified() => {}
@@ -184,6 +198,9 @@ impl Worker {
                             // More is waiting: bring in another worker as well.
                             Next::More => self.wake.notify_one(),
                             Next::LookFurther => {}
+                        }
+                        if !self.depth.wants(self.index) {
+                            break;
                         }
                     }
                     Err(BatchError::Stopping) => return,
@@ -214,6 +231,20 @@ impl Worker {
     fn after_commit(&mut self, outcome: BatchOutcome) -> Result<Next, BatchError> {
         outcome.report(self.index, &self.metrics);
         self.continued_keys.clone_from(&outcome.run_keys);
+        // Only full batches tell what a batch costs: a short one is a
+        // backlog's tail or a trickle, where the depth does not matter.
+        if outcome.claimed >= self.config.relay.batch_size {
+            let timings = &outcome.timings;
+            if let Some(depth) = self.depth.record(timings.committed, timings.began) {
+                self.metrics
+                    .batches_in_flight
+                    .set(i64::try_from(depth).unwrap_or(i64::MAX));
+                debug!(
+                    depth,
+                    "batches in flight changed with the measured round trip"
+                );
+            }
+        }
         if let Some((exchange, reason)) = outcome.refused_exchange {
             warn!(%exchange, %reason, "the broker refused an exchange named by rows; those rows fail without being published for a while");
             self.refused.insert(exchange, (reason, Instant::now()));

@@ -260,10 +260,11 @@ impl Report {
 fn settings(bench: &Bench) -> String {
     let r = &bench.config.relay;
     format!(
-        "buffer_size {}, batch_size {}, {} batches in flight, idle_sleep_ms {}",
+        "buffer_size {}, batch_size {}, {} batches in flight (up to max_workers {} when the round trip calls for more), idle_sleep_ms {}",
         r.buffer_size,
         r.batch_size,
         r.workers,
+        r.max_workers,
         r.idle_sleep.as_millis()
     )
 }

@@ -88,6 +88,7 @@ pub const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("listener.host", EnvKind::Text),
     ("listener.port", EnvKind::NumberOrList),
     ("relay.batch_size", EnvKind::Number),
+    ("relay.max_workers", EnvKind::Number),
     ("relay.confirm_timeout_ms", EnvKind::Number),
     ("relay.shutdown_grace_ms", EnvKind::Number),
     ("relay.max_retry_delay_sec", EnvKind::Number),

@@ -326,6 +326,9 @@ pub(super) struct RawListener {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawRelay {
     pub(super) batch_size: usize,
+    /// `None`: `relay::DEFAULT_MAX_WORKERS`,
+    /// or the window's batches when more.
+    pub(super) max_workers: Option<usize>,
     pub(super) confirm_timeout_ms: u64,
     pub(super) shutdown_grace_ms: u64,
     pub(super) max_retry_delay_sec: f64,
@@ -339,6 +342,7 @@ impl Default for RawRelay {
     fn default() -> Self {
         Self {
             batch_size: 128,
+            max_workers: None,
             confirm_timeout_ms: 30_000,
             shutdown_grace_ms: 10_000,
             max_retry_delay_sec: 60.0,

@@ -165,6 +165,8 @@ pub(super) enum RowOutcome {
 /// When each step of a batch ended, from the batch's start.
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Timings {
+    /// BEGIN answered: one round trip to PostgreSQL, next to no work.
+    pub began: Duration,
     /// The claim and the bodies read.
     pub claimed: Duration,
     /// Every message published and settled.
@@ -289,6 +291,7 @@ impl Steps<'_> {
     ) -> Result<BatchOutcome, BatchError> {
         let started = Instant::now();
         let tx = within(self.query_timeout, client.transaction()).await?;
+        let began_at = started.elapsed();
         let Claimed {
             plan,
             claim,
@@ -326,6 +329,7 @@ impl Steps<'_> {
                 .chain(recorded.on_rows.iter().map(|r| r.id.as_str())),
         );
         let timings = Timings {
+            began: began_at,
             claimed: claimed_at,
             confirmed: confirmed_at,
             marked: marked_at,

@@ -308,3 +308,39 @@ async fn three_instances_on_one_host_from_the_seeds_file_all_relay() {
     }
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn far_from_postgresql_the_relay_keeps_more_batches_in_flight_up_to_its_cap() {
+    let mut env = TestEnv::new("distance").await;
+    env.migrate().await;
+    // Each batch waits on four round trips to PostgreSQL (BEGIN, claim,
+    // mark, COMMIT); at 20 ms each that is far more than its own work.
+    let proxy =
+        crate::proxy::Proxy::start_delayed(pg_port(), std::time::Duration::from_millis(20)).await;
+    env.config["postgres"]["port"] = proxy.port.into();
+    env.config["relay"]["max_workers"] = 4.into();
+    // Windows of 100 in batches of 50: 2 batches in flight nearby.
+    let ids = env.insert_many(2000, 500).await;
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    wait_until("the relay keeps 4 batches in flight", || async {
+        relay.metric("pushoccurrence_batches_in_flight").await == Some(4.0)
+    })
+    .await;
+    // The workers past the window claim on sessions of their own: four
+    // claim sessions and the listener's.
+    wait_until("4 claim sessions are open", || async {
+        env.relay_sessions().await >= 5
+    })
+    .await;
+    consumer.wait_for_all(&ids).await;
+    wait_until("nothing is pending", || async { env.pending().await == 0 }).await;
+    assert_exactly_once(&consumer, &ids);
+    assert_eq!(
+        relay.metric("pushoccurrence_batches_in_flight").await,
+        Some(4.0),
+        "never past relay.max_workers"
+    );
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
