@@ -871,7 +871,10 @@ impl Outbox {
     ///
     /// Which rows, in three steps:
     /// * **The window.** The next `$1` × [`CLAIM_WINDOW_FACTOR`] pending
-    ///   rows in [`CLAIM_ORDER`], through the partial index; with
+    ///   rows that are due in [`CLAIM_ORDER`], through the partial index
+    ///   (rows waiting out a retry delay are passed over in the scan, as
+    ///   before ordering, so a backlog of them never fills a window and
+    ///   keeps a new row from its claim); with
     ///   `after_cursor` only rows after the position (`$5` enqueued at, `$6`
     ///   id), so claims walk the backlog round-robin and no row waits longer
     ///   than one pass, however large the backlog, nor behind rows that
@@ -932,7 +935,7 @@ impl Outbox {
         format!(
             "WITH scan AS MATERIALIZED (
                  SELECT l.ctid AS row_id, l.message_id, l.relay_enqueued_at FROM {log} l
-                  WHERE l.{pending} {cursor}
+                  WHERE l.{pending} {cursor} AND {l_due}
                   ORDER BY {l_order}
                   LIMIT $1::int8 * {CLAIM_WINDOW_FACTOR}),
                   continued AS (
@@ -1011,6 +1014,7 @@ impl Outbox {
             l_columns = columns("l"),
             l_claimable = claimable("l"),
             e_due = due("e"),
+            l_due = due("l"),
             data = self.table(DATA_TABLE),
             body = self.body_type.bytes_expr(),
             pending = PENDING_PREDICATE.replace(" AND ", " AND l."),
@@ -1195,7 +1199,11 @@ impl Outbox {
                     CASE WHEN l.ordering_key IS NOT NULL THEN
                       (SELECT count(*) FROM {log} e
                         WHERE e.ordering_key = l.ordering_key AND e.transferred IS NOT TRUE
-                          AND (e.relay_enqueued_at, e.message_id) > (l.relay_enqueued_at, l.message_id))
+                          AND ((e.relay_enqueued_at, e.message_id) > (l.relay_enqueued_at, l.message_id)
+                               -- A row without a time comes first in its key (NULLS FIRST),
+                               -- before every row with one.
+                               OR l.relay_enqueued_at IS NULL
+                                  AND (e.relay_enqueued_at IS NOT NULL OR e.message_id > l.message_id)))
                     END
                FROM {log} l WHERE l.{parked}
               ORDER BY l.relay_parked_at LIMIT $1",

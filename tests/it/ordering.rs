@@ -282,3 +282,227 @@ async fn a_later_row_confirmed_after_an_earlier_one_came_back_unroutable_is_coun
     relay.terminate().await;
     env.cleanup().await;
 }
+
+/// `UPDATE`s rows of this env's outbox: `set` and `filter` are SQL.
+async fn update_rows(env: &TestEnv, set: &str, filter: &str) -> u64 {
+    env.pg
+        .execute(
+            &format!(
+                "UPDATE \"{}\".message_queue_log SET {set} WHERE {filter}",
+                env.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+}
+
+/// A producer that writes `relay_enqueued_at` itself may leave it NULL;
+/// such a row sorts first in its key (`NULLS FIRST`), so when it is parked it
+/// holds back every other row of the key, and `parked` must say how many.
+#[tokio::test]
+async fn a_parked_row_without_an_enqueued_time_counts_the_rows_it_holds_back() {
+    let env = TestEnv::new("ordernulltime").await;
+    env.migrate().await;
+    let first = crate::support::uuid(1);
+    insert_bodiless(&env, &first, "N").await;
+    update_rows(
+        &env,
+        "relay_enqueued_at = NULL, relay_parked_at = now(), relay_attempts = 1, relay_last_error = 'no data row'",
+        &format!("message_id = '{first}'"),
+    )
+    .await;
+    env.push_keyed(&env.pg, Some("N"), "n2").await;
+    env.push_keyed(&env.pg, Some("N"), "n3").await;
+    let (code, parked) = env.command(&["parked"]).await;
+    assert_eq!(code, Some(0), "{parked}");
+    assert!(
+        parked.contains("\tordering_key=N\tholds_back=2\treason=no data row"),
+        "{parked}"
+    );
+    env.cleanup().await;
+}
+
+/// A key is stored in a btree index (with the row's time and id), whose
+/// entries are at most 2704 bytes: a longer key that does not compress
+/// failed the producer's insert with an error about an index row size.
+#[tokio::test]
+async fn push_occurrence_refuses_a_key_too_long_for_the_ordering_index_in_words() {
+    let env = TestEnv::new("orderlongkey").await;
+    env.migrate().await;
+    let key_sql = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 100) i)";
+    let error = env
+        .pg
+        .query_one(
+            &format!(
+                "SELECT \"{}\".push_occurrence('\\x01', p_ordering_key => {key_sql})::text",
+                env.name
+            ),
+            &[],
+        )
+        .await
+        .expect_err("a 3200-byte key cannot be indexed");
+    let message = error.as_db_error().map(|e| e.message().to_owned());
+    assert_eq!(
+        message.as_deref(),
+        Some("ordering_key is 3200 bytes long; at most 1024 bytes are allowed"),
+        "{error:?}"
+    );
+    // A key within the limit goes, however little it compresses.
+    let consumer = env.consumer().await;
+    let key: String = env
+        .pg
+        .query_one(
+            "SELECT string_agg(md5(i::text), '') FROM generate_series(1, 32) i",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(key.len(), 1024);
+    let id = env.push_keyed(&env.pg, Some(&key), "long key").await;
+    let relay = env.relay().await;
+    consumer.wait_for_all(std::slice::from_ref(&id)).await;
+    relay.terminate().await;
+    env.cleanup().await;
+}
+
+/// Writes `n` events of `key` (unkeyed when `None`) in one statement.
+async fn push_many(env: &TestEnv, key: Option<&str>, n: i32) {
+    env.pg
+        .execute(
+            &format!(
+                "SELECT \"{}\".push_occurrence(convert_to('many ' || i, 'UTF8'), p_ordering_key => $1::text)
+                   FROM generate_series(1, $2::int) i",
+                env.name
+            ),
+            &[&key, &n],
+        )
+        .await
+        .unwrap();
+}
+
+/// Rows waiting out a retry delay (an unroutable backlog, say) are not
+/// claimable; a row written after them must still go on its NOTIFY, as it
+/// did before ordering (the claim skipped rows not due in its scan). No
+/// sweep runs during the test (`idle_sleep_ms` is 10 minutes).
+#[tokio::test]
+async fn a_row_behind_rows_waiting_out_a_retry_delay_goes_on_its_notify() {
+    let mut env = TestEnv::new("orderdelayed").await;
+    env.config["rabbitmq"]["retry"]["idle_sleep_ms"] = 600_000.into();
+    env.config["relay"]["batch_size"] = 10.into();
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    push_many(&env, None, 2000).await;
+    let delayed = update_rows(
+        &env,
+        "relay_attempts = 1, relay_next_attempt_at = now() + interval '1 hour'",
+        "true",
+    )
+    .await;
+    assert_eq!(delayed, 2000);
+    let relay = env.relay().await;
+    let after = env
+        .push_keyed(&env.pg, None, "after the delayed ones")
+        .await;
+    consumer.wait_for_all(std::slice::from_ref(&after)).await;
+    assert_eq!(consumer.count(), 1, "the delayed rows stay");
+    relay.terminate().await;
+    env.cleanup().await;
+}
+
+/// A parked head holds its key's backlog; rows of other keys written after
+/// that backlog must still go on their NOTIFY. They do not: a claim looks
+/// at a window of `batch_size` x 2 pending rows, an idle relay walks at most
+/// 16 windows per wake-up, and the held backlog fills them all, so a row
+/// behind 2000 held rows waits for several wake-ups (sweeps, other rows'
+/// NOTIFYs): observed, not sent within 60 s with no sweep (`idle_sleep_ms`
+/// 10 minutes); with the default 100 ms sweep its wait grows with the held
+/// backlog (a pass over it per wrap of the cursor).
+#[tokio::test]
+#[ignore = "a held key's backlog delays other keys by a walk of the backlog (MAX_EMPTY_WINDOWS per wake-up); not fixed here"]
+async fn a_row_behind_a_parked_keys_backlog_goes_on_its_notify() {
+    let mut env = TestEnv::new("orderheldlog").await;
+    env.config["rabbitmq"]["retry"]["idle_sleep_ms"] = 600_000.into();
+    env.config["relay"]["batch_size"] = 10.into();
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let head = crate::support::uuid(1);
+    insert_bodiless(&env, &head, "H").await;
+    update_rows(
+        &env,
+        "relay_parked_at = now(), relay_attempts = 1, relay_last_error = 'no data row'",
+        &format!("message_id = '{head}'"),
+    )
+    .await;
+    push_many(&env, Some("H"), 2000).await;
+    let relay = env.relay().await;
+    let other = env.push_keyed(&env.pg, Some("O"), "other key").await;
+    let unkeyed = env.push_keyed(&env.pg, None, "unkeyed").await;
+    consumer.wait_for_all(&[other, unkeyed]).await;
+    assert_eq!(consumer.count(), 2, "the held key stays held");
+    relay.terminate().await;
+    env.cleanup().await;
+}
+
+/// Two relays claim through PgBouncer in transaction mode (consecutive
+/// transactions on other server sessions), and producers write through it
+/// too (the key lock is transaction-level, so it works there): every key
+/// still arrives in order.
+#[tokio::test]
+async fn keys_stay_in_order_through_a_transaction_pooler() {
+    let bouncer =
+        crate::pooler::PgBouncer::start_with("transaction", "server_round_robin = 1").await;
+    let mut env = TestEnv::new("orderpgb").await;
+    env.config["relay"]["batch_size"] = 10.into();
+    env.migrate().await;
+    env.config["postgres"]["port"] = bouncer.port.into();
+    env.config["postgres"]["pooler"] = "transaction".into();
+    env.config["postgres"]["auto_migrate"] = false.into();
+    env.config["listener"]["host"] = "127.0.0.1".into();
+    env.config["listener"]["port"] = crate::support::pg_port().into();
+    let consumer = env.consumer().await;
+    let relays = env.relays_at_once(2).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(bouncer.session("test").await);
+    }
+    let producers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(p, mut client)| {
+            let schema = env.name.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for t in 0..60 {
+                    let tx = client.transaction().await.unwrap();
+                    let id: String = tx
+                        .query_one(
+                            &format!(
+                                "SELECT \"{schema}\".push_occurrence(convert_to($1::text, 'UTF8'), p_ordering_key => $2::text)::text"
+                            ),
+                            &[&format!("p{p} t{t}"), &format!("k{}", t % 5)],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    tx.commit().await.unwrap();
+                    ids.push(id);
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for producer in producers {
+        ids.extend(producer.await.unwrap());
+    }
+    consumer.wait_for_all(&ids).await;
+    let tally = assert_keys_in_order(&consumer, &env.key_orders().await);
+    assert_eq!(tally.keyed_rows, 180);
+    for relay in relays {
+        assert_eq!(relay.failed_batches().await, 0.0);
+        relay.terminate().await;
+    }
+    env.cleanup().await;
+}
