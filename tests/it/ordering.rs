@@ -506,3 +506,78 @@ async fn keys_stay_in_order_through_a_transaction_pooler() {
     }
     env.cleanup().await;
 }
+
+/// What the previous release's `migrate` (run by its relays at start-up,
+/// `postgres.auto_migrate`) installs: its twelve-argument helper, replaced
+/// by name and signature. Its body does not matter here.
+const PREVIOUS_RELEASE_HELPER: &str = "CREATE OR REPLACE FUNCTION {s}.push_occurrence(
+        p_message_body bytea, p_message_id uuid DEFAULT NULL, p_channel text DEFAULT NULL,
+        p_routing_key text DEFAULT NULL, p_exchange text DEFAULT NULL, p_headers jsonb DEFAULT NULL,
+        p_content_type text DEFAULT NULL, p_correlation_id text DEFAULT NULL, p_reply_to text DEFAULT NULL,
+        p_message_type text DEFAULT NULL, p_expiration_ms bigint DEFAULT NULL, p_priority smallint DEFAULT NULL)
+    RETURNS uuid LANGUAGE sql AS 'SELECT NULL::uuid'";
+
+/// A relay of the previous release (c038d8b) that starts after this
+/// release's `migrate` (a rolling upgrade, a rollback) installs its
+/// twelve-argument helper again beside this release's thirteen-argument
+/// one, and every producer call that does not name `p_ordering_key` fails:
+/// observed `function push_occurrence(unknown) is not unique` (seen with
+/// the c038d8b binary itself, and here with its helper's signature).
+#[tokio::test]
+#[ignore = "an earlier release's start-up migrate reinstalls its helper beside this one: unkeyed producer calls fail as ambiguous; documented in README, Ordering, not fixed"]
+async fn producers_keep_working_after_a_previous_release_relay_reinstalls_its_helper() {
+    let env = TestEnv::new("orderoldhelper").await;
+    env.migrate().await;
+    env.pg
+        .batch_execute(&PREVIOUS_RELEASE_HELPER.replace("{s}", &format!("\"{}\"", env.name)))
+        .await
+        .unwrap();
+    let unkeyed = env
+        .pg
+        .query_one(
+            &format!("SELECT \"{}\".push_occurrence('\\x01')", env.name),
+            &[],
+        )
+        .await;
+    assert!(unkeyed.is_ok(), "{unkeyed:?}");
+    env.cleanup().await;
+}
+
+/// Integer ids order a key by number within one instant (10 after 9, not
+/// as text), and a batch's byte budget deferring rows in the middle of a
+/// key's run leaves the rest for later, in order: rows written with equal
+/// `relay_enqueued_at` (a producer writing the column itself), so only the
+/// id orders them, and bodies of 100 bytes against a 250-byte budget.
+#[tokio::test]
+async fn integer_ids_with_equal_times_and_a_byte_budget_mid_run_keep_each_key_in_order() {
+    let mut env = TestEnv::new("orderint").await;
+    env.config["relay"]["max_batch_bytes"] = 250.into();
+    env.config["relay"]["batch_size"] = 20.into();
+    env.create_seed_tables("bigint", "bytea").await;
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let s = &env.name;
+    // Ids 1..=60, keys a/b/c in turn, all at one instant: 9 before 10.
+    env.pg
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO \"{s}\".message_queue_log (message_id, ordering_key, relay_enqueued_at)
+               SELECT i, (ARRAY['a', 'b', 'c'])[i % 3 + 1], '2026-01-01 00:00:00+00' FROM generate_series(1, 60) i;
+             INSERT INTO \"{s}\".message_queue_log_data (message_id, message_body)
+               SELECT i, convert_to(rpad(i::text, 100, '.'), 'UTF8') FROM generate_series(1, 60) i;
+             COMMIT;"
+        ))
+        .await
+        .unwrap();
+    let relays = env.relays_at_once(2).await;
+    let ids: Vec<String> = (1..=60).map(|i: i32| i.to_string()).collect();
+    consumer.wait_for_all(&ids).await;
+    let orders = env.key_orders().await;
+    assert_eq!(orders["a"][..4], ["3", "6", "9", "12"], "{orders:?}");
+    let tally = assert_keys_in_order(&consumer, &orders);
+    assert_eq!(tally.keyed_rows, 60);
+    for relay in relays {
+        relay.terminate().await;
+    }
+    env.cleanup().await;
+}
