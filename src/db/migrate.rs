@@ -674,6 +674,14 @@ pub const UUIDV7_SQL: &str = "encode(set_bit(set_bit(overlay(uuid_send(gen_rando
 /// it keeps the locks apart from hashes of the same text elsewhere).
 const ORDERING_LOCK_SEED: i64 = 0x5075_7368_4f63;
 
+/// The longest `ordering_key` the producer helper accepts, in bytes. A key
+/// is an entry of [`ORDERING_INDEX`](super::outbox::ORDERING_INDEX) with
+/// the row's time and id, and a btree entry holds at most 2704 bytes: a
+/// longer key that does not compress would fail the insert with an error
+/// about an index row size. 1024 leaves room for an id of any length the
+/// relay publishes (255 bytes).
+pub const MAX_ORDERING_KEY_BYTES: i32 = 1024;
+
 /// The producer helper's PL/pgSQL body, which names the tables (so the
 /// schema, a name chosen by the operator). An id the caller gives is used
 /// as it is (stored with the column's own checks: a value too long for a
@@ -695,7 +703,12 @@ fn producer_function_body(outbox: &Outbox) -> String {
     // schema and the key: another key shares it only by a hash collision,
     // which serialises the two keys' producers and orders nothing wrongly.
     let key_lock = format!(
-        "IF p_ordering_key IS NOT NULL THEN
+        "IF octet_length(p_ordering_key) > {MAX_ORDERING_KEY_BYTES} THEN
+                 RAISE EXCEPTION 'ordering_key is % bytes long; at most {MAX_ORDERING_KEY_BYTES} bytes are allowed', octet_length(p_ordering_key)
+                     USING ERRCODE = 'string_data_right_truncation',
+                           HINT = 'use a shorter key, or a hash of it, such as md5(key)';
+             END IF;
+             IF p_ordering_key IS NOT NULL THEN
                  PERFORM pg_advisory_xact_lock(hashtextextended({} || p_ordering_key, {ORDERING_LOCK_SEED}));
              END IF;",
         quote_literal(&format!("{}:", outbox.schema))

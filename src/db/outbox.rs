@@ -872,16 +872,18 @@ impl Outbox {
     ///
     /// Which rows, in three steps:
     /// * **The window.** At most the next `$1` × [`CLAIM_WINDOW_FACTOR`]
-    ///   pending rows in [`CLAIM_ORDER`], through the partial index, read
-    ///   only until the claim has its rows; with `after_cursor` only rows
-    ///   after the position (`$5` enqueued at, `$6` id), so claims walk the
-    ///   backlog round-robin and no row waits longer than one pass, however
-    ///   large the backlog, nor behind rows that commit late. The heads of
-    ///   the keys in `$4` (the keys a worker's last batch published in a
-    ///   run) come first, and the window passes over the other rows of
-    ///   those keys without probing them. A claim short of `$1` rows also returns the
-    ///   window's last row, if the backlog reaches that far: the next claim
-    ///   starts past it.
+    ///   pending rows that are due in [`CLAIM_ORDER`], through the partial
+    ///   index, read only until the claim has its rows (rows waiting out a
+    ///   retry delay are passed over in the scan, so a backlog of them never
+    ///   fills a window and keeps a new row from its claim); with
+    ///   `after_cursor` only rows after the position (`$5` enqueued at, `$6`
+    ///   id), so claims walk the backlog round-robin and no row waits longer
+    ///   than one pass, however large the backlog, nor behind rows that
+    ///   commit late. The heads of the keys in `$4` (the keys a worker's last
+    ///   batch published in a run) come first, and the window passes over
+    ///   the other rows of those keys without probing them. A claim short of
+    ///   `$1` rows also returns the window's last row, if the backlog reaches
+    ///   that far: the next claim starts past it.
     /// * **Heads.** Of those, up to `$1` rows that are due and unkeyed, or
     ///   the head of their key: no earlier row of the key (in
     ///   `(relay_enqueued_at NULLS FIRST, message_id)`) is left untransferred,
@@ -947,7 +949,7 @@ impl Outbox {
                   looked_at AS MATERIALIZED (
                  SELECT {l_columns}
                    FROM (SELECT l.ctid AS row_id, l.message_id, l.relay_enqueued_at FROM {log} l
-                          WHERE l.{pending} {cursor}
+                          WHERE l.{pending} {cursor} AND {l_due}
                           ORDER BY {l_order}
                           LIMIT $1::int8 * {CLAIM_WINDOW_FACTOR}) w
                    JOIN {log} l ON l.ctid = w.row_id
@@ -1005,7 +1007,7 @@ impl Outbox {
                   edge AS (
                  -- The window's last row, looked up only for a short claim.
                  SELECT l.relay_enqueued_at, l.message_id FROM {log} l
-                  WHERE (SELECT count(*) FROM claimed) < $1 AND l.{pending} {cursor}
+                  WHERE (SELECT count(*) FROM claimed) < $1 AND l.{pending} {cursor} AND {l_due}
                   ORDER BY {l_order}
                  OFFSET $1::int8 * {CLAIM_WINDOW_FACTOR} - 1 LIMIT 1)
              SELECT e.relay_enqueued_at, e.message_id::text, f.*
@@ -1031,6 +1033,7 @@ impl Outbox {
             l_columns = columns("l"),
             l_claimable = claimable("l"),
             e_due = due("e"),
+            l_due = due("l"),
             data = self.table(DATA_TABLE),
             body = self.body_type.bytes_expr(),
             pending = PENDING_PREDICATE.replace(" AND ", " AND l."),
@@ -1226,7 +1229,11 @@ impl Outbox {
                     CASE WHEN l.ordering_key IS NOT NULL THEN
                       (SELECT count(*) FROM {log} e
                         WHERE e.ordering_key = l.ordering_key AND e.transferred IS NOT TRUE
-                          AND (e.relay_enqueued_at, e.message_id) > (l.relay_enqueued_at, l.message_id))
+                          AND ((e.relay_enqueued_at, e.message_id) > (l.relay_enqueued_at, l.message_id)
+                               -- A row without a time comes first in its key (NULLS FIRST),
+                               -- before every row with one.
+                               OR l.relay_enqueued_at IS NULL
+                                  AND (e.relay_enqueued_at IS NOT NULL OR e.message_id > l.message_id)))
                     END
                FROM {log} l WHERE l.{parked}
               ORDER BY l.relay_parked_at LIMIT $1",

@@ -330,3 +330,387 @@ async fn rows_held_behind_a_parked_row_of_their_key_leave_the_relay_ready() {
     relay.terminate().await;
     env.cleanup().await;
 }
+
+/// `UPDATE`s rows of this env's outbox: `set` and `filter` are SQL.
+async fn update_rows(env: &TestEnv, set: &str, filter: &str) -> u64 {
+    env.pg
+        .execute(
+            &format!(
+                "UPDATE \"{}\".message_queue_log SET {set} WHERE {filter}",
+                env.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+}
+
+/// A producer that writes `relay_enqueued_at` itself may leave it NULL;
+/// such a row sorts first in its key (`NULLS FIRST`), so when it is parked it
+/// holds back every other row of the key, and `parked` must say how many.
+#[tokio::test]
+async fn a_parked_row_without_an_enqueued_time_counts_the_rows_it_holds_back() {
+    let env = TestEnv::new("ordernulltime").await;
+    env.migrate().await;
+    let first = crate::support::uuid(1);
+    insert_bodiless(&env, &first, "N").await;
+    update_rows(
+        &env,
+        "relay_enqueued_at = NULL, relay_parked_at = now(), relay_attempts = 1, relay_last_error = 'no data row'",
+        &format!("message_id = '{first}'"),
+    )
+    .await;
+    env.push_keyed(&env.pg, Some("N"), "n2").await;
+    env.push_keyed(&env.pg, Some("N"), "n3").await;
+    let (code, parked) = env.command(&["parked"]).await;
+    assert_eq!(code, Some(0), "{parked}");
+    assert!(
+        parked.contains("\tordering_key=N\tholds_back=2\treason=no data row"),
+        "{parked}"
+    );
+    env.cleanup().await;
+}
+
+/// A key is stored in a btree index (with the row's time and id), whose
+/// entries are at most 2704 bytes: a longer key that does not compress
+/// failed the producer's insert with an error about an index row size.
+#[tokio::test]
+async fn push_occurrence_refuses_a_key_too_long_for_the_ordering_index_in_words() {
+    let env = TestEnv::new("orderlongkey").await;
+    env.migrate().await;
+    let key_sql = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 100) i)";
+    let error = env
+        .pg
+        .query_one(
+            &format!(
+                "SELECT \"{}\".push_occurrence('\\x01', p_ordering_key => {key_sql})::text",
+                env.name
+            ),
+            &[],
+        )
+        .await
+        .expect_err("a 3200-byte key cannot be indexed");
+    let message = error.as_db_error().map(|e| e.message().to_owned());
+    assert_eq!(
+        message.as_deref(),
+        Some("ordering_key is 3200 bytes long; at most 1024 bytes are allowed"),
+        "{error:?}"
+    );
+    // A key within the limit goes, however little it compresses.
+    let consumer = env.consumer().await;
+    let key: String = env
+        .pg
+        .query_one(
+            "SELECT string_agg(md5(i::text), '') FROM generate_series(1, 32) i",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(key.len(), 1024);
+    let id = env.push_keyed(&env.pg, Some(&key), "long key").await;
+    let relay = env.relay().await;
+    consumer.wait_for_all(std::slice::from_ref(&id)).await;
+    relay.terminate().await;
+    env.cleanup().await;
+}
+
+/// Writes `n` events of `key` (unkeyed when `None`) in one statement.
+async fn push_many(env: &TestEnv, key: Option<&str>, n: i32) {
+    env.pg
+        .execute(
+            &format!(
+                "SELECT \"{}\".push_occurrence(convert_to('many ' || i, 'UTF8'), p_ordering_key => $1::text)
+                   FROM generate_series(1, $2::int) i",
+                env.name
+            ),
+            &[&key, &n],
+        )
+        .await
+        .unwrap();
+}
+
+/// Rows waiting out a retry delay (an unroutable backlog, say) are not
+/// claimable; a row written after them must still go on its NOTIFY, as it
+/// did before ordering (the claim skipped rows not due in its scan). No
+/// sweep runs during the test (`idle_sleep_ms` is 10 minutes).
+#[tokio::test]
+async fn a_row_behind_rows_waiting_out_a_retry_delay_goes_on_its_notify() {
+    let mut env = TestEnv::new("orderdelayed").await;
+    env.config["rabbitmq"]["retry"]["idle_sleep_ms"] = 600_000.into();
+    env.config["relay"]["batch_size"] = 10.into();
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    push_many(&env, None, 2000).await;
+    let delayed = update_rows(
+        &env,
+        "relay_attempts = 1, relay_next_attempt_at = now() + interval '1 hour'",
+        "true",
+    )
+    .await;
+    assert_eq!(delayed, 2000);
+    let relay = env.relay().await;
+    let after = env
+        .push_keyed(&env.pg, None, "after the delayed ones")
+        .await;
+    consumer.wait_for_all(std::slice::from_ref(&after)).await;
+    assert_eq!(consumer.count(), 1, "the delayed rows stay");
+    relay.terminate().await;
+    env.cleanup().await;
+}
+
+/// A parked head holds its key's backlog; rows of other keys written after
+/// that backlog must still go on their NOTIFY. They do not: a claim looks
+/// at a window of `batch_size` x 2 pending rows, an idle relay walks at most
+/// 16 windows per wake-up, and the held backlog fills them all, so a row
+/// behind 2000 held rows waits for several wake-ups (sweeps, other rows'
+/// NOTIFYs): observed, not sent within 60 s with no sweep (`idle_sleep_ms`
+/// 10 minutes); with the default 100 ms sweep its wait grows with the held
+/// backlog (a pass over it per wrap of the cursor).
+#[tokio::test]
+#[ignore = "a held key's backlog delays other keys by a walk of the backlog (MAX_EMPTY_WINDOWS per wake-up); not fixed here"]
+async fn a_row_behind_a_parked_keys_backlog_goes_on_its_notify() {
+    let mut env = TestEnv::new("orderheldlog").await;
+    env.config["rabbitmq"]["retry"]["idle_sleep_ms"] = 600_000.into();
+    env.config["relay"]["batch_size"] = 10.into();
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let head = crate::support::uuid(1);
+    insert_bodiless(&env, &head, "H").await;
+    update_rows(
+        &env,
+        "relay_parked_at = now(), relay_attempts = 1, relay_last_error = 'no data row'",
+        &format!("message_id = '{head}'"),
+    )
+    .await;
+    push_many(&env, Some("H"), 2000).await;
+    let relay = env.relay().await;
+    let other = env.push_keyed(&env.pg, Some("O"), "other key").await;
+    let unkeyed = env.push_keyed(&env.pg, None, "unkeyed").await;
+    consumer.wait_for_all(&[other, unkeyed]).await;
+    assert_eq!(consumer.count(), 2, "the held key stays held");
+    relay.terminate().await;
+    env.cleanup().await;
+}
+
+/// Two relays claim through PgBouncer in transaction mode (consecutive
+/// transactions on other server sessions), and producers write through it
+/// too (the key lock is transaction-level, so it works there): every key
+/// still arrives in order.
+#[tokio::test]
+async fn keys_stay_in_order_through_a_transaction_pooler() {
+    let bouncer =
+        crate::pooler::PgBouncer::start_with("transaction", "server_round_robin = 1").await;
+    let mut env = TestEnv::new("orderpgb").await;
+    env.config["relay"]["batch_size"] = 10.into();
+    env.migrate().await;
+    env.config["postgres"]["port"] = bouncer.port.into();
+    env.config["postgres"]["pooler"] = "transaction".into();
+    env.config["postgres"]["auto_migrate"] = false.into();
+    env.config["listener"]["host"] = "127.0.0.1".into();
+    env.config["listener"]["port"] = crate::support::pg_port().into();
+    let consumer = env.consumer().await;
+    let relays = env.relays_at_once(2).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(bouncer.session("test").await);
+    }
+    let producers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(p, mut client)| {
+            let schema = env.name.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for t in 0..60 {
+                    let tx = client.transaction().await.unwrap();
+                    let id: String = tx
+                        .query_one(
+                            &format!(
+                                "SELECT \"{schema}\".push_occurrence(convert_to($1::text, 'UTF8'), p_ordering_key => $2::text)::text"
+                            ),
+                            &[&format!("p{p} t{t}"), &format!("k{}", t % 5)],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    tx.commit().await.unwrap();
+                    ids.push(id);
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for producer in producers {
+        ids.extend(producer.await.unwrap());
+    }
+    consumer.wait_for_all(&ids).await;
+    let tally = assert_keys_in_order(&consumer, &env.key_orders().await);
+    assert_eq!(tally.keyed_rows, 180);
+    for relay in relays {
+        assert_eq!(relay.failed_batches().await, 0.0);
+        relay.terminate().await;
+    }
+    env.cleanup().await;
+}
+
+/// What the previous release's `migrate` (run by its relays at start-up,
+/// `postgres.auto_migrate`) installs: its twelve-argument helper, replaced
+/// by name and signature. Its body does not matter here.
+const PREVIOUS_RELEASE_HELPER: &str = "CREATE OR REPLACE FUNCTION {s}.push_occurrence(
+        p_message_body bytea, p_message_id uuid DEFAULT NULL, p_channel text DEFAULT NULL,
+        p_routing_key text DEFAULT NULL, p_exchange text DEFAULT NULL, p_headers jsonb DEFAULT NULL,
+        p_content_type text DEFAULT NULL, p_correlation_id text DEFAULT NULL, p_reply_to text DEFAULT NULL,
+        p_message_type text DEFAULT NULL, p_expiration_ms bigint DEFAULT NULL, p_priority smallint DEFAULT NULL)
+    RETURNS uuid LANGUAGE sql AS 'SELECT NULL::uuid'";
+
+/// A relay of the previous release (c038d8b) that starts after this
+/// release's `migrate` (a rolling upgrade, a rollback) installs its
+/// twelve-argument helper again beside this release's thirteen-argument
+/// one, and every producer call that does not name `p_ordering_key` fails:
+/// observed `function push_occurrence(unknown) is not unique` (seen with
+/// the c038d8b binary itself, and here with its helper's signature).
+#[tokio::test]
+#[ignore = "an earlier release's start-up migrate reinstalls its helper beside this one: unkeyed producer calls fail as ambiguous; documented in README, Ordering, not fixed"]
+async fn producers_keep_working_after_a_previous_release_relay_reinstalls_its_helper() {
+    let env = TestEnv::new("orderoldhelper").await;
+    env.migrate().await;
+    env.pg
+        .batch_execute(&PREVIOUS_RELEASE_HELPER.replace("{s}", &format!("\"{}\"", env.name)))
+        .await
+        .unwrap();
+    let unkeyed = env
+        .pg
+        .query_one(
+            &format!("SELECT \"{}\".push_occurrence('\\x01')", env.name),
+            &[],
+        )
+        .await;
+    assert!(unkeyed.is_ok(), "{unkeyed:?}");
+    env.cleanup().await;
+}
+
+/// Integer ids order a key by number within one instant (10 after 9, not
+/// as text), and a batch's byte budget deferring rows in the middle of a
+/// key's run leaves the rest for later, in order: rows written with equal
+/// `relay_enqueued_at` (a producer writing the column itself), so only the
+/// id orders them, and bodies of 100 bytes against a 250-byte budget.
+#[tokio::test]
+async fn integer_ids_with_equal_times_and_a_byte_budget_mid_run_keep_each_key_in_order() {
+    let mut env = TestEnv::new("orderint").await;
+    env.config["relay"]["max_batch_bytes"] = 250.into();
+    env.config["relay"]["batch_size"] = 20.into();
+    // Two workers per relay: with more, idle workers' walks of the held
+    // rows slow the claims (see the ignored hot-key test): one run of this
+    // test with 5 workers took 55 s, another 3 s.
+    env.config["rabbitmq"]["retry"]["buffer_size"] = 40.into();
+    env.create_seed_tables("bigint", "bytea").await;
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let s = &env.name;
+    // Ids 1..=60, keys a/b/c in turn, all at one instant: 9 before 10.
+    env.pg
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO \"{s}\".message_queue_log (message_id, ordering_key, relay_enqueued_at)
+               SELECT i, (ARRAY['a', 'b', 'c'])[i % 3 + 1], '2026-01-01 00:00:00+00' FROM generate_series(1, 60) i;
+             INSERT INTO \"{s}\".message_queue_log_data (message_id, message_body)
+               SELECT i, convert_to(rpad(i::text, 100, '.'), 'UTF8') FROM generate_series(1, 60) i;
+             COMMIT;"
+        ))
+        .await
+        .unwrap();
+    let relays = env.relays_at_once(2).await;
+    let ids: Vec<String> = (1..=60).map(|i: i32| i.to_string()).collect();
+    consumer.wait_for_all(&ids).await;
+    let orders = env.key_orders().await;
+    assert_eq!(orders["a"][..4], ["3", "6", "9", "12"], "{orders:?}");
+    let tally = assert_keys_in_order(&consumer, &orders);
+    assert_eq!(tally.keyed_rows, 60);
+    for relay in relays {
+        relay.terminate().await;
+    }
+    env.cleanup().await;
+}
+
+/// A message in the middle of a key's run that the broker refuses by
+/// closing the channel (its exchange does not exist): the run's later
+/// message, published behind it on the closed channel, is not published
+/// again ahead of it, and waits while it is parked; other keys go on.
+#[tokio::test]
+async fn a_message_refused_mid_run_holds_back_the_rest_of_its_run() {
+    let mut env = TestEnv::new("orderrefused").await;
+    env.config["relay"]["max_attempts"] = 1.into();
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let s = &env.name;
+    let k1 = env.push_keyed(&env.pg, Some("K"), "k1").await;
+    let j1 = env.push_keyed(&env.pg, Some("J"), "j1").await;
+    let k2: String = env
+        .pg
+        .query_one(
+            &format!(
+                "SELECT \"{s}\".push_occurrence('\\x02', p_exchange => 'missing-{s}', p_ordering_key => 'K')::text"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let k3 = env.push_keyed(&env.pg, Some("K"), "k3").await;
+    let j2 = env.push_keyed(&env.pg, Some("J"), "j2").await;
+    let relay = env.relay().await;
+    consumer
+        .wait_for_all(&[k1.clone(), j1.clone(), j2.clone()])
+        .await;
+    wait_until("k2 is parked", || async { env.row_state(&k2).await.2 }).await;
+    // A row written after the parking goes: the relay claimed again.
+    let u = env.push_keyed(&env.pg, None, "u").await;
+    consumer.wait_for_all(std::slice::from_ref(&u)).await;
+    assert!(!consumer.ids().contains(&k3), "k3 went before k2");
+    assert_eq!(
+        relay.metric("pushoccurrence_ordering_breaks_total").await,
+        Some(0.0)
+    );
+    let (code, out) = env.command(&["discard", &k2]).await;
+    assert_eq!(code, Some(0), "{out}");
+    consumer.wait_for_all(std::slice::from_ref(&k3)).await;
+    let received = consumer.ids();
+    let at = |id: &String| received.iter().position(|r| r == id).unwrap();
+    assert!(at(&k1) < at(&k3) && at(&j1) < at(&j2), "{received:?}");
+    assert!(!received.contains(&k2));
+    relay.terminate().await;
+    env.cleanup().await;
+}
+
+/// A hot key's backlog does not hold back a key written after it: the
+/// other key's row arrives while the hot key is still draining (counted
+/// by the hot rows received before it, not by time). Observed with
+/// `batch_size` 10 (so 10 workers from `buffer_size` 100): claims take 0.8
+/// to 5 s each, the hot key drains about 3 rows/s, and the other key's row
+/// is not sent within 60 s; with `batch_size` 20 (5 workers) the same
+/// backlog drains about 170 rows/s and the other row goes within 10 s.
+/// Likely cause: idle workers walk up to 16 empty windows each per wake-up
+/// under the shared claim-cursor lock, and every full batch of the hot key
+/// wakes another one, so the hot key's worker waits behind their walks.
+#[tokio::test]
+#[ignore = "with many workers a hot key's backlog drains at a few rows/s and blocks other keys behind it; not fixed here"]
+async fn a_row_of_another_key_behind_a_hot_keys_backlog_overtakes_the_backlog() {
+    let mut env = TestEnv::new("orderhot").await;
+    env.config["relay"]["batch_size"] = 10.into();
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    push_many(&env, Some("hot"), 5000).await;
+    let other = env.push_keyed(&env.pg, Some("other"), "other").await;
+    let relay = env.relay().await;
+    consumer.wait_for_all(std::slice::from_ref(&other)).await;
+    let hot_before = consumer.ids().iter().position(|id| *id == other).unwrap();
+    env.wait_all_transferred().await;
+    let orders = env.key_orders().await;
+    assert_keys_in_order(&consumer, &orders);
+    eprintln!("hot rows received before the other key's row: {hot_before} of 5000");
+    assert!(hot_before < 5000, "{hot_before}");
+    relay.terminate().await;
+    env.cleanup().await;
+}

@@ -362,9 +362,11 @@ impl TestEnv {
             .pg
             .query(
                 &format!(
-                    "SELECT ordering_key, message_id::text FROM \"{}\".message_queue_log
-                      WHERE ordering_key IS NOT NULL
-                      ORDER BY ordering_key, relay_enqueued_at NULLS FIRST, message_id",
+                    // The table's message_id, not the output column of that
+                    // name: integer ids in their order, not as text.
+                    "SELECT l.ordering_key, l.message_id::text AS id FROM \"{}\".message_queue_log l
+                      WHERE l.ordering_key IS NOT NULL
+                      ORDER BY l.ordering_key, l.relay_enqueued_at NULLS FIRST, l.message_id",
                     self.name
                 ),
                 &[],
