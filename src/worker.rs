@@ -86,9 +86,6 @@ pub struct Worker {
     refused: HashMap<String, (String, Instant)>,
     metrics: Arc<Metrics>,
     unwritable: Arc<Unwritable>,
-    /// The keys this worker's last batch published in a run, which its next
-    /// claim continues.
-    continued_keys: Vec<String>,
     /// Claims in a row that took nothing but saw the backlog go on.
     empty_windows: u32,
     /// How many of the relay's workers claim.
@@ -109,7 +106,7 @@ enum Next {
 
 /// How many claims in a row that take nothing a worker makes per wake-up
 /// while the backlog goes on past them.
-const MAX_EMPTY_WINDOWS: u32 = 16;
+const MAX_EMPTY_WINDOWS: u32 = 8;
 
 /// What every worker of a relay is built with: the configuration and the
 /// outbox, and the state the workers share (the broker's state, the wake-up,
@@ -164,7 +161,6 @@ impl Worker {
             refused: HashMap::new(),
             metrics,
             unwritable,
-            continued_keys: Vec::new(),
             empty_windows: 0,
             depth,
         }
@@ -206,7 +202,6 @@ impl Worker {
                     Err(BatchError::Stopping) => return,
                     Err(error) => {
                         self.metrics.batch_failed();
-                        self.continued_keys.clear();
                         let delay = self.backoff.next_delay();
                         if matches!(error, BatchError::Topology(_)) {
                             // Reported once through the broker state.
@@ -230,7 +225,6 @@ impl Worker {
     /// it, saying what the worker does next.
     fn after_commit(&mut self, outcome: BatchOutcome) -> Result<Next, BatchError> {
         outcome.report(self.index, &self.metrics);
-        self.continued_keys.clone_from(&outcome.run_keys);
         // Only full batches tell what a batch costs: a short one is a
         // backlog's tail or a trickle, where the depth does not matter.
         if outcome.claimed >= self.config.relay.batch_size {
@@ -311,7 +305,7 @@ impl Worker {
             cursor: &self.cursor,
             refused: &self.refused,
             unwritable: &self.unwritable,
-            continued_keys: &self.continued_keys,
+            worker: self.index,
         };
         let result = steps.run(client, publisher).await;
         if result.is_err() {

@@ -136,10 +136,12 @@ pub const KEYED_PREDICATE: &str = "ordering_key IS NOT NULL AND transferred IS N
 /// their insert order; NULL (the default) leaves a row unordered. With its
 /// SQL type and the type names accepted in an existing table.
 pub const ORDERING_COLUMN: (&str, &str, &[&str]) = ("ordering_key", "text", TEXT);
-/// How many rows past the cursor a claim looks at for every row it may
-/// take: the rows of a key behind its head are not claimable, so a claim
-/// looks further than its batch, but never through a whole backlog of one
-/// key (the heads it finds there are few, and each costs an index probe).
+/// How many rows past the cursor a claim looks at, at first, for every row
+/// it may take: the rows of a key behind its head are not claimable, so a
+/// claim looks further than its batch, but never through a whole backlog of
+/// one key at once (the heads it finds there are few, and each costs an
+/// index probe). After claims that took nothing the window grows (the
+/// worker's claim cursor).
 pub const CLAIM_WINDOW_FACTOR: i64 = 2;
 /// The most keys a worker's next claim continues from its last batch:
 /// keys whose rows it published in a run, so a key with a deep backlog
@@ -871,16 +873,16 @@ impl Outbox {
     /// [`Statements::bodies`]).
     ///
     /// Which rows, in three steps:
-    /// * **The window.** At most the next `$1` × [`CLAIM_WINDOW_FACTOR`]
+    /// * **The window.** At most the next `$5` (a few times `$1`)
     ///   pending rows that are due in [`CLAIM_ORDER`], through the partial
     ///   index, read only until the claim has its rows (rows waiting out a
     ///   retry delay are passed over in the scan, so a backlog of them never
     ///   fills a window and keeps a new row from its claim); with
-    ///   `after_cursor` only rows after the position (`$5` enqueued at, `$6`
+    ///   `after_cursor` only rows after the position (`$6` enqueued at, `$7`
     ///   id), so claims walk the backlog round-robin and no row waits longer
     ///   than one pass, however large the backlog, nor behind rows that
-    ///   commit late. The heads of the keys in `$4` (the keys a worker's last
-    ///   batch published in a run) come first, and the window passes over
+    ///   commit late. The heads of the keys in `$4` (the keys the relay's
+    ///   workers' last claims took in a run) come first, and the window passes over
     ///   the other rows of those keys without probing them. A claim short of
     ///   `$1` rows also returns the window's last row, if the backlog reaches
     ///   that far: the next claim starts past it.
@@ -897,7 +899,7 @@ impl Outbox {
     pub fn claim_sql(&self, after_cursor: bool) -> String {
         let cursor = if after_cursor {
             format!(
-                "AND (l.relay_enqueued_at, l.message_id) > ($5::timestamptz, $6::text::{})",
+                "AND (l.relay_enqueued_at, l.message_id) > ($6::timestamptz, $7::text::{})",
                 self.id_type
             )
         } else {
@@ -951,7 +953,7 @@ impl Outbox {
                    FROM (SELECT l.ctid AS row_id, l.message_id, l.relay_enqueued_at FROM {log} l
                           WHERE l.{pending} {cursor} AND {l_due}
                           ORDER BY {l_order}
-                          LIMIT $1::int8 * {CLAIM_WINDOW_FACTOR}) w
+                          LIMIT $5::int8) w
                    JOIN {log} l ON l.ctid = w.row_id
                   WHERE {l_claimable}
                     -- A continued key's head is taken above; its other rows
@@ -1009,7 +1011,7 @@ impl Outbox {
                  SELECT l.relay_enqueued_at, l.message_id FROM {log} l
                   WHERE (SELECT count(*) FROM claimed) < $1 AND l.{pending} {cursor} AND {l_due}
                   ORDER BY {l_order}
-                 OFFSET $1::int8 * {CLAIM_WINDOW_FACTOR} - 1 LIMIT 1)
+                 OFFSET $5::int8 - 1 LIMIT 1)
              SELECT e.relay_enqueued_at, e.message_id::text, f.*
                FROM (SELECT) one
                LEFT JOIN edge e ON true
@@ -1634,6 +1636,7 @@ impl Statements {
         &self,
         tx: &Transaction<'_>,
         limits: &ClaimLimits,
+        window: i64,
         after: Option<&ClaimPosition>,
         continued_keys: &[String],
     ) -> Result<Claim, tokio_postgres::Error> {
@@ -1642,16 +1645,17 @@ impl Statements {
         let max_batch = i64::try_from(limits.max_batch_bytes).unwrap_or(i64::MAX);
         let returned = match after {
             None => {
-                self.claim_first
-                    .run(tx, &[&rows, &max_message, &max_batch, &continued_keys])
-                    .await?
+                let params: [&(dyn ToSql + Sync); 5] =
+                    [&rows, &max_message, &max_batch, &continued_keys, &window];
+                self.claim_first.run(tx, &params).await?
             }
             Some(after) => {
-                let params: [&(dyn ToSql + Sync); 6] = [
+                let params: [&(dyn ToSql + Sync); 7] = [
                     &rows,
                     &max_message,
                     &max_batch,
                     &continued_keys,
+                    &window,
                     &after.enqueued_at,
                     &after.id,
                 ];
@@ -2055,7 +2059,7 @@ mod tests {
         let claim = o.claim_sql(true);
         assert!(
             claim.contains(
-                "(l.relay_enqueued_at, l.message_id) > ($5::timestamptz, $6::text::uuid)"
+                "(l.relay_enqueued_at, l.message_id) > ($6::timestamptz, $7::text::uuid)"
             ),
             "{claim}"
         );
@@ -2063,7 +2067,7 @@ mod tests {
             claim.contains("ORDER BY l.relay_enqueued_at NULLS FIRST, l.message_id"),
             "{claim}"
         );
-        assert!(!o.claim_sql(false).contains("$5"));
+        assert!(!o.claim_sql(false).contains("$6"));
         assert!(
             claim.contains("\"Data\".\"message_queue_log\" l"),
             "{claim}"

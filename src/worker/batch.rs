@@ -24,8 +24,8 @@ use super::unwritable::Unwritable;
 use crate::amqp::soft_kind;
 use crate::config::RelayConfig;
 use crate::db::outbox::{
-    self, AttemptRule, Claim, ClaimLimits, ClaimPosition, ClaimedRow, Fetched, MAX_CONTINUED_KEYS,
-    RecordedFailure, SERVER_SESSION_SQL, Statements,
+    self, AttemptRule, CLAIM_WINDOW_FACTOR, Claim, ClaimLimits, ClaimPosition, ClaimedRow, Fetched,
+    MAX_CONTINUED_KEYS, RecordedFailure, SERVER_SESSION_SQL, Statements,
 };
 use crate::db::{self, describe};
 use crate::metrics::Metrics;
@@ -43,12 +43,46 @@ const LOG_TARGET: &str = "pushoccurrence::worker";
 /// published; after it, one more try shows whether the refusal still holds.
 const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 
-/// The position of a relay's claims in the backlog, shared by its workers.
-/// Claims walk the pending rows in claim order (oldest first) from here and
-/// wrap around at the end, so no row waits longer than one pass, however
-/// large the backlog.
+/// Where a relay's claims stand, shared by its workers and held for the
+/// length of a claim (one claim at a time per relay).
 #[derive(Debug, Default)]
-pub struct ClaimCursor(tokio::sync::Mutex<Option<ClaimPosition>>);
+pub struct ClaimCursor(tokio::sync::Mutex<CursorState>);
+
+#[derive(Debug, Default)]
+struct CursorState {
+    /// The position in the backlog. Claims walk the pending rows in claim
+    /// order (oldest first) from here and wrap around at the end, so no row
+    /// waits longer than one pass, however large the backlog.
+    position: Option<ClaimPosition>,
+    /// How many times the batch size the next claim's window is: doubled
+    /// after each claim that took nothing from a full window (a deep
+    /// backlog of rows behind their keys' heads is crossed in a few claims,
+    /// not one window per wake-up), back to [`CLAIM_WINDOW_FACTOR`] once a
+    /// claim takes rows or the backlog's end is reached.
+    window_factor: i64,
+    /// The keys each worker's last claim took in a run, which every claim
+    /// continues ([`MAX_CONTINUED_KEYS`] in all).
+    run_keys: HashMap<usize, Vec<String>>,
+}
+
+/// The largest window, in batch sizes.
+const MAX_WINDOW_FACTOR: i64 = 64;
+
+impl CursorState {
+    /// The keys the next claim continues: every worker's last runs.
+    fn continued_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = Vec::new();
+        for key in self.run_keys.values().flatten() {
+            if keys.len() == MAX_CONTINUED_KEYS {
+                break;
+            }
+            if !keys.contains(key) {
+                keys.push(key.clone());
+            }
+        }
+        keys
+    }
+}
 
 /// What the steps of one batch read, borrowed from the worker for the batch.
 pub(super) struct Steps<'w> {
@@ -71,9 +105,8 @@ pub(super) struct Steps<'w> {
     pub refused: &'w HashMap<String, (String, Instant)>,
     /// Rows whose failures only this process can count.
     pub unwritable: &'w Unwritable,
-    /// Keys this worker's last batch published in a run: the claim takes
-    /// their heads first (see [`Outbox::claim_sql`](crate::db::outbox::Outbox::claim_sql)).
-    pub continued_keys: &'w [String],
+    /// The worker's number, under which the cursor keeps its runs' keys.
+    pub worker: usize,
 }
 
 /// What one batch did: counted and logged by [`BatchOutcome::report`], and
@@ -89,9 +122,6 @@ pub(super) struct BatchOutcome {
     /// (rows behind their keys' heads, rows others hold): the next claim
     /// looks further.
     pub advanced: bool,
-    /// The keys whose rows followed their head in this batch: the next
-    /// claim continues them.
-    pub run_keys: Vec<String>,
     /// Rows held back for the batch's byte budget (not a failure).
     pub deferred: usize,
     /// Rows held back behind an earlier row of their ordering key that the
@@ -182,7 +212,6 @@ struct Pass {
     claimed: usize,
     wrapped: bool,
     advanced: bool,
-    run_keys: Vec<String>,
 }
 
 /// The keys whose rows a claim took in a run behind their head, at most
@@ -306,7 +335,6 @@ impl Steps<'_> {
                 ..BatchOutcome::default()
             });
         }
-        let run_keys = run_keys(&claim.rows);
         let fetched = self.read_bodies(&tx, &plan, claim).await?;
         let claimed_at = started.elapsed();
         let mut batch = assemble(plan, fetched, self.router);
@@ -340,7 +368,6 @@ impl Steps<'_> {
                 claimed,
                 wrapped,
                 advanced,
-                run_keys,
             },
             classified,
             unmarked.len(),
@@ -361,10 +388,15 @@ impl Steps<'_> {
             max_message_bytes: relay.max_message_bytes,
             max_batch_bytes: relay.max_batch_bytes,
         };
-        let mut position = self.cursor.0.lock().await;
-        let claim = self
-            .statements
-            .claim(tx, &limits, position.as_ref(), self.continued_keys);
+        let mut cursor = self.cursor.0.lock().await;
+        let window_factor = cursor.window_factor.max(CLAIM_WINDOW_FACTOR);
+        let continued = cursor.continued_keys();
+        let window = i64::try_from(relay.batch_size)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(window_factor);
+        let claim =
+            self.statements
+                .claim(tx, &limits, window, cursor.position.as_ref(), &continued);
         let claim = match self.transaction_settings {
             // Behind a transaction pooler the session's settings last one
             // transaction: set them with the claim, in the same round trip
@@ -408,24 +440,35 @@ impl Steps<'_> {
         let full = plan.claimed >= relay.batch_size;
         // A short claim whose window did not fill reached the end of the
         // backlog: the next claim starts a new pass from the oldest.
-        let wrapped = position.is_some() && !full && !claim.window_full;
+        let wrapped = cursor.position.is_some() && !full && !claim.window_full;
         // A short claim whose window filled looked at rows it could not
         // take (the rows behind their keys' heads, rows other sessions
         // hold): the next claim looks past them.
         let advanced = !full && claim.window_full;
         if wrapped {
-            *position = None;
+            cursor.position = None;
         } else if full {
             // Only forward: the heads of continued keys sort before the
             // cursor, and a claim of those alone must not send the next
             // claims back over rows already looked at.
             if let Some(next) = &plan.cursor
-                && position.as_ref().is_none_or(|at| next.is_after(at))
+                && cursor.position.as_ref().is_none_or(|at| next.is_after(at))
             {
-                *position = Some(next.clone());
+                cursor.position = Some(next.clone());
             }
         } else if advanced {
-            position.clone_from(&claim.window_end);
+            cursor.position.clone_from(&claim.window_end);
+        }
+        cursor.window_factor = if advanced && plan.claimed == 0 {
+            (window_factor * 2).min(MAX_WINDOW_FACTOR)
+        } else {
+            CLAIM_WINDOW_FACTOR
+        };
+        let runs = run_keys(&claim.rows);
+        if runs.is_empty() {
+            cursor.run_keys.remove(&self.worker);
+        } else {
+            cursor.run_keys.insert(self.worker, runs);
         }
         Ok(Claimed {
             plan,
@@ -640,7 +683,6 @@ impl BatchOutcome {
             claimed,
             wrapped,
             advanced,
-            run_keys,
         }: Pass,
         classified: Classified,
         unmarked: usize,
@@ -654,7 +696,6 @@ impl BatchOutcome {
             claimed,
             wrapped,
             advanced,
-            run_keys,
             deferred: classified.deferred,
             behind_key: classified.behind_key,
             ordering_breaks: classified.ordering_breaks,

@@ -126,14 +126,14 @@ async fn the_claim_query_uses_the_partial_index_not_a_scan_of_history() {
     // settings make the sessions run.
     env.pg
         .batch_execute(&format!(
-            "PREPARE claim(int8, int8, int8, text[], timestamptz, text) AS {}",
+            "PREPARE claim(int8, int8, int8, text[], int8, timestamptz, text) AS {}",
             outbox.claim_sql(true)
         ))
         .await
         .unwrap();
     let plan = env
         .texts(
-            "EXPLAIN EXECUTE claim(100, 1000000, 16000000, '{}', '-infinity', '00000000-0000-0000-0000-000000000000')",
+            "EXPLAIN EXECUTE claim(100, 1000000, 16000000, '{}', 200, '-infinity', '00000000-0000-0000-0000-000000000000')",
             &[],
         )
         .await
@@ -256,6 +256,7 @@ async fn claims_take_the_oldest_rows_first_and_an_earlier_pending_index_is_repla
     let after = env.pg.prepare(&outbox.claim_sql(true)).await.unwrap();
     let (limit, max) = (2_i64, 1_000_000_i64);
     let no_keys: Vec<String> = Vec::new();
+    let window = limit * 2;
     let claimed = |rows: Vec<tokio_postgres::Row>| -> Vec<ClaimedRow> {
         rows.iter()
             .filter_map(|r| ClaimedRow::decode(r).unwrap().map(|(row, _)| row))
@@ -263,7 +264,7 @@ async fn claims_take_the_oldest_rows_first_and_an_earlier_pending_index_is_repla
     };
     let batch = claimed(
         env.pg
-            .query(&first, &[&limit, &max, &max, &no_keys])
+            .query(&first, &[&limit, &max, &max, &no_keys, &window])
             .await
             .unwrap(),
     );
@@ -274,7 +275,10 @@ async fn claims_take_the_oldest_rows_first_and_an_earlier_pending_index_is_repla
     let cursor = last.enqueued_at.as_ref().unwrap();
     let batch = claimed(
         env.pg
-            .query(&after, &[&limit, &max, &max, &no_keys, cursor, &last.id])
+            .query(
+                &after,
+                &[&limit, &max, &max, &no_keys, &window, cursor, &last.id],
+            )
             .await
             .unwrap(),
     );
@@ -291,7 +295,7 @@ async fn claims_take_the_oldest_rows_first_and_an_earlier_pending_index_is_repla
         .unwrap();
     let batch = claimed(
         env.pg
-            .query(&first, &[&limit, &max, &max, &no_keys])
+            .query(&first, &[&limit, &max, &max, &no_keys, &window])
             .await
             .unwrap(),
     );
