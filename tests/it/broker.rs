@@ -272,7 +272,9 @@ async fn a_long_broker_alarm_duplicates_nothing_in_flight() {
     env.config["rabbitmq"]["retry"]["buffer_size"] = 10.into();
     let consumer = Consumer::start(&broker.url(), &env.name).await;
     env.migrate().await;
-    let ids = env.insert_many(20_000, 5000).await;
+    // Enough for the alarm to land mid-drain, few enough to drain within
+    // the tests' patience on a loaded machine once it is over.
+    let ids = env.insert_many(10_000, 5000).await;
     let relay = env.relay().await;
     wait_until("the drain is under way", || async {
         consumer.count() >= 1000
