@@ -169,6 +169,75 @@ async fn producers_holding_their_transactions_open_on_one_key_still_deliver_in_o
     env.cleanup().await;
 }
 
+/// A head's run (its key's following rows, claimed with it) stops at the
+/// first row that is not due or that another session holds locked: a row
+/// after it must not go out before it.
+#[tokio::test]
+async fn a_run_stops_at_a_row_not_yet_due_or_locked_elsewhere() {
+    let env = TestEnv::new("orderrun").await;
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for i in 1..=3 {
+        a.push(env.push_keyed(&env.pg, Some("A"), &format!("a{i}")).await);
+    }
+    for i in 1..=4 {
+        b.push(env.push_keyed(&env.pg, Some("B"), &format!("b{i}")).await);
+    }
+    let s = &env.name;
+    env.pg
+        .execute(
+            &format!(
+                "UPDATE \"{s}\".message_queue_log SET relay_next_attempt_at = now() + interval '1 hour'
+                  WHERE message_id::text = $1"
+            ),
+            &[&a[1]],
+        )
+        .await
+        .unwrap();
+    let mut holder = pg().await;
+    let held = holder.transaction().await.unwrap();
+    held.execute(
+        &format!("SELECT 1 FROM \"{s}\".message_queue_log WHERE message_id::text = $1 FOR UPDATE"),
+        &[&b[2]],
+    )
+    .await
+    .unwrap();
+    let relay = env.relay().await;
+    consumer
+        .wait_for_all(&[a[0].clone(), b[0].clone(), b[1].clone()])
+        .await;
+    wait_until("a1, b1 and b2 are marked", || async {
+        env.pending().await <= 4
+    })
+    .await;
+    assert_eq!(env.pending().await, 4, "a2, a3, b3 and b4 wait");
+    let received = consumer.ids();
+    assert!(
+        !received.contains(&a[2]) && !received.contains(&b[3]),
+        "a row behind one not due or locked went out: {received:?}"
+    );
+
+    held.rollback().await.unwrap();
+    env.pg
+        .execute(
+            &format!(
+                "UPDATE \"{s}\".message_queue_log SET relay_next_attempt_at = NULL WHERE message_id::text = $1"
+            ),
+            &[&a[1]],
+        )
+        .await
+        .unwrap();
+    // The relay sweeps every idle_sleep_ms; no notification is needed.
+    consumer
+        .wait_for_all(&[a.clone(), b.clone()].concat())
+        .await;
+    assert_keys_in_order(&consumer, &env.key_orders().await);
+    relay.terminate().await;
+    env.cleanup().await;
+}
+
 /// Inserts a status row of `key` without a data row: bad input the relay
 /// retries, then parks.
 async fn insert_bodiless(env: &TestEnv, id: &str, key: &str) {
