@@ -354,14 +354,15 @@ async fn ordering_only(bench: &Bench, relay_bin: &Path, args: &Args) -> anyhow::
     let mut report = Report::default();
     report.ordering = Some(run_ordering(bench, relay_bin, args).await?);
     bench.cleanup().await;
-    println!("\n== summary ({}) ==", machine_description(&bench.pg).await);
+    let machine = machine_description(&bench.pg).await;
+    println!("\n== summary ({machine}) ==");
     report.print_ordering();
     if !args.out.is_empty() {
         let path = Path::new(&args.out).join("benchmarks.md");
         let existing = std::fs::read_to_string(&path).unwrap_or_default();
         std::fs::write(
             &path,
-            report::ordering::splice(&existing, &report.ordering_markdown()),
+            report::ordering::splice(&existing, &report.ordering_markdown(&machine)),
         )?;
         println!("wrote the ordered drains' section of {}", path.display());
     }

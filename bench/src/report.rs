@@ -242,7 +242,7 @@ impl Report {
                \"Kept up\" means the producers reached 95 % of the offered rate and the last event arrived\n\
                within one second of the last commit.\n\n";
         md += &self.scale_markdown(args, bench.config.relay.buffer_size);
-        md += &self.ordering_markdown();
+        md += &self.ordering_markdown(machine);
         md += &format!(
             "## Choosing the AMQP client\n\n\
              In this run amqprs published {:.1}x as fast as lapin with the same window. The relay still uses\n\
@@ -275,7 +275,7 @@ fn settings(bench: &Bench) -> String {
     )
 }
 
-fn today() -> String {
+pub(crate) fn today() -> String {
     std::process::Command::new("date")
         .arg("+%Y-%m-%d")
         .output()
