@@ -123,7 +123,7 @@ impl Bench {
     /// Baseline: the seed's algorithm, one message per transaction and confirm.
     pub(crate) async fn seed_algorithm(&self, n: usize) -> anyhow::Result<f64> {
         self.reset().await?;
-        self.fill(NAME, n, None).await?;
+        self.fill(NAME, n, None, None).await?;
         let ids = self.ids_in_order().await?;
         let consumer = Consumer::start(&self.amqp_url, false).await?;
         let mut pg = pg_connect(self.pg_port).await?;

@@ -190,23 +190,38 @@ impl Bench {
 
     /// Inserts `n` pending rows with bodies of the configured size and
     /// `ids` (the bench's when `None`) into `schema`'s outbox, and refreshes
-    /// its statistics as a relay's table would have them.
+    /// its statistics as a relay's table would have them. With `keys`, the
+    /// rows take that many ordering keys in turn (`k0`, `k1`, … `k0`
+    /// again), so each key's rows lie spread over the backlog; one key is a
+    /// single hot key holding every row.
     pub(crate) async fn fill(
         &self,
         schema: &str,
         n: usize,
         ids: Option<Ids>,
+        keys: Option<u32>,
     ) -> anyhow::Result<()> {
+        let key = match keys {
+            Some(_) => "'k' || (i % $3::int)",
+            None => "NULL::text",
+        };
+        let keys = i32::try_from(keys.unwrap_or(1))?;
+        let n = i32::try_from(n)?;
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&n, &self.body];
+        if key.contains("$3") {
+            params.push(&keys);
+        }
         self.pg
             .execute(
                 &format!(
-                    "WITH ids AS (INSERT INTO {schema}.message_queue_log (message_id)
-                                  SELECT {id} FROM generate_series(1, $1::int) RETURNING message_id)
+                    "WITH ids AS (INSERT INTO {schema}.message_queue_log (message_id, ordering_key)
+                                  SELECT {id}, {key} FROM generate_series(1, $1::int) AS i
+                                   ORDER BY i RETURNING message_id)
                      INSERT INTO {schema}.message_queue_log_data (message_id, message_body)
                      SELECT message_id, $2::bytea FROM ids",
                     id = ids.unwrap_or(self.ids).sql()
                 ),
-                &[&i32::try_from(n)?, &self.body],
+                &params,
             )
             .await?;
         self.pg

@@ -19,6 +19,13 @@
 //!    through delay proxies ([`proxy`]), against lapin's bare publisher
 //!    through the same delay, in alternating pairs per round trip.
 //!
+//! Ordered scenarios ([`ordering`]), only when asked for (`--ordering`,
+//! or `--ordering-only` to run them alone and put their section into the
+//! `benchmarks.md` an earlier run wrote):
+//! 6. drains with `--ordering-keys` keys and with one hot key, each against
+//!    the unordered drain of its round; live latency at `--ordering-rate`
+//!    with keys against without.
+//!
 //! Baselines ([`baselines`]): a bare publisher with lapin and with amqprs,
 //! each with the relay's in-flight window, and the seed's algorithm (per
 //! message: lock, read, publish, wait for the confirm, mark, commit).
@@ -39,6 +46,7 @@
 //! * [`scenarios`]: the relay's backlog drain and live latency.
 //! * [`scale`]: the history, backlog and distance scenarios; [`proxy`] the
 //!   delay proxy.
+//! * [`ordering`]: the ordered drains and latency.
 //! * [`baselines`]: bare lapin and amqprs publishers, the seed's algorithm.
 //! * [`procstat`]: CPU seconds and memory per process, from `/proc`.
 //! * [`report`]: the summary, `benchmarks.md`; [`report::scale`] the scale
@@ -49,6 +57,7 @@
 mod baselines;
 mod consumer;
 mod harness;
+mod ordering;
 mod procstat;
 mod proxy;
 mod report;
@@ -130,6 +139,23 @@ struct Args {
     /// RabbitMQ, each measured after none; none by default.
     #[arg(long, value_delimiter = ',')]
     rtt_ms: Vec<f64>,
+    /// Runs the ordered scenarios too: drains of `--rows` rows over
+    /// `--ordering-keys` keys and over one hot key, each against an
+    /// unordered drain in `--pairs` rounds, and keyed latency at
+    /// `--ordering-rate` against unkeyed.
+    #[arg(long)]
+    ordering: bool,
+    /// Runs only the ordered scenarios, and puts their section into the
+    /// `benchmarks.md` in `--out` in place of an older one, leaving the
+    /// rest of the file (and the charts) as an earlier run wrote them.
+    #[arg(long)]
+    ordering_only: bool,
+    /// Distinct ordering keys of the ordered scenarios.
+    #[arg(long, default_value_t = 10_000)]
+    ordering_keys: u32,
+    /// Offered rate (events/s) of the ordered scenarios' latency pairs.
+    #[arg(long, default_value_t = 2000)]
+    ordering_rate: u32,
     /// `RUST_LOG` of the relay processes the bench starts.
     #[arg(long, env = "BENCH_RELAY_LOG", default_value = "warn")]
     relay_log: String,
@@ -147,6 +173,10 @@ async fn run() -> anyhow::Result<()> {
     let relay_bin = relay_binary()?;
     let bench = Bench::new(&args).await?;
     let mut report = Report::default();
+
+    if args.ordering_only {
+        return ordering_only(&bench, &relay_bin, &args).await;
+    }
 
     let window = bench.config.relay.buffer_size;
     println!(
@@ -180,7 +210,9 @@ async fn run() -> anyhow::Result<()> {
 
     for &rate in &args.rates {
         println!("live latency at {rate} events/s for {} s", args.secs);
-        let latency = bench.live_latency(&relay_bin, rate, args.secs).await?;
+        let latency = bench
+            .live_latency(&relay_bin, rate, args.secs, None)
+            .await?;
         println!("  {latency}");
         report.latency.push(latency);
     }
@@ -208,6 +240,9 @@ async fn run() -> anyhow::Result<()> {
     }
 
     run_scale(&bench, &relay_bin, &args, &mut report).await?;
+    if args.ordering {
+        report.ordering = Some(run_ordering(&bench, &relay_bin, &args).await?);
+    }
 
     bench.cleanup().await;
     let machine = machine_description(&bench.pg).await;
@@ -286,6 +321,50 @@ async fn run_scale(
                 .history(relay_bin, ids, &sizes, args.rows, rounds)
                 .await?,
         );
+    }
+    Ok(())
+}
+
+/// The ordered scenarios, as `args` size them.
+async fn run_ordering(
+    bench: &Bench,
+    relay_bin: &Path,
+    args: &Args,
+) -> anyhow::Result<ordering::OrderingRun> {
+    let rounds = args.pairs.max(1);
+    println!(
+        "ordered drains of {} rows (unordered, {} keys, one hot key), {rounds} rounds; then latency at {}/s for {} s without and with keys, {rounds} pairs",
+        args.rows, args.ordering_keys, args.ordering_rate, args.secs
+    );
+    bench
+        .ordering(
+            relay_bin,
+            args.rows,
+            args.ordering_keys,
+            rounds,
+            args.ordering_rate,
+            args.secs,
+        )
+        .await
+}
+
+/// `--ordering-only`: the ordered scenarios alone, their summary, and their
+/// section put into the existing `benchmarks.md`.
+async fn ordering_only(bench: &Bench, relay_bin: &Path, args: &Args) -> anyhow::Result<()> {
+    let mut report = Report::default();
+    report.ordering = Some(run_ordering(bench, relay_bin, args).await?);
+    bench.cleanup().await;
+    let machine = machine_description(&bench.pg).await;
+    println!("\n== summary ({machine}) ==");
+    report.print_ordering();
+    if !args.out.is_empty() {
+        let path = Path::new(&args.out).join("benchmarks.md");
+        let existing = std::fs::read_to_string(&path).unwrap_or_default();
+        std::fs::write(
+            &path,
+            report::ordering::splice(&existing, &report.ordering_markdown(&machine)),
+        )?;
+        println!("wrote the ordered drains' section of {}", path.display());
     }
     Ok(())
 }

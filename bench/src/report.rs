@@ -1,8 +1,10 @@
 //! The run's results: the summary printed at the end, `benchmarks.md`
 //! (throughput, where the CPU goes, the sweep of batch sizes, latency, the
-//! scale scenarios that ran, the choice of AMQP client) and, in [`svg`],
-//! the charts. [`scale`] writes the scale scenarios' parts.
+//! scale scenarios that ran, the ordered drains, the choice of AMQP client)
+//! and, in [`svg`], the charts. [`scale`] writes the scale scenarios'
+//! parts, [`ordering`] the ordered drains'.
 
+pub(crate) mod ordering;
 pub(crate) mod scale;
 pub(crate) mod svg;
 
@@ -11,6 +13,7 @@ use tokio_postgres::Client;
 use crate::Args;
 use crate::baselines::Bare;
 use crate::harness::Bench;
+use crate::ordering::OrderingRun;
 use crate::scale::{BacklogSize, DistanceStep, HistoryRun};
 use crate::scenarios::{Drain, Latency};
 
@@ -33,6 +36,8 @@ pub(crate) struct Report {
     pub(crate) backlog: Vec<BacklogSize>,
     /// The distance scenario, per added round trip (`--rtt-ms`).
     pub(crate) distance: Vec<DistanceStep>,
+    /// The ordered drains and latency (`--ordering`).
+    pub(crate) ordering: Option<OrderingRun>,
 }
 
 impl Report {
@@ -89,6 +94,7 @@ impl Report {
             println!("latency: {l}");
         }
         self.print_scale();
+        self.print_ordering();
     }
 
     pub(crate) fn markdown(&self, bench: &Bench, machine: &str, args: &Args) -> String {
@@ -236,6 +242,7 @@ impl Report {
                \"Kept up\" means the producers reached 95 % of the offered rate and the last event arrived\n\
                within one second of the last commit.\n\n";
         md += &self.scale_markdown(args, bench.config.relay.buffer_size);
+        md += &self.ordering_markdown(machine);
         md += &format!(
             "## Choosing the AMQP client\n\n\
              In this run amqprs published {:.1}x as fast as lapin with the same window. The relay still uses\n\
@@ -269,7 +276,7 @@ fn settings(bench: &Bench) -> String {
     )
 }
 
-fn today() -> String {
+pub(crate) fn today() -> String {
     std::process::Command::new("date")
         .arg("+%Y-%m-%d")
         .output()

@@ -26,6 +26,9 @@ pub(crate) struct DrainSetup<'a> {
     pub(crate) blocks: bool,
     /// The pending rows' ids, when not the bench's.
     pub(crate) ids: Option<Ids>,
+    /// Ordering keys the rows take in turn ([`Bench::fill`]); none by
+    /// default.
+    pub(crate) keys: Option<u32>,
 }
 
 impl Default for DrainSetup<'_> {
@@ -37,6 +40,7 @@ impl Default for DrainSetup<'_> {
             idle: true,
             blocks: false,
             ids: None,
+            keys: None,
         }
     }
 }
@@ -71,7 +75,7 @@ impl Bench {
             self.reset_outbox(schema).await?;
         }
         self.reset_queue().await?;
-        self.fill(schema, n, setup.ids).await?;
+        self.fill(schema, n, setup.ids, setup.keys).await?;
         let blocks_before = match setup.blocks {
             true => Some(Blocks::read(self, schema).await?),
             false => None,
@@ -124,12 +128,16 @@ impl Bench {
         })
     }
 
-    /// Scenario 2: producers at `rate` events/s for `secs` while the relay runs.
+    /// Scenario 2: producers at `rate` events/s for `secs` while the relay
+    /// runs. With `keys`, each event gets one of that many ordering keys at
+    /// random (a transaction's keys in sorted order, so producers that
+    /// lock the same two keys cannot deadlock).
     pub(crate) async fn live_latency(
         &self,
         bin: &Path,
         rate: u32,
         secs: u64,
+        keys: Option<u32>,
     ) -> anyhow::Result<Latency> {
         self.reset().await?;
         let consumer = Consumer::start(&self.amqp_url, true).await?;
@@ -158,22 +166,33 @@ impl Bench {
         let per_producer = tx_rate / producers;
         let total_per_producer = (per_producer * secs as f64) as usize;
         let per_tx = i32::try_from(per_tx).unwrap_or(1);
+        let keys = i32::try_from(keys.unwrap_or(0))?;
+        let sql = match keys {
+            0 => format!(
+                "SELECT {NAME}.push_occurrence($1::bytea)::text FROM generate_series(1, $2::int)"
+            ),
+            _ => format!(
+                "SELECT {NAME}.push_occurrence($1::bytea, p_ordering_key => k)::text
+                   FROM (SELECT 'k' || floor(random() * $3::int)::int AS k
+                           FROM generate_series(1, $2::int) ORDER BY 1) keys"
+            ),
+        };
         let started = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..producers as usize {
             let pg = pg_connect(self.pg_port).await?;
             let body = self.body.clone();
+            let sql = sql.clone();
             tasks.push(tokio::spawn(async move {
-                let statement = pg
-                    .prepare(&format!(
-                        "SELECT {NAME}.push_occurrence($1::bytea)::text FROM generate_series(1, $2::int)"
-                    ))
-                    .await?;
+                let statement = pg.prepare(&sql).await?;
                 let mut commits = Vec::with_capacity(total_per_producer);
                 for i in 0..total_per_producer {
                     let due = started + Duration::from_secs_f64(i as f64 / per_producer);
                     tokio::time::sleep_until(due.into()).await;
-                    let rows = pg.query(&statement, &[&body, &per_tx]).await?;
+                    let rows = match keys {
+                        0 => pg.query(&statement, &[&body, &per_tx]).await?,
+                        _ => pg.query(&statement, &[&body, &per_tx, &keys]).await?,
+                    };
                     let committed = Instant::now();
                     commits.extend(rows.iter().map(|r| (r.get::<_, String>(0), committed)));
                 }

@@ -6,6 +6,7 @@
 
 mod bad_input; // each bad-input rule: retried, parked with a reason, stream keeps flowing
 mod broker; // channel faults, refused messages, full queues, long alarms, a lost queue: owner pays
+mod chaos; // the chaos runs' relays behind proxies, their faults, producers of keyed events
 mod cli; // the binary's commands: bad config, check, exit codes, secrets
 mod cluster; // a three-node RabbitMQ cluster, quorum queues, nodes stopped under load
 mod failover; // a private primary and its streaming standby: the primary dies, the standby is promoted, the relay follows

@@ -694,6 +694,27 @@ pub fn report_chaos(run: &str, setup: &str, t: &Tally) {
     assert_eq!((t.lost, t.unexpected), (0, 0), "{t:?}");
 }
 
+/// A chaos run's order check: prints `{run}: ` and the order tally (the
+/// line docs/chaos.md quotes after [`report_chaos`]'s), then asserts no
+/// keyed row was lost and every key's first deliveries were in order.
+pub fn report_key_order(run: &str, t: &OrderTally) {
+    println!(
+        "{run}: keys {} / keyed rows {} / first deliveries {} / duplicates {} / lost {} / out of order {}",
+        t.keys,
+        t.keyed_rows,
+        t.first_deliveries,
+        t.duplicates,
+        t.lost,
+        t.out_of_order.len()
+    );
+    assert!(
+        t.lost == 0 && t.out_of_order.is_empty(),
+        "lost {}, out of order: {:?}",
+        t.lost,
+        &t.out_of_order[..t.out_of_order.len().min(10)]
+    );
+}
+
 /// What a per-key order check found, in the manner of Jepsen's queue
 /// checker: for each ordering key, the first deliveries must follow the
 /// rows' order; repeats are allowed (at-least-once) and counted.
