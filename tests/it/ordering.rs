@@ -150,14 +150,14 @@ async fn a_claim_probes_a_key_backwards_from_each_row() {
     }
     env.pg
         .batch_execute(&format!(
-            "PREPARE claim(int8, int8, int8, text[]) AS {}",
+            "PREPARE claim(int8, int8, int8, text[], int8) AS {}",
             outbox.claim_sql(false)
         ))
         .await
         .unwrap();
     let plan = env
         .texts(
-            "EXPLAIN EXECUTE claim(128, 1000000, 16000000, '{hot}')",
+            "EXPLAIN EXECUTE claim(128, 1000000, 16000000, '{}', 256)",
             &[],
         )
         .await
