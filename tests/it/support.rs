@@ -777,21 +777,7 @@ pub fn assert_keys_in_order(
     orders: &HashMap<String, Vec<String>>,
 ) -> OrderTally {
     let t = check_key_order(consumer, orders);
-    eprintln!(
-        "keys {} / keyed rows {} / first deliveries {} / duplicates {} / lost {} / out of order {}",
-        t.keys,
-        t.keyed_rows,
-        t.first_deliveries,
-        t.duplicates,
-        t.lost,
-        t.out_of_order.len()
-    );
-    assert!(
-        t.lost == 0 && t.out_of_order.is_empty(),
-        "lost {}, out of order: {:?}",
-        t.lost,
-        &t.out_of_order[..t.out_of_order.len().min(10)]
-    );
+    report_key_order("key order", &t);
     t
 }
 
