@@ -112,25 +112,9 @@ async fn the_claim_query_uses_the_partial_index_not_a_scan_of_history() {
         ))
         .await
         .unwrap();
-    let outbox = pushoccurrence::db::outbox::Outbox::inspect(&env.pg, s)
-        .await
-        .unwrap();
-    // As the relay's claim sessions plan it.
-    for (setting, value) in pushoccurrence::db::CLAIM_SESSION_SETTINGS {
-        env.pg
-            .batch_execute(&format!("SET {setting} = {value}"))
-            .await
-            .unwrap();
-    }
-    // The generic plan of the prepared statement, which is what those
-    // settings make the sessions run.
-    env.pg
-        .batch_execute(&format!(
-            "PREPARE claim(int8, int8, int8, text[], int8, timestamptz, text) AS {}",
-            outbox.claim_sql(true)
-        ))
-        .await
-        .unwrap();
+    // As the relay's claim sessions plan it: the generic plan, which is
+    // what their settings make them run.
+    env.prepare_claim_as_the_relay(true).await;
     let plan = env
         .texts(
             "EXPLAIN EXECUTE claim(100, 1000000, 16000000, '{}', 200, '-infinity', '00000000-0000-0000-0000-000000000000')",

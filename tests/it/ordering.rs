@@ -139,22 +139,7 @@ async fn a_claim_probes_a_key_backwards_from_each_row() {
         ))
         .await
         .unwrap();
-    let outbox = pushoccurrence::db::outbox::Outbox::inspect(&env.pg, s)
-        .await
-        .unwrap();
-    for (setting, value) in pushoccurrence::db::CLAIM_SESSION_SETTINGS {
-        env.pg
-            .batch_execute(&format!("SET {setting} = {value}"))
-            .await
-            .unwrap();
-    }
-    env.pg
-        .batch_execute(&format!(
-            "PREPARE claim(int8, int8, int8, text[], int8) AS {}",
-            outbox.claim_sql(false)
-        ))
-        .await
-        .unwrap();
+    env.prepare_claim_as_the_relay(false).await;
     let plan = env
         .texts(
             "EXPLAIN EXECUTE claim(128, 1000000, 16000000, '{}', 256)",

@@ -355,6 +355,33 @@ impl TestEnv {
             .get(0)
     }
 
+    /// Prepares the claim statement of `after_cursor` as `claim`, planned
+    /// as the relay's claim sessions plan it (their settings, and so a
+    /// generic plan): for tests that read its plan.
+    pub async fn prepare_claim_as_the_relay(&self, after_cursor: bool) {
+        let outbox = pushoccurrence::db::outbox::Outbox::inspect(&self.pg, &self.name)
+            .await
+            .unwrap();
+        for (setting, value) in pushoccurrence::db::CLAIM_SESSION_SETTINGS {
+            self.pg
+                .batch_execute(&format!("SET {setting} = {value}"))
+                .await
+                .unwrap();
+        }
+        let types = if after_cursor {
+            "int8, int8, int8, text[], int8, timestamptz, text"
+        } else {
+            "int8, int8, int8, text[], int8"
+        };
+        self.pg
+            .batch_execute(&format!(
+                "PREPARE claim({types}) AS {}",
+                outbox.claim_sql(after_cursor)
+            ))
+            .await
+            .unwrap();
+    }
+
     /// Each ordering key's rows in the order the relay promises to deliver
     /// them: `(relay_enqueued_at NULLS FIRST, message_id)`.
     pub async fn key_orders(&self) -> HashMap<String, Vec<String>> {
