@@ -906,9 +906,7 @@ impl Outbox {
             String::new()
         };
         let order = |t: &str| CLAIM_ORDER.map(|c| format!("{t}.{c}")).join(", ");
-        let due = |t: &str| {
-            format!("({t}.relay_next_attempt_at IS NULL OR {t}.relay_next_attempt_at <= now())")
-        };
+        let due = |t: &str| due_sql(&format!("{t}."));
         let claimable = |t: &str| {
             format!(
                 "{t}.{pending} AND {due}",
@@ -1131,8 +1129,8 @@ impl Outbox {
                         WHERE h.relay_parked_at IS NULL AND {h_due})
                FROM {log} WHERE {PENDING_PREDICATE}",
             log = self.table(LOG_TABLE),
-            due = "(relay_next_attempt_at IS NULL OR relay_next_attempt_at <= now())",
-            h_due = "(h.relay_next_attempt_at IS NULL OR h.relay_next_attempt_at <= now())",
+            due = due_sql(""),
+            h_due = due_sql("h."),
         )
     }
 
@@ -1544,6 +1542,12 @@ pub const SAVEPOINT: &str = "SAVEPOINT relay_rows";
 /// Undoes what a statement did since [`SAVEPOINT`] after the server refused it.
 pub const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT relay_rows";
 
+/// A row whose next attempt is due (its retry delay, if any, is over), for
+/// the row named by `prefix` (`""`, or an alias and a dot: `"l."`).
+fn due_sql(prefix: &str) -> String {
+    format!("({prefix}relay_next_attempt_at IS NULL OR {prefix}relay_next_attempt_at <= now())")
+}
+
 /// A column typed as `message_body` and always NULL, returned last by the
 /// statements that read bodies: it ties their result type to the column's
 /// type (see the module's docs). Costs nothing: it is folded to a constant.
@@ -1780,10 +1784,6 @@ pub struct Claim {
     pub rows: Vec<ClaimedRow>,
     /// The body each row brought along, where it did.
     pub bodies: Vec<Option<Fetched>>,
-    /// A short claim's window was full: the backlog goes on past it. (A
-    /// short claim whose window was not full reached the backlog's end; a
-    /// full claim does not look.)
-    pub window_full: bool,
     /// The window's last row, for a short claim whose window was full.
     pub window_end: Option<ClaimPosition>,
 }
@@ -1806,6 +1806,13 @@ pub struct ClaimedRow {
 }
 
 impl Claim {
+    /// A short claim's window was full: the backlog goes on past it. (A
+    /// short claim whose window was not full reached the backlog's end; a
+    /// full claim does not look.)
+    pub fn window_full(&self) -> bool {
+        self.window_end.is_some()
+    }
+
     /// Decodes the claim query's rows ([`Outbox::claim_sql`]).
     ///
     /// # Errors
@@ -1818,7 +1825,6 @@ impl Claim {
             claim.window_end = end
                 .zip(end_id)
                 .map(|(enqueued_at, id)| ClaimPosition { enqueued_at, id });
-            claim.window_full = claim.window_end.is_some();
         }
         for row in returned {
             if let Some((claimed, body)) = ClaimedRow::decode(row)? {

@@ -440,11 +440,11 @@ impl Steps<'_> {
         let full = plan.claimed >= relay.batch_size;
         // A short claim whose window did not fill reached the end of the
         // backlog: the next claim starts a new pass from the oldest.
-        let wrapped = cursor.position.is_some() && !full && !claim.window_full;
+        let wrapped = cursor.position.is_some() && !full && !claim.window_full();
         // A short claim whose window filled looked at rows it could not
         // take (the rows behind their keys' heads, rows other sessions
         // hold): the next claim looks past them.
-        let advanced = !full && claim.window_full;
+        let advanced = !full && claim.window_full();
         if wrapped {
             cursor.position = None;
         } else if full {
