@@ -914,11 +914,13 @@ impl Outbox {
                 due = due(t)
             )
         };
-        let columns = |t: &str| {
+        // The status row's columns a claim carries, after `prefix` (`""`,
+        // or an alias and a dot).
+        let columns = |prefix: &str| {
             ["message_id", "relay_enqueued_at", ORDERING_COLUMN.0]
                 .into_iter()
                 .chain(MESSAGE_COLUMNS.map(|(name, _, _)| name))
-                .map(|c| format!("{t}.{c}"))
+                .map(|c| format!("{prefix}{c}"))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
@@ -1034,11 +1036,11 @@ impl Outbox {
                    FROM sized s
                  WINDOW w AS (ORDER BY {s_order} ROWS UNBOUNDED PRECEDING)) f ON true
               ORDER BY f.claim_at NULLS FIRST, f.claim_id",
-            names = columns("").replace('.', ""),
+            names = columns(""),
             l_order = order("l"),
             w_order = order("w"),
             s_order = order("s"),
-            l_columns = columns("l"),
+            l_columns = columns("l."),
             l_claimable = claimable("l"),
             e_due = due("e"),
             l_due = due("l"),
