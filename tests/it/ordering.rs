@@ -851,9 +851,20 @@ async fn a_row_of_another_key_behind_a_hot_keys_backlog_overtakes_the_backlog() 
     let other = env.push_keyed(&env.pg, Some("other"), "other").await;
     let relay = env.relay().await;
     consumer.wait_for_all(std::slice::from_ref(&other)).await;
-    let hot_before = consumer.ids().iter().position(|id| *id == other).unwrap();
+    // In arrival order (`ids()` is sorted).
+    let hot_before = consumer
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .position(|r| r.id == other)
+        .unwrap();
     env.wait_all_transferred().await;
     let orders = env.key_orders().await;
+    // A row is marked once its batch is confirmed; its delivery to the
+    // consumer may come a moment later.
+    let all: Vec<String> = orders.values().flatten().cloned().collect();
+    consumer.wait_for_all(&all).await;
     assert_keys_in_order(&consumer, &orders);
     eprintln!("hot rows received before the other key's row: {hot_before} of 5000");
     assert!(hot_before < 5000, "{hot_before}");
