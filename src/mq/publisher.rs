@@ -197,8 +197,9 @@ impl Publisher {
     /// Publishes every message (mandatory, with its id, a timestamp and the
     /// content type) and waits up to `confirm_timeout` for all confirms.
     /// While `paused()` is true (the broker blocked publishing) the deadline
-    /// is extended: a blocked broker is slow, not lost, and giving up would
-    /// only republish the batch. On a timeout the channel is closed before
+    /// is extended, to one whole `confirm_timeout` after the alarm clears: a
+    /// blocked broker is slow, not lost, and giving up would only republish
+    /// the batch. On a timeout the channel is closed before
     /// returning, so no late confirm can be mistaken for this batch's.
     ///
     /// While paused, `keep_alive` runs once per `confirm_timeout` (it keeps
@@ -447,7 +448,7 @@ impl Publisher {
 /// Waits for `work`, giving up after `limit`, except while `paused()` (the
 /// broker blocked publishing): then `keep_alive` runs once per `limit` and
 /// the wait goes on, for as long as the alarm lasts and `keep_alive`
-/// succeeds. `None` when it gave up.
+/// succeeds, and one whole `limit` after it. `None` when it gave up.
 async fn wait_unless_stalled<T, K: Future<Output = bool>>(
     work: impl Future<Output = T>,
     limit: Duration,
@@ -455,10 +456,15 @@ async fn wait_unless_stalled<T, K: Future<Output = bool>>(
     keep_alive: &mut impl FnMut() -> K,
 ) -> Option<T> {
     let mut work = std::pin::pin!(work);
+    // Paused at the last deadline: the alarm cleared within this limit, so
+    // what the broker only now reads gets one whole limit more.
+    let mut was_paused = false;
     loop {
         match tokio::time::timeout(limit, &mut work).await {
             Ok(done) => return Some(done),
-            Err(_) if paused() && keep_alive().await => {}
+            Err(_) if (paused() || was_paused) && keep_alive().await => {
+                was_paused = paused();
+            }
             Err(_) => return None,
         }
     }
@@ -471,4 +477,60 @@ async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     Ok(channel)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::{Instant, sleep_until};
+
+    use super::wait_unless_stalled;
+
+    const LIMIT: Duration = Duration::from_secs(1);
+
+    /// A wait that the broker blocked for `blocked_for` and whose work is
+    /// done at `done_at`, both from the start; whether it gave up.
+    async fn waited(blocked_for: Duration, done_at: Duration) -> Option<&'static str> {
+        let start = Instant::now();
+        let paused = || start.elapsed() < blocked_for;
+        let mut keep_alive = || async { true };
+        let work = async move {
+            sleep_until(start + done_at).await;
+            "confirmed"
+        };
+        wait_unless_stalled(work, LIMIT, &paused, &mut keep_alive).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_done_within_the_limit_is_returned() {
+        assert_eq!(waited(Duration::ZERO, LIMIT / 2).await, Some("confirmed"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_past_the_limit_of_an_unblocked_broker_is_given_up() {
+        assert_eq!(waited(Duration::ZERO, LIMIT * 2).await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_blocked_broker_extends_the_wait() {
+        assert_eq!(
+            waited(LIMIT * 5, LIMIT * 5 + LIMIT / 2).await,
+            Some("confirmed")
+        );
+    }
+
+    /// The alarm clears just before a deadline: the confirms of messages the
+    /// broker only now reads get a whole limit, not what is left of one.
+    #[tokio::test(start_paused = true)]
+    async fn an_alarm_cleared_just_before_a_deadline_leaves_a_whole_limit_after_it() {
+        let cleared = LIMIT * 3 - Duration::from_millis(10);
+        let confirmed = cleared + LIMIT - Duration::from_millis(10);
+        assert_eq!(waited(cleared, confirmed).await, Some("confirmed"));
+        // And past that whole limit it is given up.
+        assert_eq!(
+            waited(cleared, cleared + LIMIT * 2 + LIMIT / 10).await,
+            None
+        );
+    }
 }
