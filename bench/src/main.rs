@@ -36,7 +36,8 @@
 //! the drift as much as the relay.
 //!
 //! It prints every figure and the ratios, and rewrites `docs/benchmarks.md`
-//! and `docs/latency.svg` ([`report`]). Run it with the README's bench
+//! and `docs/latency.svg` ([`report`]), keeping the sections of scenarios
+//! it was not asked to run from the earlier file. Run it with the README's bench
 //! command.
 //!
 //! # Layout
@@ -251,9 +252,11 @@ async fn run() -> anyhow::Result<()> {
         let dir = Path::new(&args.out);
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("latency.svg"), report.latency_svg())?;
+        let path = dir.join("benchmarks.md");
+        let earlier = std::fs::read_to_string(&path).unwrap_or_default();
         std::fs::write(
-            dir.join("benchmarks.md"),
-            report.markdown(&bench, &machine, &args),
+            &path,
+            report::sections::carry_unmeasured(&report.markdown(&bench, &machine, &args), &earlier),
         )?;
         println!(
             "wrote {}/benchmarks.md and {}/latency.svg",
@@ -362,7 +365,11 @@ async fn ordering_only(bench: &Bench, relay_bin: &Path, args: &Args) -> anyhow::
         let existing = std::fs::read_to_string(&path).unwrap_or_default();
         std::fs::write(
             &path,
-            report::ordering::splice(&existing, &report.ordering_markdown(&machine)),
+            report::sections::put(
+                &existing,
+                report::ordering::HEADING,
+                &report.ordering_markdown(&machine),
+            ),
         )?;
         println!("wrote the ordered drains' section of {}", path.display());
     }

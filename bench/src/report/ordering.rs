@@ -9,9 +9,6 @@ use super::Report;
 /// The section's heading; `--ordering-only` replaces the section under it.
 pub(crate) const HEADING: &str = "## Ordered drains";
 
-/// The section the ordered drains go before, when a file has none yet.
-const BEFORE: &str = "## Choosing the AMQP client";
-
 /// Issue 14's targets: the many-keys drain and the hot key's, as ratios to
 /// the unordered drain; keyed p99 latency as a ratio to unkeyed.
 const MANY_KEYS_TARGET: f64 = 0.8;
@@ -169,49 +166,5 @@ impl Report {
             );
         }
         md
-    }
-}
-
-/// `existing` (a `benchmarks.md`) with its ordered-drains section replaced
-/// by `section`, or, without one, `section` put before the AMQP client's
-/// section (at the end when that is missing too).
-pub(crate) fn splice(existing: &str, section: &str) -> String {
-    let section_at = |heading: &str| {
-        existing
-            .match_indices(heading)
-            .find(|(i, _)| *i == 0 || existing[..*i].ends_with('\n'))
-            .map(|(i, _)| i)
-    };
-    if let Some(start) = section_at(HEADING) {
-        let rest = &existing[start + HEADING.len()..];
-        let end = rest
-            .find("\n## ")
-            .map_or(existing.len(), |i| start + HEADING.len() + i + 1);
-        return format!("{}{section}{}", &existing[..start], &existing[end..]);
-    }
-    match section_at(BEFORE) {
-        Some(at) => format!("{}{section}{}", &existing[..at], &existing[at..]),
-        None => format!("{existing}\n{section}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_new_section_goes_before_the_clients_and_replaces_an_older_one() {
-        let file = "# B\n\n## Live latency\n\nx\n\n## Choosing the AMQP client\n\ny\n";
-        let once = splice(file, "## Ordered drains\n\nfirst\n\n");
-        assert_eq!(
-            once,
-            "# B\n\n## Live latency\n\nx\n\n## Ordered drains\n\nfirst\n\n## Choosing the AMQP client\n\ny\n"
-        );
-        let twice = splice(&once, "## Ordered drains\n\nsecond\n\n");
-        assert_eq!(twice, once.replace("first", "second"));
-        assert_eq!(
-            splice("# B\n", "## Ordered drains\n\nz\n"),
-            "# B\n\n## Ordered drains\n\nz\n"
-        );
     }
 }
