@@ -270,6 +270,77 @@ async fn a_run_stops_at_a_row_not_yet_due_or_locked_elsewhere() {
     env.cleanup().await;
 }
 
+/// While no keyed row is left, the relay claims with a cheaper statement
+/// that takes unkeyed rows only. Keyed rows written while it is in use are
+/// passed over, never taken out of their key's order: here a follower is
+/// due while its head waits out a retry delay, and a claim of unkeyed rows
+/// that took keyed ones would send the follower first.
+#[tokio::test]
+async fn keyed_rows_written_to_an_outbox_without_keys_wait_for_their_head() {
+    let env = TestEnv::new("orderlatekeys").await;
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let unkeyed = env.push_keyed(&env.pg, None, "unkeyed").await;
+    consumer.wait_for_all(std::slice::from_ref(&unkeyed)).await;
+
+    let mut producer = pg().await;
+    let tx = producer.transaction().await.unwrap();
+    let head = env.push_keyed(&tx, Some("K"), "k1").await;
+    let follower = env.push_keyed(&tx, Some("K"), "k2").await;
+    tx.execute(
+        &format!(
+            "UPDATE \"{}\".message_queue_log SET relay_next_attempt_at = now() + interval '1 hour'
+              WHERE message_id::text = $1",
+            env.name
+        ),
+        &[&head],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    // Any claim that takes this row sees K's rows.
+    let after = env.push_keyed(&env.pg, None, "after").await;
+    consumer.wait_for_all(std::slice::from_ref(&after)).await;
+    assert!(
+        !consumer.ids().contains(&follower),
+        "k2 went out while k1 waited: {:?}",
+        consumer.ids()
+    );
+    assert_eq!(env.pending().await, 2);
+
+    let due = update_rows(
+        &env,
+        "relay_next_attempt_at = NULL",
+        &format!("message_id::text = '{head}'"),
+    )
+    .await;
+    assert_eq!(due, 1);
+    consumer.wait_for_all(&[head, follower]).await;
+    assert_keys_in_order(&consumer, &env.key_orders().await);
+    relay.terminate().await;
+    env.cleanup().await;
+}
+
+/// The first keyed row written to an outbox whose relay claims unkeyed rows
+/// only goes on its own NOTIFY: the claim that passes over it is followed at
+/// once by one that takes it (here no sweep would come for 10 minutes).
+#[tokio::test]
+async fn the_first_keyed_row_of_an_outbox_without_keys_goes_on_its_notify() {
+    let mut env = TestEnv::new("orderfirstkey").await;
+    env.config["rabbitmq"]["retry"]["idle_sleep_ms"] = 600_000.into();
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let unkeyed = env.push_keyed(&env.pg, None, "unkeyed").await;
+    consumer.wait_for_all(std::slice::from_ref(&unkeyed)).await;
+    let keyed = env.push_keyed(&env.pg, Some("K"), "keyed").await;
+    consumer.wait_for_all(std::slice::from_ref(&keyed)).await;
+    assert_eq!(consumer.count(), 2);
+    relay.terminate().await;
+    env.cleanup().await;
+}
+
 /// Inserts a status row of `key` without a data row: bad input the relay
 /// retries, then parks.
 async fn insert_bodiless(env: &TestEnv, id: &str, key: &str) {

@@ -22,7 +22,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, GenericClient, NoTls};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_pushoccurrence");
@@ -409,7 +409,12 @@ impl TestEnv {
 
     /// Writes one event of `key` through the producer helper, with body
     /// `body`, on the client given (inside its transaction, if any).
-    pub async fn push_keyed(&self, client: &Client, key: Option<&str>, body: &str) -> String {
+    pub async fn push_keyed(
+        &self,
+        client: &(impl GenericClient + Sync),
+        key: Option<&str>,
+        body: &str,
+    ) -> String {
         client
             .query_one(
                 &format!(
