@@ -1545,7 +1545,7 @@ impl Outbox {
     /// [`Statements`] keeps them: claim from the start, claim after a
     /// cursor, the same two for an outbox without keyed rows, bodies, mark,
     /// fail.
-    fn statements_sql(&self) -> [String; STATEMENTS] {
+    pub fn statements_sql(&self) -> [String; STATEMENTS] {
         [
             self.claim_sql(false),
             self.claim_sql(true),
@@ -1588,7 +1588,7 @@ impl Outbox {
 }
 
 /// How many statements a claim session prepares ([`Outbox::statements_sql`]).
-const STATEMENTS: usize = 7;
+pub const STATEMENTS: usize = 7;
 
 /// Set before the statements of [`Outbox::prepare_free_names`] are
 /// prepared, and returned to when a name was taken.

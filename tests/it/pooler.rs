@@ -438,13 +438,7 @@ async fn an_unnamed_transaction_pooler_never_runs_another_clients_statements_as_
     theirs.migrate().await;
     let outbox = Outbox::inspect(&theirs.pg, &theirs.name).await.unwrap();
     // In the order the relay's client prepares (and so names) its own.
-    let their_statements = [
-        outbox.claim_sql(false),
-        outbox.claim_sql(true),
-        outbox.bodies_sql(),
-        outbox.mark_sql(),
-        outbox.fail_sql(),
-    ];
+    let their_statements = outbox.statements_sql();
 
     // `first` holds one of the two server sessions, so the relay prepares
     // its statements on the other.
@@ -452,7 +446,7 @@ async fn an_unnamed_transaction_pooler_never_runs_another_clients_statements_as_
     first.batch_execute("BEGIN; SELECT 1").await.unwrap();
     mine.config["postgres"]["port"] = bouncer.port.into();
     mine.config["postgres"]["auto_migrate"] = false.into();
-    // One worker, so its statements are the process's first five.
+    // One worker, so its statements are the process's first ones.
     mine.config["rabbitmq"]["retry"]["buffer_size"] = 1.into();
     mine.config["relay"]["batch_size"] = 1.into();
     let consumer = mine.consumer().await;
@@ -465,7 +459,10 @@ async fn an_unnamed_transaction_pooler_never_runs_another_clients_statements_as_
     // session, `first` lets its own go.
     for i in 0..40 {
         first
-            .batch_execute(&format!("PREPARE s{i} AS {}", their_statements[i % 5]))
+            .batch_execute(&format!(
+                "PREPARE s{i} AS {}",
+                their_statements[i % their_statements.len()]
+            ))
             .await
             .unwrap();
     }
