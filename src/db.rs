@@ -175,14 +175,20 @@ pub fn behind_transaction_pooler(pg: &PostgresConfig) -> bool {
 }
 
 /// Whether `error` shows a transaction pooler the config does not name: a
-/// statement the session prepared by name is missing (26000), so its
-/// transactions run on different server sessions
+/// statement the session prepared by name is missing (26000), or another
+/// statement stands under its name (08P01: the server's statement takes
+/// another number of parameters than the one the client prepared, e.g.
+/// another relay's of an earlier release, whose names are `s0`, `s1`, …
+/// too), so its transactions run on different server sessions
 /// ([`transaction_pooler_found`]). (A name found taken at prepare time,
 /// 42P05, shows only that a pooled server session carries another client's
 /// statements, which a session pooler can hand on too; it is skipped, see
 /// `Outbox::prepare`.)
 pub fn transaction_pooler_seen(error: &tokio_postgres::Error) -> bool {
-    if error.code() != Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME) {
+    use tokio_postgres::error::SqlState;
+    if error.code() != Some(&SqlState::INVALID_SQL_STATEMENT_NAME)
+        && error.code() != Some(&SqlState::PROTOCOL_VIOLATION)
+    {
         return false;
     }
     transaction_pooler_found(&describe(error));

@@ -431,14 +431,45 @@ async fn through_a_transaction_pooler_nothing_meets_or_leaves_a_named_statement(
 #[tokio::test]
 async fn an_unnamed_transaction_pooler_never_runs_another_clients_statements_as_the_relays() {
     use pushoccurrence::db::outbox::Outbox;
+    relay_beside_foreign_statements(|outbox: &Outbox| outbox.statements_sql().to_vec()).await;
+}
+
+/// As above, with the other relay of the previous release, whose client
+/// prepared five statements (no claims of unkeyed rows): this relay's
+/// named statements then meet ones with other parameters (SQLSTATE 08P01,
+/// a bind message with the wrong number of parameters), which show the
+/// pooler just as well. Without that, every batch failed and the relay
+/// never switched to statements of its own in every transaction.
+#[tokio::test]
+async fn a_transaction_pooler_with_a_previous_release_relays_statements_is_detected() {
+    use pushoccurrence::db::outbox::Outbox;
+    relay_beside_foreign_statements(|outbox: &Outbox| {
+        vec![
+            outbox.claim_sql(false),
+            outbox.claim_sql(true),
+            outbox.bodies_sql(),
+            outbox.mark_sql(),
+            outbox.fail_sql(),
+        ]
+    })
+    .await;
+}
+
+/// A relay through an undeclared transaction pooler whose other server
+/// session carries another outbox's statements, made by `theirs`, under
+/// the relay's names.
+async fn relay_beside_foreign_statements(
+    theirs: impl Fn(&pushoccurrence::db::outbox::Outbox) -> Vec<String>,
+) {
+    use pushoccurrence::db::outbox::Outbox;
     let bouncer = PgBouncer::start_with("transaction", "default_pool_size = 2").await;
     let mut mine = TestEnv::new("pgb_mine").await;
     mine.migrate().await;
-    let theirs = TestEnv::new("pgb_theirs").await;
-    theirs.migrate().await;
-    let outbox = Outbox::inspect(&theirs.pg, &theirs.name).await.unwrap();
-    // In the order the relay's client prepares (and so names) its own.
-    let their_statements = outbox.statements_sql();
+    let other = TestEnv::new("pgb_theirs").await;
+    other.migrate().await;
+    let outbox = Outbox::inspect(&other.pg, &other.name).await.unwrap();
+    // In the order their client prepares (and so names) its own.
+    let their_statements = theirs(&outbox);
 
     // `first` holds one of the two server sessions, so the relay prepares
     // its statements on the other.
@@ -475,7 +506,7 @@ async fn an_unnamed_transaction_pooler_never_runs_another_clients_statements_as_
     first.batch_execute("COMMIT").await.unwrap();
     let second = pinned.await.unwrap();
 
-    let their_ids = theirs.insert_many(20, 20).await;
+    let their_ids = other.insert_many(20, 20).await;
     ids.extend(mine.insert_many(20, 20).await);
     wait_until(
         "the relay relays its own rows or someone else's",
@@ -496,7 +527,7 @@ async fn an_unnamed_transaction_pooler_never_runs_another_clients_statements_as_
         "the other outbox's rows went out through this relay: {foreign:?}"
     );
     assert_eq!(
-        theirs.pending().await,
+        other.pending().await,
         20,
         "the other outbox's rows are untouched"
     );
@@ -511,7 +542,7 @@ async fn an_unnamed_transaction_pooler_never_runs_another_clients_statements_as_
     );
     assert!(relay.terminate().await.success());
     mine.cleanup().await;
-    theirs.cleanup().await;
+    other.cleanup().await;
     drop(bouncer);
 }
 
