@@ -1441,26 +1441,9 @@ impl Outbox {
         tx: &(impl GenericClient + Sync),
     ) -> Result<Statements, SchemaError> {
         let sql = self.statements_sql();
-        let [
-            claim_first,
-            claim_after,
-            unkeyed_first,
-            unkeyed_after,
-            bodies,
-            mark,
-            fail,
-        ] = self.prepare_free_names(tx, &sql).await?;
+        let prepared = self.prepare_free_names(tx, &sql).await?;
         let server = tx.query_typed_one(SERVER_SESSION_SQL, &[]).await?.get(0);
-        Ok(Statements {
-            claim_first: Query::Named(claim_first),
-            claim_after: Query::Named(claim_after),
-            unkeyed_first: Query::Named(unkeyed_first),
-            unkeyed_after: Query::Named(unkeyed_after),
-            bodies: Query::Named(bodies),
-            mark: Query::Named(mark),
-            fail: Query::Named(fail),
-            server: Some(server),
-        })
+        Ok(Statements::of(prepared.map(Query::Named), Some(server)))
     }
 
     /// Like [`Outbox::prepare`], for a session behind a transaction pooler,
@@ -1480,28 +1463,11 @@ impl Outbox {
         let sql = self.statements_sql();
         let prepared = self.prepare_free_names(tx, &sql).await?;
         let mut types = prepared.iter().map(|statement| statement.params().to_vec());
-        let [
-            claim_first,
-            claim_after,
-            unkeyed_first,
-            unkeyed_after,
-            bodies,
-            mark,
-            fail,
-        ] = sql.map(|sql| Query::Unnamed {
+        let queries = sql.map(|sql| Query::Unnamed {
             sql,
             types: types.next().expect("one prepared statement per text"),
         });
-        Ok(Statements {
-            claim_first,
-            claim_after,
-            unkeyed_first,
-            unkeyed_after,
-            bodies,
-            mark,
-            fail,
-            server: None,
-        })
+        Ok(Statements::of(queries, None))
     }
 
     /// [`Outbox::prepare_checked`] inside the transaction `tx`, on names no
@@ -1736,6 +1702,30 @@ pub struct Statements {
 }
 
 impl Statements {
+    /// The statements of [`Outbox::statements_sql`], in its order, and the
+    /// server session named ones were prepared on.
+    fn of(queries: [Query; STATEMENTS], server: Option<i32>) -> Self {
+        let [
+            claim_first,
+            claim_after,
+            unkeyed_first,
+            unkeyed_after,
+            bodies,
+            mark,
+            fail,
+        ] = queries;
+        Self {
+            claim_first,
+            claim_after,
+            unkeyed_first,
+            unkeyed_after,
+            bodies,
+            mark,
+            fail,
+            server,
+        }
+    }
+
     /// The server session named statements were prepared on, which every
     /// claim transaction must run on; `None` for unnamed statements.
     pub fn prepared_on(&self) -> Option<i32> {
