@@ -176,24 +176,37 @@ pub fn behind_transaction_pooler(pg: &PostgresConfig) -> bool {
 
 /// Whether `error` shows a transaction pooler the config does not name: a
 /// statement the session prepared by name is missing (26000), or another
-/// statement stands under its name (08P01: the server's statement takes
-/// another number of parameters than the one the client prepared, e.g.
-/// another relay's of an earlier release, whose names are `s0`, `s1`, …
-/// too), so its transactions run on different server sessions
+/// statement stands under its name (PostgreSQL refused the bind message:
+/// its statement takes another number of parameters than the one the client
+/// prepared, e.g. another relay's of an earlier release, whose names are
+/// `s0`, `s1`, … too), so its transactions run on different server sessions
 /// ([`transaction_pooler_found`]). (A name found taken at prepare time,
 /// 42P05, shows only that a pooled server session carries another client's
 /// statements, which a session pooler can hand on too; it is skipped, see
 /// `Outbox::prepare`.)
 pub fn transaction_pooler_seen(error: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
-    if error.code() != Some(&SqlState::INVALID_SQL_STATEMENT_NAME)
-        && error.code() != Some(&SqlState::PROTOCOL_VIOLATION)
-    {
+    let missing = error.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME);
+    if !missing && !bind_refused(error) {
         return false;
     }
     transaction_pooler_found(&describe(error));
     true
 }
+
+/// PostgreSQL refused a bind message (08P01 from `exec_bind_message`, named
+/// by the server; the message itself may be in the server's language). A
+/// pooler reports errors of its own with 08P01 too (PgBouncer's
+/// `query_timeout`, for one), without a server routine.
+fn bind_refused(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_some_and(|e| {
+        *e.code() == tokio_postgres::error::SqlState::PROTOCOL_VIOLATION
+            && e.routine() == Some(BIND_ROUTINE)
+    })
+}
+
+/// The PostgreSQL routine that checks a bind message against its statement.
+const BIND_ROUTINE: &str = "exec_bind_message";
 
 /// Records that a claim session's transactions ran on different server
 /// sessions, as `sign` shows: PostgreSQL is behind a transaction pooler the

@@ -445,10 +445,13 @@ impl Publisher {
     }
 }
 
-/// Waits for `work`, giving up after `limit`, except while `paused()` (the
-/// broker blocked publishing): then `keep_alive` runs once per `limit` and
-/// the wait goes on, for as long as the alarm lasts and `keep_alive`
-/// succeeds, and one whole `limit` after it. `None` when it gave up.
+/// Waits for `work`, giving up `limit` after the later of its start and the
+/// moment `paused()` (the broker blocked publishing) was last seen turn
+/// false, so an alarm extends the wait for as long as it lasts and one
+/// whole `limit` after it clears, even one that began and ended between two
+/// deadlines (`paused()` is looked at every [`PAUSE_POLL`] at most). While paused,
+/// `keep_alive` runs once per `limit`; when it fails, the wait gives up.
+/// `None` when it gave up.
 async fn wait_unless_stalled<T, K: Future<Output = bool>>(
     work: impl Future<Output = T>,
     limit: Duration,
@@ -456,19 +459,36 @@ async fn wait_unless_stalled<T, K: Future<Output = bool>>(
     keep_alive: &mut impl FnMut() -> K,
 ) -> Option<T> {
     let mut work = std::pin::pin!(work);
-    // Paused at the last deadline: the alarm cleared within this limit, so
-    // what the broker only now reads gets one whole limit more.
+    let poll = limit.min(PAUSE_POLL);
+    let start = tokio::time::Instant::now();
+    let mut give_up_at = start + limit;
+    let mut keep_alive_at = start + limit;
     let mut was_paused = false;
     loop {
-        match tokio::time::timeout(limit, &mut work).await {
-            Ok(done) => return Some(done),
-            Err(_) if (paused() || was_paused) && keep_alive().await => {
-                was_paused = paused();
+        if let Ok(done) = tokio::time::timeout(poll, &mut work).await {
+            return Some(done);
+        }
+        let now = tokio::time::Instant::now();
+        let is_paused = paused();
+        if is_paused || was_paused {
+            give_up_at = now + limit;
+        }
+        was_paused = is_paused;
+        if is_paused {
+            if now >= keep_alive_at {
+                if !keep_alive().await {
+                    return None;
+                }
+                keep_alive_at = now + limit;
             }
-            Err(_) => return None,
+        } else if now >= give_up_at {
+            return None;
         }
     }
 }
+
+/// How often a confirm wait looks whether the broker blocks publishing.
+const PAUSE_POLL: Duration = Duration::from_millis(100);
 
 /// A new channel on `connection` in confirm mode.
 async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
@@ -481,6 +501,7 @@ async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
 
 #[cfg(test)]
 mod tests {
+    use std::ops::Range;
     use std::time::Duration;
 
     use tokio::time::{Instant, sleep_until};
@@ -489,11 +510,11 @@ mod tests {
 
     const LIMIT: Duration = Duration::from_secs(1);
 
-    /// A wait that the broker blocked for `blocked_for` and whose work is
+    /// A wait that the broker blocked during `blocked` and whose work is
     /// done at `done_at`, both from the start; whether it gave up.
-    async fn waited(blocked_for: Duration, done_at: Duration) -> Option<&'static str> {
+    async fn waited(blocked: Range<Duration>, done_at: Duration) -> Option<&'static str> {
         let start = Instant::now();
-        let paused = || start.elapsed() < blocked_for;
+        let paused = || blocked.contains(&start.elapsed());
         let mut keep_alive = || async { true };
         let work = async move {
             sleep_until(start + done_at).await;
@@ -502,20 +523,22 @@ mod tests {
         wait_unless_stalled(work, LIMIT, &paused, &mut keep_alive).await
     }
 
+    const NEVER: Range<Duration> = Duration::ZERO..Duration::ZERO;
+
     #[tokio::test(start_paused = true)]
     async fn work_done_within_the_limit_is_returned() {
-        assert_eq!(waited(Duration::ZERO, LIMIT / 2).await, Some("confirmed"));
+        assert_eq!(waited(NEVER, LIMIT / 2).await, Some("confirmed"));
     }
 
     #[tokio::test(start_paused = true)]
     async fn work_past_the_limit_of_an_unblocked_broker_is_given_up() {
-        assert_eq!(waited(Duration::ZERO, LIMIT * 2).await, None);
+        assert_eq!(waited(NEVER, LIMIT * 2).await, None);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_blocked_broker_extends_the_wait() {
         assert_eq!(
-            waited(LIMIT * 5, LIMIT * 5 + LIMIT / 2).await,
+            waited(Duration::ZERO..LIMIT * 5, LIMIT * 5 + LIMIT / 2).await,
             Some("confirmed")
         );
     }
@@ -526,11 +549,35 @@ mod tests {
     async fn an_alarm_cleared_just_before_a_deadline_leaves_a_whole_limit_after_it() {
         let cleared = LIMIT * 3 - Duration::from_millis(10);
         let confirmed = cleared + LIMIT - Duration::from_millis(10);
-        assert_eq!(waited(cleared, confirmed).await, Some("confirmed"));
+        let alarm = Duration::ZERO..cleared;
+        assert_eq!(waited(alarm.clone(), confirmed).await, Some("confirmed"));
         // And past that whole limit it is given up.
-        assert_eq!(
-            waited(cleared, cleared + LIMIT * 2 + LIMIT / 10).await,
-            None
-        );
+        assert_eq!(waited(alarm, cleared + LIMIT * 2).await, None);
+    }
+
+    /// `connection.blocked` comes after the publish, so an alarm usually
+    /// begins inside a wait; one shorter than the limit is never in force
+    /// at a deadline, and still leaves a whole limit after it.
+    #[tokio::test(start_paused = true)]
+    async fn an_alarm_between_two_deadlines_still_leaves_a_whole_limit_after_it() {
+        let alarm = LIMIT / 5..LIMIT * 19 / 20;
+        let confirmed = LIMIT * 23 / 20;
+        assert_eq!(waited(alarm, confirmed).await, Some("confirmed"));
+    }
+
+    /// The claim transaction is kept alive while blocked; when that fails
+    /// the wait gives up (its rows would be released to other relays).
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_keep_alive_ends_a_blocked_wait() {
+        let kept = std::cell::Cell::new(0);
+        let paused = || true;
+        let mut keep_alive = || {
+            kept.set(kept.get() + 1);
+            let alive = kept.get() < 3;
+            async move { alive }
+        };
+        let work = std::future::pending::<()>();
+        let waited = wait_unless_stalled(work, LIMIT, &paused, &mut keep_alive).await;
+        assert_eq!((waited, kept.get()), (None, 3));
     }
 }

@@ -753,3 +753,45 @@ async fn a_listener_given_several_hosts_past_a_transaction_pooler_goes_to_the_on
     env.cleanup().await;
     drop(bouncer);
 }
+
+/// PgBouncer reports its own errors with SQLSTATE 08P01 too (here its
+/// `query_timeout`, a claim waiting on a table lock longer than PgBouncer
+/// allows). Only PostgreSQL's own refusal of a bind message shows another
+/// client's statement under the relay's name: a session pooler the user
+/// declared is not taken for a transaction pooler, with advice to change
+/// the config, for a timeout.
+#[tokio::test]
+async fn a_session_poolers_own_protocol_error_is_not_taken_for_a_transaction_pooler() {
+    let bouncer = PgBouncer::start_with("session", "query_timeout = 1").await;
+    let mut env = TestEnv::new("pgb_sess08p01").await;
+    env.migrate().await;
+    env.config["postgres"]["port"] = bouncer.port.into();
+    env.config["postgres"]["pooler"] = "session".into();
+    let consumer = env.consumer().await;
+    let relay = env.relay().await;
+    let first = env.push_keyed(&env.pg, None, "before").await;
+    consumer.wait_for_all(std::slice::from_ref(&first)).await;
+
+    // A maintenance lock that outlasts PgBouncer's query_timeout; the
+    // sweeps (every 100 ms) run into it.
+    let mut locker = pg().await;
+    let tx = locker.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "LOCK TABLE \"{}\".message_queue_log IN ACCESS EXCLUSIVE MODE",
+        env.name
+    ))
+    .await
+    .unwrap();
+    wait_until("a claim ran into PgBouncer's query_timeout", || async {
+        relay.log_text().contains("query timeout")
+    })
+    .await;
+    tx.rollback().await.unwrap();
+
+    let after = env.push_keyed(&env.pg, None, "after").await;
+    consumer.wait_for_all(std::slice::from_ref(&after)).await;
+    let log = relay.log_text();
+    assert!(!log.contains("behind a transaction pooler"), "{log}");
+    assert!(relay.terminate().await.success());
+    env.cleanup().await;
+}
