@@ -899,14 +899,7 @@ impl Outbox {
     ///   statement cannot lock (`in_run`). A run is published after its head
     ///   on the same channel.
     pub fn claim_sql(&self, after_cursor: bool) -> String {
-        let cursor = if after_cursor {
-            format!(
-                "AND (l.relay_enqueued_at, l.message_id) > ($6::timestamptz, $7::text::{})",
-                self.id_type
-            )
-        } else {
-            String::new()
-        };
+        let cursor = self.after_cursor_sql(after_cursor, 6);
         let order = |t: &str| CLAIM_ORDER.map(|c| format!("{t}.{c}")).join(", ");
         let due = |t: &str| due_sql(&format!("{t}."));
         let claimable = |t: &str| {
@@ -1038,14 +1031,7 @@ impl Outbox {
     /// their key's order: this claim's `keyed_pending` sends the next one
     /// to [`Outbox::claim_sql`].
     pub fn unkeyed_claim_sql(&self, after_cursor: bool) -> String {
-        let cursor = if after_cursor {
-            format!(
-                "AND (l.relay_enqueued_at, l.message_id) > ($4::timestamptz, $5::text::{})",
-                self.id_type
-            )
-        } else {
-            String::new()
-        };
+        let cursor = self.after_cursor_sql(after_cursor, 4);
         format!(
             "WITH claimed AS MATERIALIZED (
                  SELECT {columns}, false AS in_run FROM {log} l
@@ -1067,6 +1053,20 @@ impl Outbox {
             sized = self.sized_sql(),
             keyed_pending = self.keyed_pending_sql(),
             claimed_rows = claimed_rows_sql(),
+        )
+    }
+
+    /// With `after_cursor`, the condition that keeps a claim's rows (`l`)
+    /// after the position in parameters `$first` (enqueued at) and the next
+    /// (id); nothing without.
+    fn after_cursor_sql(&self, after_cursor: bool, first: usize) -> String {
+        if !after_cursor {
+            return String::new();
+        }
+        format!(
+            "AND (l.relay_enqueued_at, l.message_id) > (${first}::timestamptz, ${}::text::{})",
+            first + 1,
+            self.id_type
         )
     }
 
