@@ -900,15 +900,6 @@ impl Outbox {
     ///   on the same channel.
     pub fn claim_sql(&self, after_cursor: bool) -> String {
         let cursor = self.after_cursor_sql(after_cursor, 6);
-        let order = |t: &str| CLAIM_ORDER.map(|c| format!("{t}.{c}")).join(", ");
-        let due = |t: &str| due_sql(&format!("{t}."));
-        let claimable = |t: &str| {
-            format!(
-                "{t}.{pending} AND {due}",
-                pending = PENDING_PREDICATE.replace(" AND ", &format!(" AND {t}.")),
-                due = due(t)
-            )
-        };
         let columns = claim_columns;
         let log = self.table(LOG_TABLE);
         // An earlier row of l's key, NULL times first: the row comparison
@@ -945,7 +936,7 @@ impl Outbox {
                   looked_at AS MATERIALIZED (
                  SELECT {l_columns}
                    FROM (SELECT l.ctid AS row_id, l.message_id, l.relay_enqueued_at FROM {log} l
-                          WHERE l.{pending} {cursor} AND {l_due}
+                          WHERE {l_pending} {cursor} AND {l_due}
                           ORDER BY {l_order}
                           LIMIT $5::int8) w
                    JOIN {log} l ON l.ctid = w.row_id
@@ -998,7 +989,7 @@ impl Outbox {
                   edge AS (
                  -- The window's last row, looked up only for a short claim.
                  SELECT l.relay_enqueued_at, l.message_id FROM {log} l
-                  WHERE (SELECT count(*) FROM claimed) < $1 AND l.{pending} {cursor} AND {l_due}
+                  WHERE (SELECT count(*) FROM claimed) < $1 AND {l_pending} {cursor} AND {l_due}
                   ORDER BY {l_order}
                  OFFSET $5::int8 - 1 LIMIT 1)
              SELECT k.keyed_pending, e.relay_enqueued_at, e.message_id::text, f.*
@@ -1007,13 +998,13 @@ impl Outbox {
                LEFT JOIN ({claimed_rows}) f ON true
               ORDER BY f.claim_at NULLS FIRST, f.claim_id",
             names = columns(""),
-            l_order = order("l"),
-            w_order = order("w"),
+            l_order = claim_order_sql("l"),
+            w_order = claim_order_sql("w"),
             l_columns = columns("l."),
-            l_claimable = claimable("l"),
-            e_due = due("e"),
-            l_due = due("l"),
-            pending = PENDING_PREDICATE.replace(" AND ", " AND l."),
+            l_claimable = claimable_sql("l"),
+            e_due = due_sql("e."),
+            l_due = due_sql("l."),
+            l_pending = pending_sql("l"),
             sized = self.sized_sql(),
             keyed_pending = self.keyed_pending_sql(),
             claimed_rows = claimed_rows_sql(),
@@ -1035,7 +1026,7 @@ impl Outbox {
         format!(
             "WITH claimed AS MATERIALIZED (
                  SELECT {columns}, false AS in_run FROM {log} l
-                  WHERE l.{pending} AND {due} AND l.{ordering} IS NULL {cursor}
+                  WHERE {claimable} AND l.{ordering} IS NULL {cursor}
                   ORDER BY {order}
                   LIMIT $1
                     FOR UPDATE SKIP LOCKED),
@@ -1046,10 +1037,9 @@ impl Outbox {
               ORDER BY f.claim_at NULLS FIRST, f.claim_id",
             columns = claim_columns("l."),
             log = self.table(LOG_TABLE),
-            pending = PENDING_PREDICATE.replace(" AND ", " AND l."),
-            due = due_sql("l."),
+            claimable = claimable_sql("l"),
             ordering = ORDERING_COLUMN.0,
-            order = CLAIM_ORDER.map(|c| format!("l.{c}")).join(", "),
+            order = claim_order_sql("l"),
             sized = self.sized_sql(),
             keyed_pending = self.keyed_pending_sql(),
             claimed_rows = claimed_rows_sql(),
@@ -1578,6 +1568,29 @@ pub const SAVEPOINT: &str = "SAVEPOINT relay_rows";
 /// Undoes what a statement did since [`SAVEPOINT`] after the server refused it.
 pub const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT relay_rows";
 
+/// [`CLAIM_ORDER`] for the table aliased `alias`.
+fn claim_order_sql(alias: &str) -> String {
+    CLAIM_ORDER.map(|c| format!("{alias}.{c}")).join(", ")
+}
+
+/// [`PENDING_PREDICATE`] for the table aliased `alias`.
+fn pending_sql(alias: &str) -> String {
+    format!(
+        "{alias}.{}",
+        PENDING_PREDICATE.replace(" AND ", &format!(" AND {alias}."))
+    )
+}
+
+/// A row of the table aliased `alias` that a claim may take: pending, and
+/// due.
+fn claimable_sql(alias: &str) -> String {
+    format!(
+        "{} AND {}",
+        pending_sql(alias),
+        due_sql(&format!("{alias}."))
+    )
+}
+
 /// A row whose next attempt is due (its retry delay, if any, is over), for
 /// the row named by `prefix` (`""`, or an alias and a dot: `"l."`).
 fn due_sql(prefix: &str) -> String {
@@ -1630,7 +1643,7 @@ fn claimed_rows_sql() -> String {
            FROM sized s
          WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)",
         fields = fields_sql("s"),
-        order = CLAIM_ORDER.map(|c| format!("s.{c}")).join(", "),
+        order = claim_order_sql("s"),
     )
 }
 
