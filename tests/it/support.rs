@@ -1017,8 +1017,22 @@ pub fn pushoccurrence(config: &Path, args: &[&str]) -> Command {
 pub struct PrivateBroker {
     pub node: String,
     pub port: u16,
+    dist_port: u16,
     dir: PathBuf,
 }
+
+/// How a private node's boot ended.
+enum Boot {
+    Up,
+    /// The node crashed; the last lines of its log.
+    Died(String),
+    /// Still not up at the deadline; the last lines of its log.
+    Late(String),
+}
+
+/// How long a private node may take to boot: three boot at once for a
+/// cluster, beside the rest of the suite, on two cores.
+const BOOT_PATIENCE: Duration = Duration::from_secs(150);
 
 impl PrivateBroker {
     pub async fn start() -> Self {
@@ -1048,34 +1062,86 @@ impl PrivateBroker {
             .status()
             .unwrap();
         assert!(owned.success());
-        let broker = Self { node, port, dir };
-        let started = broker
+        let mut broker = Self {
+            node,
+            port,
+            dist_port,
+            dir,
+        };
+        // A node whose port was taken between `free_port` and its own bind
+        // (another test, an outgoing connection) dies at boot: it is started
+        // again on fresh ports instead of being waited on until the deadline.
+        let deadline = Instant::now() + BOOT_PATIENCE;
+        for attempt in 1.. {
+            broker.launch();
+            match broker.boot(deadline).await {
+                Boot::Up => return broker,
+                Boot::Died(log) if attempt < 3 => {
+                    eprintln!(
+                        "private RabbitMQ node {} died at boot, starting it again: {log}",
+                        broker.node
+                    );
+                    broker.port = free_port();
+                    broker.dist_port = free_port();
+                    let _ = std::fs::remove_dir_all(broker.dir.join("mnesia"));
+                    let _ = std::fs::remove_dir_all(broker.dir.join("log"));
+                }
+                Boot::Died(log) => {
+                    panic!("private RabbitMQ node {} died at boot: {log}", broker.node)
+                }
+                Boot::Late(log) => panic!(
+                    "private RabbitMQ node {} did not start within {BOOT_PATIENCE:?}: {log}",
+                    broker.node
+                ),
+            }
+        }
+        unreachable!()
+    }
+
+    /// `rabbitmq-server -detached` for this node on its current ports.
+    fn launch(&self) {
+        let started = self
             .command("rabbitmq-server")
             .arg("-detached")
-            .env("RABBITMQ_NODE_PORT", port.to_string())
-            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
-            .env("RABBITMQ_MNESIA_BASE", broker.dir.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", broker.dir.join("log"))
-            .env("RABBITMQ_CONFIG_FILE", broker.dir.join("rabbitmq"))
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq"))
             .env(
                 "RABBITMQ_ENABLED_PLUGINS_FILE",
-                broker.dir.join("enabled_plugins"),
+                self.dir.join("enabled_plugins"),
             )
-            .env("RABBITMQ_PID_FILE", broker.dir.join("pid"))
+            .env("RABBITMQ_PID_FILE", self.dir.join("pid"))
             .status()
             .unwrap();
         assert!(started.success(), "rabbitmq-server -detached failed");
-        // await_startup fails at once until the node has registered with epmd.
-        let deadline = Instant::now() + PATIENCE;
-        while !broker.ctl(&["await_startup", "--timeout", "10"]) {
-            assert!(
-                Instant::now() < deadline,
-                "private RabbitMQ node {} did not start",
-                broker.node
-            );
+    }
+
+    /// Waits until the node has booted, has died (it left a crash dump), or
+    /// `deadline` has passed.
+    async fn boot(&self, deadline: Instant) -> Boot {
+        loop {
+            // await_startup fails at once until the node has registered with epmd.
+            if self.ctl(&["await_startup", "--timeout", "10"]) {
+                return Boot::Up;
+            }
+            if self.dir.join("log").join("erl_crash.dump").exists() {
+                return Boot::Died(self.log_tail());
+            }
+            if Instant::now() >= deadline {
+                return Boot::Late(self.log_tail());
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        broker
+    }
+
+    /// The last lines the node logged, for a failure message.
+    fn log_tail(&self) -> String {
+        let log = self.dir.join("log").join(format!("{}.log", self.node));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     fn command(&self, program: &str) -> std::process::Command {
