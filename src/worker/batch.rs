@@ -71,14 +71,16 @@ struct CursorState {
     /// The keys each worker's last claim took in a run, which every claim
     /// continues ([`MAX_CONTINUED_KEYS`] in all).
     run_keys: HashMap<usize, Vec<String>>,
-    /// No keyed row was left untransferred at the last claim: the next one
-    /// takes the cheaper claim of unkeyed rows. False at first, so the
-    /// first claim of a relay finds out.
+    /// No claim of this pass in each key's order met a keyed row: claims
+    /// take the cheaper claim of unkeyed rows until one meets a keyed row.
+    /// False at first, so a relay's first claim finds out.
     no_keyed_rows: bool,
+    /// A claim of this pass (in each key's order) met keyed rows.
+    keyed_in_pass: bool,
     /// Counts the passes: a new one starts when a claim reaches the end of
     /// the backlog or finds keyed rows. A claim that started in an earlier
     /// pass than the current one (claims of unkeyed rows overlap) leaves
-    /// the position and the mode as the newer claim set them.
+    /// the position as the newer claim set it.
     pass: u64,
 }
 
@@ -106,8 +108,10 @@ struct ClaimEnd<'a> {
     next: Option<&'a ClaimPosition>,
     /// Its window's last row, for a short claim whose window was full.
     window_end: Option<&'a ClaimPosition>,
-    /// A keyed row was left untransferred in its snapshot.
-    keyed_pending: bool,
+    /// It met keyed rows ([`Claim::keyed`]).
+    ///
+    /// [`Claim::keyed`]: crate::db::outbox::Claim::keyed
+    keyed: bool,
 }
 
 /// How a claim moved the cursor.
@@ -139,20 +143,36 @@ impl CursorState {
     fn settle(&mut self, start: &ClaimStart, end: &ClaimEnd<'_>) -> Moved {
         // A short claim whose window did not fill reached the end of the
         // backlog: the next claim starts a new pass from the oldest.
-        let mut wrapped = start.after.is_some() && !end.full && end.window_end.is_none();
+        let reached_end = !end.full && end.window_end.is_none();
+        let mut wrapped = start.after.is_some() && reached_end;
         // A short claim whose window filled looked at rows it could not
         // take (the rows behind their keys' heads, rows other sessions
         // hold): the next claim looks past them.
         let advanced = !end.full && end.window_end.is_some();
-        // Keyed rows were written since the last claim, and a claim of
-        // unkeyed rows passed over those it saw: the next pass starts from
-        // the oldest row, so none of them waits for the pass after.
-        let keyed_found = !start.keyed && end.keyed_pending;
+        // Keyed rows were written since the last pass, and a claim of
+        // unkeyed rows passed over those it met: a keyed pass starts from
+        // the oldest row, so none of them waits for the pass after. This
+        // holds for a claim of an earlier pass too: nothing else would
+        // notice the rows it met.
+        let keyed_found = !start.keyed && end.keyed;
         wrapped |= keyed_found;
-        if self.pass != start.pass {
+        if keyed_found {
+            self.no_keyed_rows = false;
+            self.keyed_in_pass = false;
+        } else if self.pass != start.pass {
             return Moved { wrapped, advanced };
+        } else if start.keyed {
+            // While no claim of this pass (from the oldest row on) has met
+            // a keyed row, none is left before the cursor: the next claims
+            // take unkeyed rows only, until one meets a keyed row. Once one
+            // has, the pass goes on in each key's order to its end (the
+            // rows it met may wait behind their heads).
+            self.keyed_in_pass |= end.keyed;
+            self.no_keyed_rows = !self.keyed_in_pass;
+            if reached_end {
+                self.keyed_in_pass = false;
+            }
         }
-        self.no_keyed_rows = !end.keyed_pending;
         if wrapped {
             self.position = None;
             self.pass += 1;
@@ -562,7 +582,7 @@ impl Steps<'_> {
                 claimed: plan.claimed,
                 next: plan.cursor.as_ref(),
                 window_end: claim.window_end.as_ref(),
-                keyed_pending: claim.keyed_pending,
+                keyed: claim.keyed,
             },
         );
         let runs = run_keys(&claim.rows);
@@ -1173,7 +1193,7 @@ mod tests {
             claimed: if full { 128 } else { 3 },
             next,
             window_end: None,
-            keyed_pending: false,
+            keyed: false,
         }
     }
 
@@ -1227,7 +1247,7 @@ mod tests {
         let moved = cursor.settle(
             &start,
             &ClaimEnd {
-                keyed_pending: true,
+                keyed: true,
                 ..ended(true, Some(&next))
             },
         );
@@ -1236,6 +1256,54 @@ mod tests {
         assert!(cursor.begin().keyed);
         cursor.settle(&cursor.begin(), &ended(false, None));
         assert!(!cursor.begin().keyed);
+    }
+
+    /// Claims in each key's order go on to the end of a pass that met keyed
+    /// rows, and hand over to the claim of unkeyed rows at the first claim
+    /// of a pass that meets none (a relay's first claim included).
+    #[test]
+    fn claims_go_back_to_unkeyed_rows_only_while_their_pass_met_no_keyed_row() {
+        let mut cursor = CursorState::default();
+        assert!(cursor.begin().keyed, "a relay's first claim finds out");
+        let (p1, p2) = (at(1), at(2));
+        cursor.settle(
+            &cursor.begin(),
+            &ClaimEnd {
+                keyed: true,
+                ..ended(true, Some(&p1))
+            },
+        );
+        cursor.settle(&cursor.begin(), &ended(true, Some(&p2)));
+        assert!(cursor.begin().keyed, "the pass met keyed rows");
+        let moved = cursor.settle(&cursor.begin(), &ended(false, None));
+        assert!(moved.wrapped);
+        assert!(cursor.begin().keyed, "a new pass finds out");
+        cursor.settle(&cursor.begin(), &ended(true, Some(&p1)));
+        assert!(!cursor.begin().keyed, "the new pass met none so far");
+        assert_eq!(cursor.position, Some(p1), "and goes on from there");
+    }
+
+    /// Claims of unkeyed rows overlap: one that met keyed rows after a newer
+    /// pass began still starts a keyed pass (no other claim may meet them).
+    #[test]
+    fn keyed_rows_met_by_a_claim_of_an_earlier_pass_still_start_a_keyed_pass() {
+        let mut cursor = CursorState {
+            no_keyed_rows: true,
+            position: Some(at(5)),
+            ..CursorState::default()
+        };
+        let (older, wrapping) = (cursor.begin(), cursor.begin());
+        cursor.settle(&wrapping, &ended(false, None));
+        let moved = cursor.settle(
+            &older,
+            &ClaimEnd {
+                keyed: true,
+                ..ended(false, None)
+            },
+        );
+        assert!(moved.wrapped);
+        assert!(cursor.begin().keyed);
+        assert_eq!(cursor.position, None);
     }
 
     fn refused(kind: AMQPSoftError, words: &str) -> Delivery {
