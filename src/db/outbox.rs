@@ -991,9 +991,11 @@ impl Outbox {
                  SELECT *, false AS in_run FROM heads UNION ALL SELECT *, true FROM run),
                   {sized},
                   window_rows AS MATERIALIZED (
-                 -- The window again, for whether it holds keyed rows: as
-                 -- far as a full claim surely read it (its first $1 rows),
-                 -- all of it for a short claim, whose last row it also gives.
+                 -- The window again, for keyed rows a claim that took none
+                 -- passed over (only then: the OR below stops at a claimed
+                 -- keyed row): as far as a full claim surely read it (its
+                 -- first $1 rows), all of it for a short claim, whose last
+                 -- row it also gives.
                  SELECT l.relay_enqueued_at, l.message_id, l.ordering_key IS NOT NULL AS keyed
                    FROM {log} l
                   WHERE {l_pending} {cursor} AND {l_due}
