@@ -862,8 +862,7 @@ impl Outbox {
     /// body probe)`. A row without a data row comes back once with
     /// `has_data = false`; a claim that takes nothing returns one row of
     /// NULLs after the first three. `keyed`: the claim took keyed rows, or
-    /// its window held some where the claim read it (its first `$1` rows;
-    /// all of it for a short claim); while no claim of a pass meets any,
+    /// it was short and its window held some; after a claim that met none,
     /// the relay claims with [`Outbox::unkeyed_claim_sql`]. (An
     /// `EXISTS` probe of [`ORDERING_INDEX`] would answer for the whole
     /// outbox, but it steps over the index entries of every keyed row sent
@@ -991,19 +990,15 @@ impl Outbox {
                  SELECT *, false AS in_run FROM heads UNION ALL SELECT *, true FROM run),
                   {sized},
                   window_rows AS MATERIALIZED (
-                 -- The window again, for keyed rows a claim that took none
-                 -- passed over (only then: the OR below stops at a claimed
-                 -- keyed row): as far as a full claim surely read it (its
-                 -- first $1 rows), all of it for a short claim, whose last
-                 -- row it also gives.
+                 -- The window again, read only for a short claim: its last
+                 -- row, and whether it holds keyed rows.
                  SELECT l.relay_enqueued_at, l.message_id, l.ordering_key IS NOT NULL AS keyed
                    FROM {log} l
-                  WHERE {l_pending} {cursor} AND {l_due}
+                  WHERE (SELECT count(*) FROM claimed) < $1 AND {l_pending} {cursor} AND {l_due}
                   ORDER BY {l_order}
-                  LIMIT CASE WHEN (SELECT count(*) FROM claimed) < $1 THEN $5::int8 ELSE $1::int8 END),
+                  LIMIT $5::int8),
                   edge AS (
                  SELECT w.relay_enqueued_at, w.message_id FROM window_rows w
-                  WHERE (SELECT count(*) FROM claimed) < $1
                   ORDER BY {w_order}
                  OFFSET $5::int8 - 1 LIMIT 1)
              SELECT (SELECT count(ordering_key) > 0 FROM claimed)

@@ -71,16 +71,18 @@ struct CursorState {
     /// The keys each worker's last claim took in a run, which every claim
     /// continues ([`MAX_CONTINUED_KEYS`] in all).
     run_keys: HashMap<usize, Vec<String>>,
-    /// No claim of this pass in each key's order met a keyed row: claims
-    /// take the cheaper claim of unkeyed rows until one meets a keyed row.
+    /// The last claim in each key's order met no keyed row: claims take
+    /// the cheaper claim of unkeyed rows until one meets a keyed row.
     /// False at first, so a relay's first claim finds out.
     no_keyed_rows: bool,
-    /// A claim of this pass (in each key's order) met keyed rows.
-    keyed_in_pass: bool,
+    /// Where each worker's next claim starts at the latest: a claim of
+    /// unkeyed rows of that worker met keyed rows, which its batch holds
+    /// until it commits, and other workers' claims may pass them meanwhile.
+    start_over: HashMap<usize, Option<ClaimPosition>>,
     /// Counts the passes: a new one starts when a claim reaches the end of
-    /// the backlog or finds keyed rows. A claim that started in an earlier
-    /// pass than the current one (claims of unkeyed rows overlap) leaves
-    /// the position as the newer claim set it.
+    /// the backlog. A claim that started in an earlier pass than the
+    /// current one (claims of unkeyed rows overlap) leaves the position as
+    /// the newer claim set it.
     pass: u64,
 }
 
@@ -91,6 +93,8 @@ struct ClaimStart {
     ///
     /// [`Outbox::claim_sql`]: crate::db::outbox::Outbox::claim_sql
     keyed: bool,
+    /// The worker whose claim this is.
+    worker: usize,
     pass: u64,
     after: Option<ClaimPosition>,
     window_factor: i64,
@@ -117,7 +121,8 @@ struct ClaimEnd<'a> {
 /// How a claim moved the cursor.
 #[derive(Debug, PartialEq, Eq)]
 struct Moved {
-    /// A new pass starts from the oldest row.
+    /// The next claim starts over: a new pass from the oldest row, or
+    /// where a claim of unkeyed rows that met keyed rows started.
     wrapped: bool,
     /// The next claim looks past this one's window.
     advanced: bool,
@@ -126,16 +131,37 @@ struct Moved {
 /// The largest window, in batch sizes.
 const MAX_WINDOW_FACTOR: i64 = 64;
 
+/// The earlier of two positions; `None`, the backlog's start, is earliest.
+fn earliest(a: Option<ClaimPosition>, b: Option<ClaimPosition>) -> Option<ClaimPosition> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if b.is_after(&a) { a } else { b }),
+        _ => None,
+    }
+}
+
 impl CursorState {
     /// What the next claim starts from.
     fn begin(&self) -> ClaimStart {
         ClaimStart {
             keyed: !self.no_keyed_rows,
+            worker: 0,
             pass: self.pass,
             after: self.position.clone(),
             window_factor: self.window_factor.max(CLAIM_WINDOW_FACTOR),
             continued: self.continued_keys(),
         }
+    }
+
+    /// What `worker`'s next claim starts from: as [`CursorState::begin`]
+    /// says, or earlier where a claim of unkeyed rows of this worker met
+    /// keyed rows (its batch has committed since, so they are free).
+    fn begin_for(&mut self, worker: usize) -> ClaimStart {
+        let mut start = self.begin();
+        start.worker = worker;
+        if let Some(from) = self.start_over.remove(&worker) {
+            start.after = earliest(start.after, from);
+        }
+        start
     }
 
     /// Moves the cursor after a claim that started at `start` and ended at
@@ -144,34 +170,38 @@ impl CursorState {
         // A short claim whose window did not fill reached the end of the
         // backlog: the next claim starts a new pass from the oldest.
         let reached_end = !end.full && end.window_end.is_none();
-        let mut wrapped = start.after.is_some() && reached_end;
+        let wrapped = start.after.is_some() && reached_end;
         // A short claim whose window filled looked at rows it could not
         // take (the rows behind their keys' heads, rows other sessions
         // hold): the next claim looks past them.
         let advanced = !end.full && end.window_end.is_some();
-        // Keyed rows were written since the last pass, and a claim of
-        // unkeyed rows passed over those it met: a keyed pass starts from
-        // the oldest row, so none of them waits for the pass after. This
-        // holds for a claim of an earlier pass too: nothing else would
-        // notice the rows it met.
-        let keyed_found = !start.keyed && end.keyed;
-        wrapped |= keyed_found;
-        if keyed_found {
+        if !start.keyed && end.keyed {
+            // A claim of unkeyed rows met keyed rows and handed on only the
+            // unkeyed ones; it took fewer rows than it locked, so it says
+            // nothing of the backlog's end, and the position stays. Claims
+            // go in each key's order from now on, and this worker's next
+            // claim, at once and after its batch has committed, starts where
+            // this one did: the keyed rows go now, not after the pass. This
+            // holds for a claim of an earlier pass too: nothing else would
+            // notice the rows it met.
             self.no_keyed_rows = false;
-            self.keyed_in_pass = false;
-        } else if self.pass != start.pass {
+            let from = match self.start_over.remove(&start.worker) {
+                Some(from) => earliest(from, start.after.clone()),
+                None => start.after.clone(),
+            };
+            self.start_over.insert(start.worker, from);
+            return Moved {
+                wrapped: true,
+                advanced: false,
+            };
+        }
+        if self.pass != start.pass {
             return Moved { wrapped, advanced };
-        } else if start.keyed {
-            // While no claim of this pass (from the oldest row on) has met
-            // a keyed row, none is left before the cursor: the next claims
-            // take unkeyed rows only, until one meets a keyed row. Once one
-            // has, the pass goes on in each key's order to its end (the
-            // rows it met may wait behind their heads).
-            self.keyed_in_pass |= end.keyed;
-            self.no_keyed_rows = !self.keyed_in_pass;
-            if reached_end {
-                self.keyed_in_pass = false;
-            }
+        }
+        if start.keyed {
+            // A claim in each key's order that met no keyed row hands the
+            // next claims to the claim of unkeyed rows, from its position.
+            self.no_keyed_rows = !end.keyed;
         }
         if wrapped {
             self.position = None;
@@ -186,8 +216,15 @@ impl CursorState {
             {
                 self.position = Some(next.clone());
             }
-        } else if advanced {
-            self.position = end.window_end.cloned();
+        } else if let Some(window_end) = end.window_end
+            && self
+                .position
+                .as_ref()
+                .is_none_or(|at| window_end.is_after(at))
+        {
+            // Forward only too: a claim that started over from an earlier
+            // position looked at rows the cursor has passed.
+            self.position = Some(window_end.clone());
         }
         self.window_factor = if advanced && end.claimed == 0 {
             (start.window_factor * 2).min(MAX_WINDOW_FACTOR)
@@ -516,8 +553,8 @@ impl Steps<'_> {
             max_message_bytes: relay.max_message_bytes,
             max_batch_bytes: relay.max_batch_bytes,
         };
-        let cursor = self.cursor.0.lock().await;
-        let start = cursor.begin();
+        let mut cursor = self.cursor.0.lock().await;
+        let start = cursor.begin_for(self.worker);
         // Claims of unkeyed rows run side by side (see ClaimCursor).
         let guard = start.keyed.then_some(cursor);
         let window = i64::try_from(relay.batch_size)
@@ -1232,68 +1269,76 @@ mod tests {
         assert_eq!(cursor.position, Some(at(4)));
     }
 
-    /// A claim of unkeyed rows that finds keyed rows written since the last
-    /// claim starts a new pass in keyed mode, at once; a keyed claim that
-    /// finds none goes back.
+    /// A claim of unkeyed rows that meets keyed rows switches to claims in
+    /// each key's order at once: its worker's next claim starts where it
+    /// started (once), the position stays for the others; a keyed claim
+    /// that meets none goes back.
     #[test]
-    fn keyed_rows_found_by_a_claim_of_unkeyed_rows_start_a_keyed_pass() {
+    fn keyed_rows_met_by_a_claim_of_unkeyed_rows_are_claimed_next_from_where_it_started() {
         let mut cursor = CursorState {
             no_keyed_rows: true,
             position: Some(at(5)),
             ..CursorState::default()
         };
-        let start = cursor.begin();
+        let start = cursor.begin_for(1);
         let next = at(9);
         let moved = cursor.settle(
             &start,
             &ClaimEnd {
                 keyed: true,
-                ..ended(true, Some(&next))
+                ..ended(false, Some(&next))
             },
         );
-        assert!(moved.wrapped);
-        assert_eq!(cursor.position, None);
-        assert!(cursor.begin().keyed);
-        cursor.settle(&cursor.begin(), &ended(false, None));
-        assert!(!cursor.begin().keyed);
+        assert!(moved.wrapped, "claims again at once");
+        assert_eq!(cursor.position, Some(at(5)), "says nothing of the end");
+        cursor.position = Some(at(7));
+        assert_eq!(cursor.begin_for(0).after, Some(at(7)));
+        let again = cursor.begin_for(1);
+        assert!(again.keyed);
+        assert_eq!(again.after, Some(at(5)));
+        assert_eq!(cursor.begin_for(1).after, Some(at(7)), "once");
+        cursor.settle(&again, &ended(true, Some(&at(6))));
+        assert!(!cursor.begin().keyed, "a keyed claim met none");
+        assert_eq!(cursor.position, Some(at(7)), "only forward");
     }
 
-    /// Claims in each key's order go on to the end of a pass that met keyed
-    /// rows, and hand over to the claim of unkeyed rows at the first claim
-    /// of a pass that meets none (a relay's first claim included).
+    /// Claims in each key's order last while they meet keyed rows; the
+    /// first that meets none (a relay's first claim included) hands over to
+    /// the claim of unkeyed rows, which goes on from its position.
     #[test]
-    fn claims_go_back_to_unkeyed_rows_only_while_their_pass_met_no_keyed_row() {
+    fn claims_in_each_keys_order_last_while_they_meet_keyed_rows() {
         let mut cursor = CursorState::default();
         assert!(cursor.begin().keyed, "a relay's first claim finds out");
         let (p1, p2) = (at(1), at(2));
+        let start = cursor.begin_for(0);
         cursor.settle(
-            &cursor.begin(),
+            &start,
             &ClaimEnd {
                 keyed: true,
                 ..ended(true, Some(&p1))
             },
         );
-        cursor.settle(&cursor.begin(), &ended(true, Some(&p2)));
-        assert!(cursor.begin().keyed, "the pass met keyed rows");
-        let moved = cursor.settle(&cursor.begin(), &ended(false, None));
-        assert!(moved.wrapped);
-        assert!(cursor.begin().keyed, "a new pass finds out");
-        cursor.settle(&cursor.begin(), &ended(true, Some(&p1)));
-        assert!(!cursor.begin().keyed, "the new pass met none so far");
-        assert_eq!(cursor.position, Some(p1), "and goes on from there");
+        assert!(cursor.begin().keyed);
+        let start = cursor.begin_for(0);
+        cursor.settle(&start, &ended(true, Some(&p2)));
+        assert!(!cursor.begin().keyed);
+        assert_eq!(cursor.position, Some(p2));
     }
 
     /// Claims of unkeyed rows overlap: one that met keyed rows after a newer
-    /// pass began still starts a keyed pass (no other claim may meet them).
+    /// pass began still switches, and its worker starts over from where it
+    /// started.
     #[test]
-    fn keyed_rows_met_by_a_claim_of_an_earlier_pass_still_start_a_keyed_pass() {
+    fn keyed_rows_met_by_a_claim_of_an_earlier_pass_are_still_claimed_next() {
         let mut cursor = CursorState {
             no_keyed_rows: true,
             position: Some(at(5)),
             ..CursorState::default()
         };
-        let (older, wrapping) = (cursor.begin(), cursor.begin());
+        let (older, wrapping) = (cursor.begin_for(1), cursor.begin_for(0));
         cursor.settle(&wrapping, &ended(false, None));
+        assert_eq!(cursor.position, None);
+        cursor.position = Some(at(8));
         let moved = cursor.settle(
             &older,
             &ClaimEnd {
@@ -1302,8 +1347,14 @@ mod tests {
             },
         );
         assert!(moved.wrapped);
-        assert!(cursor.begin().keyed);
-        assert_eq!(cursor.position, None);
+        let again = cursor.begin_for(1);
+        assert!(again.keyed);
+        assert_eq!(again.after, Some(at(5)));
+        assert_eq!(
+            earliest(Some(at(5)), None),
+            None,
+            "the backlog's start is earliest"
+        );
     }
 
     fn refused(kind: AMQPSoftError, words: &str) -> Delivery {

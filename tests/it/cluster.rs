@@ -83,6 +83,7 @@ async fn flows(admin: &str, more: f64) {
 async fn stopping_and_restarting_the_nodes_of_a_cluster_under_load_loses_nothing() {
     let cluster = Cluster::start().await;
     let mut env = TestEnv::new("cluster").await;
+    env.hold_window_at_buffer_size();
     let urls: Vec<String> = cluster.nodes.iter().map(PrivateBroker::url).collect();
     let mq = &mut env.config["rabbitmq"];
     mq.as_object_mut().unwrap().remove("url");

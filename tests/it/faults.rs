@@ -25,6 +25,7 @@ async fn drained(env: &TestEnv, consumer: &Consumer, ids: &[String]) {
 #[tokio::test]
 async fn broker_connection_cut_again_and_again_loses_nothing() {
     let mut env = TestEnv::new("amqpcut").await;
+    env.hold_window_at_buffer_size();
     let proxy = Proxy::start(5672).await;
     broker_through(&mut env, &proxy);
     let consumer = env.consumer().await;
@@ -107,6 +108,7 @@ async fn broker_outage_claims_nothing_and_resumes_without_new_traffic() {
 #[tokio::test]
 async fn a_stalled_broker_is_detected_and_the_batch_goes_out_again() {
     let mut env = TestEnv::new("amqpstall").await;
+    env.hold_window_at_buffer_size();
     let proxy = Proxy::start(5672).await;
     broker_through(&mut env, &proxy);
     env.config["relay"]["confirm_timeout_ms"] = 1000.into();
@@ -131,7 +133,8 @@ async fn a_stalled_broker_is_detected_and_the_batch_goes_out_again() {
 
 #[tokio::test]
 async fn terminating_every_relay_session_again_and_again_loses_nothing() {
-    let env = TestEnv::new("pgterm").await;
+    let mut env = TestEnv::new("pgterm").await;
+    env.hold_window_at_buffer_size();
     let consumer = env.consumer().await;
     let relay = env.relay().await;
     let producer = env.produce(80, 25, 15);
@@ -156,6 +159,7 @@ async fn terminating_every_relay_session_again_and_again_loses_nothing() {
 #[tokio::test]
 async fn database_link_cut_and_stalled_is_survived() {
     let mut env = TestEnv::new("pgproxy").await;
+    env.hold_window_at_buffer_size();
     let proxy = Proxy::start(pg_port()).await;
     env.config["postgres"]["port"] = proxy.port.into();
     env.config["postgres"]["query_timeout_ms"] = 1000.into();
@@ -193,7 +197,8 @@ async fn database_link_cut_and_stalled_is_survived() {
 
 #[tokio::test]
 async fn sigkill_mid_stream_and_restart_loses_nothing() {
-    let env = TestEnv::new("sigkill").await;
+    let mut env = TestEnv::new("sigkill").await;
+    env.hold_window_at_buffer_size();
     env.migrate().await;
     let consumer = env.consumer().await;
     let producer = env.produce(100, 25, 15);

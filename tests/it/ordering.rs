@@ -6,6 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use tokio_postgres::GenericClient;
+
 use crate::chaos::{Chaos, KILL_CUT_TERMINATE, assert_written_in_table_order, produce_keyed};
 use crate::support::{
     TestEnv, assert_keys_in_order, check_key_order, pg, report_key_order, tally, wait_until,
@@ -383,6 +385,47 @@ async fn claims_of_an_outbox_whose_keyed_rows_are_all_sent_never_read_the_orderi
     env.cleanup().await;
 }
 
+/// Insert order is not commit order: a keyed row written before a backlog
+/// of unkeyed rows, and committed while the relay drains that backlog with
+/// claims of unkeyed rows, sorts before their position. Like any row
+/// committed late, it goes when the claims reach the end of the backlog and
+/// start over from the oldest row, and its key stays in order. (A release
+/// that probed the ordering index for keyed rows found it at once, for
+/// 4 ms a claim after 100 000 sent keyed rows.)
+#[tokio::test]
+async fn a_keyed_row_committed_behind_the_claims_position_goes_when_they_start_over() {
+    let mut env = TestEnv::new("orderlatecommit").await;
+    env.config["rabbitmq"]["retry"]["idle_sleep_ms"] = 600_000.into();
+    env.config["relay"]["batch_size"] = 10.into();
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    let mut producer = pg().await;
+    let tx = producer.transaction().await.unwrap();
+    let late = env.push_keyed(&tx, Some("K"), "late").await;
+    push_many(&env, None, 3000).await;
+    let relay = env.relay().await;
+    wait_until("the relay drains the backlog with plain claims", || async {
+        consumer.count() >= 100
+    })
+    .await;
+    tx.commit().await.unwrap();
+    // Rows written after the keyed row committed: a marker, and more
+    // backlog behind it, so the marker is not near the backlog's end.
+    let mut writer = pg().await;
+    let after = writer.transaction().await.unwrap();
+    let marker = env
+        .push_keyed(&after, None, "written after the keyed row committed")
+        .await;
+    push_many_on(&after, &env.name, None, 2000).await;
+    after.commit().await.unwrap();
+    consumer.wait_for_all(&[late, marker]).await;
+    env.wait_all_transferred().await;
+    assert_eq!(consumer.count(), 5002);
+    assert_keys_in_order(&consumer, &env.key_orders().await);
+    relay.terminate().await;
+    env.cleanup().await;
+}
+
 /// How often the outbox's ordering index was read, once the relay's
 /// sessions have ended (a session's counts reach the statistics when it
 /// ends, at the latest).
@@ -701,12 +744,21 @@ async fn push_occurrence_refuses_a_key_too_long_for_the_ordering_index_in_words(
 
 /// Writes `n` events of `key` (unkeyed when `None`) in one statement.
 async fn push_many(env: &TestEnv, key: Option<&str>, n: i32) {
-    env.pg
+    push_many_on(&env.pg, &env.name, key, n).await;
+}
+
+/// [`push_many`] on `client`, inside its transaction if it has one.
+async fn push_many_on(
+    client: &(impl GenericClient + Sync),
+    schema: &str,
+    key: Option<&str>,
+    n: i32,
+) {
+    client
         .execute(
             &format!(
-                "SELECT \"{}\".push_occurrence(convert_to('many ' || i, 'UTF8'), p_ordering_key => $1::text)
-                   FROM generate_series(1, $2::int) i",
-                env.name
+                "SELECT \"{schema}\".push_occurrence(convert_to('many ' || i, 'UTF8'), p_ordering_key => $1::text)
+                   FROM generate_series(1, $2::int) i"
             ),
             &[&key, &n],
         )

@@ -112,6 +112,18 @@ impl TestEnv {
         }
     }
 
+    /// Keeps the batches in flight at `buffer_size / batch_size` whatever
+    /// round trip the relay measures (on a loaded machine PostgreSQL looks
+    /// far, and `relay.max_workers` lets more batches fly): for tests that
+    /// bound duplicates by `buffer_size` per fault.
+    pub fn hold_window_at_buffer_size(&mut self) {
+        let buffer = self.config["rabbitmq"]["retry"]["buffer_size"]
+            .as_u64()
+            .unwrap();
+        let batch = self.config["relay"]["batch_size"].as_u64().unwrap();
+        self.config["relay"]["max_workers"] = (buffer / batch).into();
+    }
+
     /// Runs `pushoccurrence migrate` with the current config; panics with
     /// its output unless it succeeds. Returns what it printed.
     pub async fn migrate(&self) -> String {
