@@ -862,11 +862,12 @@ impl Outbox {
     /// body probe)`. A row without a data row comes back once with
     /// `has_data = false`; a claim that takes nothing returns one row of
     /// NULLs after the first three. `keyed`: the claim took keyed rows, or
-    /// it was short and its window held some; after a claim that met none,
-    /// the relay claims with [`Outbox::unkeyed_claim_sql`]. (An
-    /// `EXISTS` probe of [`ORDERING_INDEX`] would answer for the whole
-    /// outbox, but it steps over the index entries of every keyed row sent
-    /// since the last VACUUM: 4 ms a claim after 100 000 of them.)
+    /// its window held some where the claim read it (its first `$1` rows;
+    /// all of it for a short claim); after a claim that met none, the
+    /// relay claims with [`Outbox::unkeyed_claim_sql`]. (An `EXISTS` probe
+    /// of [`ORDERING_INDEX`] would answer for the whole outbox, but it
+    /// steps over the index entries of every keyed row sent since the last
+    /// VACUUM: 4 to 22 ms a claim after 100 000 of them.)
     ///
     /// The body comes along only while it fits: at most `$2` bytes, and
     /// within `$3` bytes counted from the first row (whose body always
@@ -990,15 +991,19 @@ impl Outbox {
                  SELECT *, false AS in_run FROM heads UNION ALL SELECT *, true FROM run),
                   {sized},
                   window_rows AS MATERIALIZED (
-                 -- The window again, read only for a short claim: its last
-                 -- row, and whether it holds keyed rows.
+                 -- The window again, for keyed rows a claim that took none
+                 -- passed over (only then: the OR below stops at a claimed
+                 -- keyed row), such as rows another batch holds: as far as
+                 -- a full claim surely read it (its first $1 rows), all of
+                 -- it for a short claim, whose last row it also gives.
                  SELECT l.relay_enqueued_at, l.message_id, l.ordering_key IS NOT NULL AS keyed
                    FROM {log} l
-                  WHERE (SELECT count(*) FROM claimed) < $1 AND {l_pending} {cursor} AND {l_due}
+                  WHERE {l_pending} {cursor} AND {l_due}
                   ORDER BY {l_order}
-                  LIMIT $5::int8),
+                  LIMIT CASE WHEN (SELECT count(*) FROM claimed) < $1 THEN $5::int8 ELSE $1::int8 END),
                   edge AS (
                  SELECT w.relay_enqueued_at, w.message_id FROM window_rows w
+                  WHERE (SELECT count(*) FROM claimed) < $1
                   ORDER BY {w_order}
                  OFFSET $5::int8 - 1 LIMIT 1)
              SELECT (SELECT count(ordering_key) > 0 FROM claimed)
@@ -1021,7 +1026,8 @@ impl Outbox {
         )
     }
 
-    /// The claim of an outbox without keyed rows (the last pass met none):
+    /// The claim of an outbox without keyed rows (the last keyed claim met
+    /// none):
     /// up to `$1` due rows in [`CLAIM_ORDER`], after the position (`$4`
     /// enqueued at, `$5` id) with `after_cursor`, locked `SKIP LOCKED`;
     /// the unkeyed ones come back with their bodies as
@@ -1914,8 +1920,8 @@ pub struct Claim {
     pub bodies: Vec<Option<Fetched>>,
     /// The window's last row, for a short claim whose window was full.
     pub window_end: Option<ClaimPosition>,
-    /// The claim met keyed rows: it took some, its window held some (a
-    /// short claim of [`Outbox::claim_sql`]), or it locked and passed over
+    /// The claim met keyed rows: it took some, its window held some where
+    /// it read it ([`Outbox::claim_sql`]), or it locked and passed over
     /// some ([`Outbox::unkeyed_claim_sql`]).
     pub keyed: bool,
 }

@@ -199,8 +199,10 @@ impl CursorState {
             return Moved { wrapped, advanced };
         }
         if start.keyed {
-            // A claim in each key's order that met no keyed row hands the
-            // next claims to the claim of unkeyed rows, from its position.
+            // A claim in each key's order that met no keyed row (none
+            // taken, none passed over where it read its window, such as
+            // rows a claim of unkeyed rows holds) hands the next claims to
+            // the claim of unkeyed rows, from its position.
             self.no_keyed_rows = !end.keyed;
         }
         if wrapped {
