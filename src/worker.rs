@@ -196,12 +196,14 @@ impl Worker {
                             Next::LookFurther => {}
                         }
                         if !self.depth.wants(self.index) {
+                            self.cursor.hand_over(self.index).await;
                             break;
                         }
                     }
                     Err(BatchError::Stopping) => return,
                     Err(error) => {
                         self.metrics.batch_failed();
+                        self.cursor.hand_over(self.index).await;
                         let delay = self.backoff.next_delay();
                         if matches!(error, BatchError::Topology(_)) {
                             // Reported once through the broker state.

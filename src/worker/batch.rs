@@ -56,6 +56,15 @@ const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 #[derive(Debug, Default)]
 pub struct ClaimCursor(tokio::sync::Mutex<CursorState>);
 
+impl ClaimCursor {
+    /// `worker` stops claiming for now (fewer batches wanted, or a failed
+    /// batch's back-off), its batch ended: keyed rows its last claim met
+    /// go with any worker's next claim instead of waiting for it.
+    pub async fn hand_over(&self, worker: usize) {
+        self.0.lock().await.hand_over(worker);
+    }
+}
+
 #[derive(Debug, Default)]
 struct CursorState {
     /// The position in the backlog. Claims walk the pending rows in claim
@@ -75,10 +84,15 @@ struct CursorState {
     /// the cheaper claim of unkeyed rows until one meets a keyed row.
     /// False at first, so a relay's first claim finds out.
     no_keyed_rows: bool,
-    /// Where each worker's next claim starts at the latest: a claim of
-    /// unkeyed rows of that worker met keyed rows, which its batch holds
-    /// until it commits, and other workers' claims may pass them meanwhile.
+    /// Where each worker's next claim starts at the latest, in each key's
+    /// order: a claim of unkeyed rows of that worker met keyed rows, which
+    /// its batch holds until it commits, and other workers' claims may pass
+    /// them meanwhile.
     start_over: HashMap<usize, Option<ClaimPosition>>,
+    /// The start-over of a worker that stopped claiming for now (fewer
+    /// batches wanted, a failed batch's back-off), for any worker's next
+    /// claim: its batch has ended.
+    handed_over: Option<Option<ClaimPosition>>,
     /// Counts the passes: a new one starts when a claim reaches the end of
     /// the backlog. A claim that started in an earlier pass than the
     /// current one (claims of unkeyed rows overlap) leaves the position as
@@ -153,15 +167,34 @@ impl CursorState {
     }
 
     /// What `worker`'s next claim starts from: as [`CursorState::begin`]
-    /// says, or earlier where a claim of unkeyed rows of this worker met
-    /// keyed rows (its batch has committed since, so they are free).
+    /// says, or, in each key's order, earlier where a claim of unkeyed rows
+    /// of this worker (or of one that stopped) met keyed rows: its batch
+    /// has ended since, so they are free.
     fn begin_for(&mut self, worker: usize) -> ClaimStart {
         let mut start = self.begin();
         start.worker = worker;
-        if let Some(from) = self.start_over.remove(&worker) {
+        let own = self.start_over.remove(&worker);
+        let from = match (own, self.handed_over.take()) {
+            (Some(a), Some(b)) => Some(earliest(a, b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(from) = from {
             start.after = earliest(start.after, from);
+            start.keyed = true;
         }
         start
+    }
+
+    /// Hands `worker`'s start-over to any worker's next claim: it stops
+    /// claiming for now, after its batch ended.
+    fn hand_over(&mut self, worker: usize) {
+        if let Some(from) = self.start_over.remove(&worker) {
+            let from = match self.handed_over.take() {
+                Some(other) => earliest(other, from),
+                None => from,
+            };
+            self.handed_over = Some(from);
+        }
     }
 
     /// Moves the cursor after a claim that started at `start` and ended at
@@ -202,8 +235,11 @@ impl CursorState {
             // A claim in each key's order that met no keyed row (none
             // taken, none passed over where it read its window, such as
             // rows a claim of unkeyed rows holds) hands the next claims to
-            // the claim of unkeyed rows, from its position.
-            self.no_keyed_rows = !end.keyed;
+            // the claim of unkeyed rows, from its position; not while keyed
+            // rows a claim of unkeyed rows met wait for a start-over claim
+            // (they may lie behind the position, where no claim looks).
+            self.no_keyed_rows =
+                !end.keyed && self.start_over.is_empty() && self.handed_over.is_none();
         }
         if wrapped {
             self.position = None;
@@ -1302,6 +1338,52 @@ mod tests {
         cursor.settle(&again, &ended(true, Some(&at(6))));
         assert!(!cursor.begin().keyed, "a keyed claim met none");
         assert_eq!(cursor.position, Some(at(7)), "only forward");
+    }
+
+    /// While a start-over waits, claims stay in each key's order (the rows
+    /// it was made for may lie behind the position), and the start-over
+    /// claim is one whatever the mode; a worker that stops hands its
+    /// start-over to the next claim of any worker.
+    #[test]
+    fn a_waiting_start_over_keeps_claims_in_each_keys_order_and_is_handed_over() {
+        let mut cursor = CursorState {
+            no_keyed_rows: true,
+            position: Some(at(5)),
+            ..CursorState::default()
+        };
+        let met = cursor.begin_for(1);
+        cursor.settle(
+            &met,
+            &ClaimEnd {
+                keyed: true,
+                ..ended(false, None)
+            },
+        );
+        let beside = cursor.begin_for(0);
+        assert!(beside.keyed);
+        let p9 = at(9);
+        cursor.settle(&beside, &ended(true, Some(&p9)));
+        assert!(cursor.begin().keyed, "worker 1's start-over waits");
+        cursor.no_keyed_rows = true;
+        let again = cursor.begin_for(1);
+        assert!(again.keyed, "a start-over claim is keyed whatever the mode");
+        assert_eq!(again.after, Some(at(5)));
+
+        cursor.settle(
+            &met,
+            &ClaimEnd {
+                keyed: true,
+                ..ended(false, None)
+            },
+        );
+        cursor.hand_over(1);
+        assert!(cursor.start_over.is_empty());
+        let other = cursor.begin_for(0);
+        assert!(other.keyed);
+        assert_eq!(other.after, Some(at(5)), "worker 0 takes it over");
+        let p10 = at(10);
+        cursor.settle(&other, &ended(true, Some(&p10)));
+        assert!(!cursor.begin().keyed, "nothing waits any more");
     }
 
     /// Claims in each key's order last while they meet keyed rows; the

@@ -1055,3 +1055,98 @@ async fn a_row_of_another_key_behind_a_hot_keys_backlog_overtakes_the_backlog() 
     relay.terminate().await;
     env.cleanup().await;
 }
+
+/// A statement trigger that holds the mark of any batch whose transaction
+/// locks `id` (still pending) until the outbox's other batches have marked
+/// `rows` more rows, or until the backlog is down to `tail` rows: the
+/// interleaving of two busy workers, made certain. One worker's batch
+/// holding a row is open while the other worker claims twice.
+async fn hold_batches_locking(env: &TestEnv, id: &str, rows: i64, tail: i64) {
+    let s = &env.name;
+    env.pg
+        .batch_execute(&format!(
+            "CREATE FUNCTION \"{s}\".hold_batches_locking() RETURNS trigger LANGUAGE plpgsql AS $f$
+             DECLARE start bigint;
+             BEGIN
+               IF NOT EXISTS (SELECT 1 FROM \"{s}\".message_queue_log
+                               WHERE message_id::text = '{id}' AND transferred IS NOT TRUE
+                                 AND xmax::text = (pg_current_xact_id()::text::int8 % 4294967296)::text) THEN
+                 RETURN NULL;
+               END IF;
+               SELECT count(*) INTO start FROM \"{s}\".message_queue_log WHERE transferred;
+               WHILE (SELECT count(*) FROM \"{s}\".message_queue_log WHERE transferred) < start + {rows}
+                 AND (SELECT count(*) FROM \"{s}\".message_queue_log WHERE transferred IS NOT TRUE) > {tail} LOOP
+                 PERFORM pg_sleep(0.005);
+               END LOOP;
+               RETURN NULL;
+             END $f$;
+             CREATE TRIGGER hold_batches_locking BEFORE UPDATE ON \"{s}\".message_queue_log
+                FOR EACH STATEMENT EXECUTE FUNCTION \"{s}\".hold_batches_locking();"
+        ))
+        .await
+        .unwrap();
+}
+
+/// Two workers drain a backlog of unkeyed rows with plain claims; one keyed
+/// row sits early in it. The claim of unkeyed rows that meets it hands its
+/// worker a start-over, but while that worker's batch is open (publishing,
+/// confirming, marking) the other worker's claims go on: the first is a
+/// keyed claim from the position, past the keyed row (locked, and behind
+/// the position), which takes no keyed row and hands the relay back to
+/// plain claims. The start-over claim is then a plain one: it locks the
+/// keyed row again, returns only unkeyed rows, and the cycle repeats while
+/// the backlog lasts (as it did before the start-over claim was keyed
+/// whatever the mode, and kept claims keyed while it waited). The trigger
+/// only makes the overlap of two busy workers certain (the open batch
+/// waits until the other worker marked two batches). The keyed row goes
+/// within a few batches of being met, as with the release that probed for
+/// keyed rows.
+#[tokio::test]
+async fn a_keyed_row_met_by_a_plain_claim_goes_while_another_worker_keeps_claiming() {
+    const BATCH: i64 = 10;
+    let mut env = TestEnv::new("orderstartover").await;
+    env.config["rabbitmq"]["retry"]["idle_sleep_ms"] = 600_000.into();
+    env.config["relay"]["batch_size"] = BATCH.into();
+    env.config["relay"]["max_workers"] = 2.into();
+    env.config["rabbitmq"]["retry"]["buffer_size"] = (2 * BATCH).into();
+    env.migrate().await;
+    let consumer = env.consumer().await;
+    push_many(&env, None, 200).await;
+    let keyed = env
+        .push_keyed(&env.pg, Some("K"), "met by a plain claim")
+        .await;
+    push_many(&env, None, 1000).await;
+    let after = env
+        .texts(
+            &format!(
+                "SELECT message_id::text FROM \"{s}\".message_queue_log
+                  WHERE relay_enqueued_at > (SELECT relay_enqueued_at FROM \"{s}\".message_queue_log
+                                              WHERE message_id::text = $1)",
+                s = env.name
+            ),
+            &[&keyed],
+        )
+        .await;
+    assert_eq!(after.len(), 1000);
+    hold_batches_locking(&env, &keyed, 2 * BATCH, 4 * BATCH).await;
+    let relay = env.relay().await;
+    env.wait_all_transferred().await;
+    let mut all = after.clone();
+    all.push(keyed.clone());
+    consumer.wait_for_all(&all).await;
+    let arrived: Vec<String> = consumer
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.id.clone())
+        .collect();
+    let at = arrived.iter().position(|id| *id == keyed).unwrap();
+    let overtaken = arrived[..at].iter().filter(|id| after.contains(id)).count();
+    assert!(
+        overtaken < 200,
+        "{overtaken} of the 1000 unkeyed rows written after the keyed row went before it"
+    );
+    relay.terminate().await;
+    env.cleanup().await;
+}
