@@ -309,21 +309,19 @@ async fn a_failed_and_a_parked_row_are_logged_under_the_worker_s_target() {
     let id = uuid(1);
     env.insert_event(&id, "NULL", true).await;
     wait_parked(&env, &id).await;
-    let lines: Vec<String> = relay
-        .log_text()
-        .lines()
-        .filter(|line| line.contains(&id))
-        .map(str::to_owned)
-        .collect();
+    // The batch logs its rows once it has committed: just after the row
+    // reads as parked.
+    let logged = |message: &str| {
+        relay
+            .log_text()
+            .lines()
+            .any(|line| line.contains(&id) && line.contains(message))
+    };
     for message in [
         "pushoccurrence::worker: row failed; it will be retried after a delay",
         "pushoccurrence::worker: row parked after repeated failures",
     ] {
-        assert!(
-            lines.iter().any(|line| line.contains(message)),
-            "no line '{message}' in:\n{}",
-            lines.join("\n")
-        );
+        wait_until(&format!("a line '{message}'"), || async { logged(message) }).await;
     }
     assert!(relay.terminate().await.success());
     env.cleanup().await;
