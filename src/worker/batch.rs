@@ -109,6 +109,10 @@ struct ClaimStart {
     keyed: bool,
     /// The worker whose claim this is.
     worker: usize,
+    /// It starts over where a claim of unkeyed rows met keyed rows: once
+    /// it has settled, that start-over is done (a claim that fails leaves
+    /// it for the next).
+    started_over: bool,
     pass: u64,
     after: Option<ClaimPosition>,
     window_factor: i64,
@@ -159,6 +163,7 @@ impl CursorState {
         ClaimStart {
             keyed: !self.no_keyed_rows,
             worker: 0,
+            started_over: false,
             pass: self.pass,
             after: self.position.clone(),
             window_factor: self.window_factor.max(CLAIM_WINDOW_FACTOR),
@@ -173,14 +178,15 @@ impl CursorState {
     fn begin_for(&mut self, worker: usize) -> ClaimStart {
         let mut start = self.begin();
         start.worker = worker;
-        let own = self.start_over.remove(&worker);
-        let from = match (own, self.handed_over.take()) {
+        let own = self.start_over.get(&worker).cloned();
+        let from = match (own, self.handed_over.clone()) {
             (Some(a), Some(b)) => Some(earliest(a, b)),
             (a, b) => a.or(b),
         };
         if let Some(from) = from {
             start.after = earliest(start.after, from);
             start.keyed = true;
+            start.started_over = true;
         }
         start
     }
@@ -200,6 +206,12 @@ impl CursorState {
     /// Moves the cursor after a claim that started at `start` and ended at
     /// `end`, unless a newer pass began meanwhile.
     fn settle(&mut self, start: &ClaimStart, end: &ClaimEnd<'_>) -> Moved {
+        if start.started_over {
+            // A keyed claim: it held the cursor since it began, so these
+            // are the start-overs it began from.
+            self.start_over.remove(&start.worker);
+            self.handed_over = None;
+        }
         // A short claim whose window did not fill reached the end of the
         // backlog: the next claim starts a new pass from the oldest.
         let reached_end = !end.full && end.window_end.is_none();
@@ -1331,11 +1343,14 @@ mod tests {
         assert_eq!(cursor.position, Some(at(5)), "says nothing of the end");
         cursor.position = Some(at(7));
         assert_eq!(cursor.begin_for(0).after, Some(at(7)));
+        let failed = cursor.begin_for(1);
+        assert_eq!(failed.after, Some(at(5)));
+        // That claim failed (never settled): the next one starts over too.
         let again = cursor.begin_for(1);
         assert!(again.keyed);
         assert_eq!(again.after, Some(at(5)));
-        assert_eq!(cursor.begin_for(1).after, Some(at(7)), "once");
         cursor.settle(&again, &ended(true, Some(&at(6))));
+        assert_eq!(cursor.begin_for(1).after, Some(at(7)), "once settled");
         assert!(!cursor.begin().keyed, "a keyed claim met none");
         assert_eq!(cursor.position, Some(at(7)), "only forward");
     }
