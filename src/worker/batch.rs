@@ -157,6 +157,18 @@ fn earliest(a: Option<ClaimPosition>, b: Option<ClaimPosition>) -> Option<ClaimP
     }
 }
 
+/// A start-over from `from`, joined with the one already waiting, if any:
+/// the earlier of the two.
+fn start_over_from(
+    waiting: Option<Option<ClaimPosition>>,
+    from: Option<ClaimPosition>,
+) -> Option<ClaimPosition> {
+    match waiting {
+        Some(waiting) => earliest(waiting, from),
+        None => from,
+    }
+}
+
 impl CursorState {
     /// What the next claim starts from.
     fn begin(&self) -> ClaimStart {
@@ -179,9 +191,9 @@ impl CursorState {
         let mut start = self.begin();
         start.worker = worker;
         let own = self.start_over.get(&worker).cloned();
-        let from = match (own, self.handed_over.clone()) {
-            (Some(a), Some(b)) => Some(earliest(a, b)),
-            (a, b) => a.or(b),
+        let from = match own {
+            Some(own) => Some(start_over_from(self.handed_over.clone(), own)),
+            None => self.handed_over.clone(),
         };
         if let Some(from) = from {
             start.after = earliest(start.after, from);
@@ -195,11 +207,7 @@ impl CursorState {
     /// claiming for now, after its batch ended.
     fn hand_over(&mut self, worker: usize) {
         if let Some(from) = self.start_over.remove(&worker) {
-            let from = match self.handed_over.take() {
-                Some(other) => earliest(other, from),
-                None => from,
-            };
-            self.handed_over = Some(from);
+            self.handed_over = Some(start_over_from(self.handed_over.take(), from));
         }
     }
 
@@ -230,10 +238,7 @@ impl CursorState {
             // holds for a claim of an earlier pass too: nothing else would
             // notice the rows it met.
             self.no_keyed_rows = false;
-            let from = match self.start_over.remove(&start.worker) {
-                Some(from) => earliest(from, start.after.clone()),
-                None => start.after.clone(),
-            };
+            let from = start_over_from(self.start_over.remove(&start.worker), start.after.clone());
             self.start_over.insert(start.worker, from);
             return Moved {
                 wrapped: true,
@@ -261,20 +266,11 @@ impl CursorState {
             // cursor, and a claim of those alone must not send the next
             // claims back over rows already looked at; nor may a claim of
             // unkeyed rows that ended before another that overlapped it.
-            if let Some(next) = end.next
-                && self.position.as_ref().is_none_or(|at| next.is_after(at))
-            {
-                self.position = Some(next.clone());
-            }
-        } else if let Some(window_end) = end.window_end
-            && self
-                .position
-                .as_ref()
-                .is_none_or(|at| window_end.is_after(at))
-        {
+            self.move_forward(end.next);
+        } else {
             // Forward only too: a claim that started over from an earlier
             // position looked at rows the cursor has passed.
-            self.position = Some(window_end.clone());
+            self.move_forward(end.window_end);
         }
         self.window_factor = if advanced && end.claimed == 0 {
             (start.window_factor * 2).min(MAX_WINDOW_FACTOR)
@@ -282,6 +278,15 @@ impl CursorState {
             CLAIM_WINDOW_FACTOR
         };
         Moved { wrapped, advanced }
+    }
+
+    /// Moves the position to `to`, if that is past it.
+    fn move_forward(&mut self, to: Option<&ClaimPosition>) {
+        if let Some(to) = to
+            && self.position.as_ref().is_none_or(|at| to.is_after(at))
+        {
+            self.position = Some(to.clone());
+        }
     }
 
     /// The keys the next claim continues: every worker's last runs.
